@@ -1,0 +1,45 @@
+# ModelWorks: `make run` starts the local stack, `make test` runs the suite. Both bootstrap everything.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PROTOS := $(shell find protos -name '*.proto')
+INSTALLED := $(VENV)/.installed
+STUBS     := modelworks/.generated
+
+.PHONY: run test bench lint protos models install clean
+
+run: $(STUBS) models
+	$(BIN)/python -m services
+
+test: $(STUBS)
+	$(BIN)/python -m pytest
+
+bench: $(STUBS)
+	$(BIN)/python -m bench
+
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+protos: $(STUBS)
+
+models: $(STUBS)
+	$(BIN)/python -m shared.models prepare
+
+install: $(INSTALLED)
+
+# torch==2.13.0 resolves to the CPU build on local disk; requirements pin everything else.
+$(INSTALLED): requirements.txt requirements-dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# Stubs land in ./modelworks/<service>/v1/, mirroring the proto packages, so they import as
+# `modelworks.llm.v1.llm_pb2` from the repository root. They are generated, never committed.
+$(STUBS): $(INSTALLED) $(PROTOS)
+	rm -rf modelworks
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
+	touch $@
+
+clean:
+	rm -rf modelworks .pytest_cache .ruff_cache

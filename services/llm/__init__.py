@@ -1,0 +1,1 @@
+"""LLM inference service: `modelworks.llm.v1.LLMService` over a continuous-batching engine."""

@@ -1,0 +1,103 @@
+"""The running batch's KV cache: left-padded rows that can join and leave between decode steps.
+
+This is TGI's `concatenate` / `filter` on top of transformers' `DynamicCache`: every row's keys and
+values are right-aligned, padding sits on the left and is masked out, so a decode step is one forward
+of shape (B, 1). New rows are prefilled on their own and then merged in by padding the shorter side;
+finished rows are dropped, and padding columns no row needs any more are trimmed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+def _check_supported(cache: DynamicCache) -> None:
+    for layer in cache.layers:
+        if type(layer) is not DynamicLayer:
+            raise NotImplementedError(
+                f"continuous batching supports full-attention KV caches only, not {type(layer).__name__}"
+            )
+
+
+class KVBatch:
+    def __init__(self, cache: DynamicCache, attention_mask: torch.Tensor):
+        self.cache = cache
+        self.attention_mask = attention_mask  # (B, T): 1 for real tokens, 0 for left padding
+
+    @property
+    def size(self) -> int:
+        return self.attention_mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.attention_mask.shape[1]
+
+    def select(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order) and trim padding columns that every kept row has."""
+        index = torch.tensor(rows, dtype=torch.long, device=self.attention_mask.device)
+        mask = self.attention_mask.index_select(0, index)
+        used = mask.any(dim=0).nonzero()
+        start = int(used[0]) if used.numel() else mask.shape[1]
+        self.attention_mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+    def extend(self, other: KVBatch) -> None:
+        """Append `other`'s rows, left-padding whichever side is shorter."""
+        length = max(self.length, other.length)
+        self.attention_mask = torch.cat(
+            [F.pad(self.attention_mask, (length - self.length, 0)), F.pad(other.attention_mask, (length - other.length, 0))]
+        )
+        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine.keys = torch.cat([_pad_seq(mine.keys, length), _pad_seq(theirs.keys, length)])
+            mine.values = torch.cat([_pad_seq(mine.values, length), _pad_seq(theirs.values, length)])
+
+
+def _pad_seq(states: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-pad (B, H, T, D) states along T to `length`."""
+    return F.pad(states, (0, 0, length - states.shape[2], 0))
+
+
+def prefill(model, prompts: list[list[int]], adapter_names: list[str] | None, pad_id: int) -> tuple[KVBatch, torch.Tensor]:
+    """Run the prompts (left-padded into one batch); return their KV batch and last-position logits (B, V)."""
+    device = model.device
+    length = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[row, length - len(prompt) :] = 1
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)
+    logits = _forward(model, input_ids, attention_mask, position_ids, cache, adapter_names)
+    _check_supported(cache)
+    return KVBatch(cache, attention_mask), logits
+
+
+def decode(model, batch: KVBatch, last_tokens: list[int], positions: list[int], adapter_names: list[str] | None) -> torch.Tensor:
+    """One decode step for every row; returns logits (B, V)."""
+    device = batch.attention_mask.device
+    input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]
+    position_ids = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
+    batch.attention_mask = F.pad(batch.attention_mask, (0, 1), value=1)
+    return _forward(model, input_ids, batch.attention_mask, position_ids, batch.cache, adapter_names)
+
+
+@torch.inference_mode()
+def _forward(model, input_ids, attention_mask, position_ids, cache, adapter_names) -> torch.Tensor:
+    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        cache=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        **kwargs,
+    )
+    return out.logits[:, -1, :]

@@ -1,0 +1,344 @@
+"""The continuous-batching engine: one thread that owns the model and decodes all sequences together.
+
+Each loop iteration: drop cancelled and expired sequences, admit waiting ones (prefilled together,
+then merged into the running batch), run one decode step for every running sequence, hand each
+sequence its new text, and remove the finished. Sequences join and leave at every step, each with its
+own sampling parameters, seed and LoRA adapter. No gRPC here: callers get events through a callback.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+
+from services.llm import metrics
+from services.llm.adapters import BASE, LoraAdapterCache
+from services.llm.batch import KVBatch, decode, prefill
+from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.params import SamplingConfig
+from services.llm.sampling import RowSampler, next_tokens
+from services.llm.stop import StopStringMatcher
+
+log = logging.getLogger(__name__)
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+@dataclass(frozen=True)
+class GenerationEvent:
+    """New text of one sequence; the last event has `finish_reason` (or `error`) and the usage."""
+
+    text: str
+    finish_reason: FinishReason | None = None
+    error: ServiceError | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    @property
+    def final(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+_ids = itertools.count()
+
+
+class Sequence:
+    """One generation request as the engine tracks it. `cancel()` may be called from any thread."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        config: SamplingConfig,
+        on_event: Callable[[GenerationEvent], None],
+        adapter: str | None = None,
+        deadline: float | None = None,  # time.monotonic() value
+    ):
+        self.id = next(_ids)
+        self.prompt_ids = prompt_ids
+        self.config = config
+        self.adapter = adapter
+        self.deadline = deadline
+        self.on_event = on_event
+        self.output_ids: list[int] = []
+        self.cancelled = False
+        self.finished = False
+        self.arrival = time.perf_counter()
+        self.last_token_at: float | None = None
+        self.detokenizer: IncrementalDetokenizer | None = None
+        self.stop_matcher = StopStringMatcher(config.stop)
+        self.sampler: RowSampler | None = None
+        self.holds_adapter = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    @property
+    def position(self) -> int:
+        """Position id of the newest token (the next decode input)."""
+        return len(self.prompt_ids) + len(self.output_ids) - 1
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        model_name: str,
+        eos_token_ids: set[int],
+        max_batch_size: int,
+        max_waiting: int,
+        max_prefill_tokens: int,
+        adapters: LoraAdapterCache | None = None,
+    ):
+        self._model = model
+        self._tokenizer = tokenizer
+        self.model_name = model_name
+        self._eos = eos_token_ids
+        self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._max_batch = max_batch_size
+        self._max_waiting = max_waiting
+        self._max_prefill_tokens = max_prefill_tokens
+        self.adapters = adapters
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._running: list[Sequence] = []
+        self._batch: KVBatch | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from other threads ------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, seq: Sequence) -> None:
+        with self._wakeup:
+            if self._stopping:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            if len(self._waiting) >= self._max_waiting:
+                raise ResourceExhausted(
+                    f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "
+                    "retry later"
+                )
+            self._waiting.append(seq)
+            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
+            self._wakeup.notify()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop; sequences still waiting or running end with UNAVAILABLE."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    # -- the engine thread -------------------------------------------------------------------------
+
+    @property
+    def model(self):
+        return self.adapters.model if self.adapters is not None else self._model
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wakeup:
+                    while not self._stopping and not self._waiting and not self._running:
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                self._step()
+        finally:
+            self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
+
+    def _step(self) -> None:
+        self._drop_abandoned()
+        admitted = self._take_admissible()
+        try:
+            if admitted:
+                self._prefill(admitted)
+            if self._running:
+                self._decode()
+        except torch.OutOfMemoryError:
+            log.exception("out of device memory; failing the batch")
+            self._fail_batch(admitted, ResourceExhausted("the server ran out of GPU memory; retry with less"))
+        except Exception:
+            log.exception("engine step failed; failing the batch")
+            self._fail_batch(admitted, ServiceError("the engine hit an internal error; the server logged it"))
+        metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
+        metrics.REQUESTS_RUNNING.labels(self.model_name).set(len(self._running))
+
+    def _take_admissible(self) -> list[Sequence]:
+        admitted: list[Sequence] = []
+        budget = self._max_prefill_tokens
+        with self._wakeup:
+            while self._waiting and len(self._running) + len(admitted) < self._max_batch:
+                seq = self._waiting[0]
+                if admitted and len(seq.prompt_ids) > budget:
+                    break  # next step; a lone long prompt is still admitted
+                self._waiting.popleft()
+                if seq.cancelled:
+                    continue
+                budget -= len(seq.prompt_ids)
+                admitted.append(seq)
+        ready = []
+        for seq in admitted:
+            if seq.adapter and self.adapters is not None:
+                try:
+                    self.adapters.acquire(seq.adapter)
+                except ServiceError as exc:
+                    self._finish(seq, error=exc)
+                    continue
+                seq.holds_adapter = True
+            ready.append(seq)
+        return ready
+
+    def _adapter_names(self, seqs: list[Sequence]) -> list[str] | None:
+        if self.adapters is None or not self.adapters.loaded:
+            return None
+        return [seq.adapter or BASE for seq in seqs]
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        device = self.model.device
+        batch, logits = prefill(self.model, [s.prompt_ids for s in seqs], self._adapter_names(seqs), self._pad_id)
+        for seq in seqs:
+            seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
+            seq.detokenizer = IncrementalDetokenizer(self._tokenizer)
+            metrics.PROMPT_TOKENS.labels(self.model_name).inc(len(seq.prompt_ids))
+        if self._batch is None:
+            self._batch = batch
+        else:
+            self._batch.extend(batch)
+        self._running.extend(seqs)
+        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]), first_row=len(self._running) - len(seqs))
+
+    def _decode(self) -> None:
+        assert self._batch is not None
+        seqs = self._running
+        metrics.BATCH_SIZE.labels(self.model_name).observe(len(seqs))
+        logits = decode(
+            self.model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs], self._adapter_names(seqs)
+        )
+        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]), first_row=0)
+
+    def _accept(self, seqs: list[Sequence], tokens: list[int], first_row: int) -> None:
+        """Hand each sequence its new token, then drop the finished from the running batch."""
+        now = time.perf_counter()
+        metrics.GENERATION_TOKENS.labels(self.model_name).inc(len(tokens))
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.last_token_at is None:
+                metrics.TIME_TO_FIRST_TOKEN.labels(self.model_name).observe(now - seq.arrival)
+            else:
+                metrics.INTER_TOKEN_LATENCY.labels(self.model_name).observe(now - seq.last_token_at)
+            seq.last_token_at = now
+            self._advance(seq, token)
+        self._remove_finished()
+
+    def _advance(self, seq: Sequence, token: int) -> None:
+        seq.output_ids.append(token)
+        seq.sampler.observe(token)
+        if token in self._eos and not seq.config.ignore_eos:
+            self._finish(seq, FinishReason.EOS)
+            return
+        text = seq.stop_matcher.feed(seq.detokenizer.push(token))
+        if seq.stop_matcher.stopped:
+            self._finish(seq, FinishReason.STOP, text)
+        elif len(seq.output_ids) >= seq.config.max_new_tokens:
+            self._finish(seq, FinishReason.LENGTH, text)
+        elif text:
+            seq.on_event(GenerationEvent(text))
+
+    def _finish(
+        self, seq: Sequence, reason: FinishReason | None = None, text: str = "", error: ServiceError | None = None
+    ) -> None:
+        if seq.finished:
+            return
+        seq.finished = True
+        if reason in (FinishReason.EOS, FinishReason.LENGTH) and seq.detokenizer is not None:
+            # release what the detokenizer and the stop matcher held back (EOS itself decodes to nothing)
+            text += seq.stop_matcher.feed(seq.detokenizer.flush())
+            if seq.stop_matcher.stopped:
+                reason = FinishReason.STOP
+            else:
+                text += seq.stop_matcher.flush()
+        if reason is not None:
+            metrics.E2E_LATENCY.labels(self.model_name).observe(time.perf_counter() - seq.arrival)
+            metrics.REQUESTS_FINISHED.labels(self.model_name, reason.value).inc()
+        if seq.holds_adapter:
+            self.adapters.release(seq.adapter)
+            seq.holds_adapter = False
+        seq.on_event(
+            GenerationEvent(
+                text,
+                finish_reason=reason,
+                error=error,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+            )
+        )
+
+    def _drop_abandoned(self) -> None:
+        """Cancelled clients and passed deadlines free their batch slot before the next step."""
+        now = time.monotonic()
+        for seq in self._running:
+            if seq.cancelled:
+                self._finish(seq, error=Cancelled("the client cancelled the request"))
+            elif seq.deadline is not None and now > seq.deadline:
+                self._finish(seq, error=DeadlineExceeded("the request's deadline passed during generation"))
+        self._remove_finished()
+
+    def _remove_finished(self) -> None:
+        keep = [i for i, seq in enumerate(self._running) if not seq.finished]
+        if len(keep) == len(self._running):
+            return
+        self._running = [self._running[i] for i in keep]
+        if keep:
+            self._batch.select(keep)
+        else:
+            self._batch = None
+
+    def _fail_batch(self, admitted: list[Sequence], error: ServiceError) -> None:
+        for seq in [*self._running, *admitted]:
+            self._finish(seq, error=error)
+        self._running, self._batch = [], None
+
+    def _fail_all(self, error: ServiceError) -> None:
+        with self._wakeup:
+            waiting, self._waiting = list(self._waiting), deque()
+        for seq in [*self._running, *waiting]:
+            self._finish(seq, error=error)
+        self._running, self._batch = [], None
+
+
+def eos_token_ids(model, tokenizer) -> set[int]:
+    """Every id that ends generation: the generation config's (often a list) and the tokenizer's."""
+    ids: set[int] = set()
+    for value in (getattr(model.generation_config, "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple | torch.Tensor):
+            ids.update(int(v) for v in value)
+    return ids

@@ -1,0 +1,31 @@
+"""LLM serving metrics, named after vLLM's set (`vllm:time_to_first_token_seconds` and friends)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80)
+_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
+
+TIME_TO_FIRST_TOKEN = Histogram(
+    "modelworks_llm_time_to_first_token_seconds", "Arrival to first generated token", ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "modelworks_llm_inter_token_latency_seconds", "Time between consecutive generated tokens", ["model"],
+    buckets=_TOKEN_BUCKETS,
+)
+E2E_LATENCY = Histogram(
+    "modelworks_llm_e2e_request_latency_seconds", "Arrival to the last token", ["model"], buckets=_LATENCY_BUCKETS
+)
+PROMPT_TOKENS = Counter("modelworks_llm_prompt_tokens", "Prompt tokens prefilled", ["model"])
+GENERATION_TOKENS = Counter("modelworks_llm_generation_tokens", "Tokens generated", ["model"])
+REQUESTS_FINISHED = Counter(
+    "modelworks_llm_request_success", "Requests finished, by finish reason", ["model", "finish_reason"]
+)
+REQUESTS_WAITING = Gauge("modelworks_llm_num_requests_waiting", "Requests in the waiting queue", ["model"])
+REQUESTS_RUNNING = Gauge("modelworks_llm_num_requests_running", "Sequences in the running batch", ["model"])
+BATCH_SIZE = Histogram(
+    "modelworks_llm_batch_size", "Sequences per decode step", ["model"], buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)
+)
+ADAPTER_LOADS = Counter("modelworks_llm_adapter_loads", "LoRA adapters loaded into memory", ["model"])
+ADAPTER_EVICTIONS = Counter("modelworks_llm_adapter_evictions", "LoRA adapters evicted from memory", ["model"])
+ADAPTERS_LOADED = Gauge("modelworks_llm_adapters_loaded", "LoRA adapters held in memory", ["model"])

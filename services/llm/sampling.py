@@ -1,0 +1,89 @@
+"""Choosing each row's next token, with each row's own parameters and random generator.
+
+Greedy rows take the argmax. Sampled rows go through repetition penalty, temperature, top-k and
+top-p as batched tensor ops, then draw from their own seeded `torch.Generator`, so a request's output
+depends on its seed, not on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from services.llm.params import SamplingConfig
+
+
+@dataclass
+class RowSampler:
+    """Per-sequence sampling state: its parameters, generator, and (for the penalty) the tokens seen."""
+
+    config: SamplingConfig
+    generator: torch.Generator
+    seen: torch.Tensor | None = None  # token ids of prompt + output, only kept when a penalty is set
+    seen_len: int = 0
+
+    @classmethod
+    def create(cls, config: SamplingConfig, prompt_ids: list[int], device: torch.device) -> RowSampler:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(config.seed)
+        row = cls(config, generator)
+        if config.repetition_penalty != 1.0:
+            row.seen = torch.empty(len(prompt_ids) + config.max_new_tokens, dtype=torch.long, device=device)
+            row.seen[: len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+            row.seen_len = len(prompt_ids)
+        return row
+
+    def observe(self, token_id: int) -> None:
+        if self.seen is not None and self.seen_len < self.seen.numel():
+            self.seen[self.seen_len] = token_id
+            self.seen_len += 1
+
+
+def apply_repetition_penalty(logits: torch.Tensor, rows: list[RowSampler]) -> None:
+    """CTRL-style penalty (as in transformers): divide positive, multiply negative logits of seen tokens."""
+    for i, row in enumerate(rows):
+        if row.seen is None:
+            continue
+        ids = row.seen[: row.seen_len]
+        scores = logits[i].gather(0, ids)
+        penalty = row.config.repetition_penalty
+        logits[i].scatter_(0, ids, torch.where(scores < 0, scores * penalty, scores / penalty))
+
+
+def _filter_top_k_top_p(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask sorted (descending) logits outside each row's top-k and top-p nucleus; keeps at least one."""
+    rank = torch.arange(sorted_logits.shape[-1], device=sorted_logits.device)
+    outside_k = (top_k[:, None] > 0) & (rank[None, :] >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(outside_k, float("-inf"))
+    probs = sorted_logits.softmax(-1)
+    mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above
+    outside_p = mass_before >= top_p[:, None]
+    outside_p[:, 0] = False
+    return sorted_logits.masked_fill(outside_p, float("-inf"))
+
+
+def next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
+    """Pick one token per row from `logits` of shape (B, V)."""
+    logits = logits.float()
+    if any(row.seen is not None for row in rows):
+        apply_repetition_penalty(logits, rows)
+    chosen = logits.argmax(-1)
+    sampled = [i for i, row in enumerate(rows) if not row.config.greedy]
+    if sampled:
+        index = torch.tensor(sampled, device=logits.device)
+        configs = [rows[i].config for i in sampled]
+        temperature = torch.tensor([c.temperature for c in configs], device=logits.device)
+        scaled = logits.index_select(0, index) / temperature[:, None]  # (S, V)
+        if any(c.top_k > 0 or c.top_p < 1.0 for c in configs):
+            scaled, order = scaled.sort(dim=-1, descending=True)
+            top_k = torch.tensor([c.top_k for c in configs], device=logits.device)
+            top_p = torch.tensor([c.top_p for c in configs], device=logits.device)
+            scaled = _filter_top_k_top_p(scaled, top_k, top_p)
+        else:
+            order = None
+        probs = scaled.softmax(-1)
+        for j, i in enumerate(sampled):
+            pick = torch.multinomial(probs[j], 1, generator=rows[i].generator)
+            chosen[i] = order[j, pick] if order is not None else pick
+    return chosen.tolist()

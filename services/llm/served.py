@@ -1,0 +1,102 @@
+"""A served LLM: its tokenizer, prompt building, request validation and engine, behind one name."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from shared.adapters import AdapterStore, validate_adapter_name
+from shared.devices import dtype_name
+from shared.errors import InvalidArgument
+from shared.loaders import LoadedCausalLM
+from shared.settings import LLMSettings
+
+from services.llm.adapters import LoraAdapterCache
+from services.llm.engine import LLMEngine, Sequence, eos_token_ids
+from services.llm.params import Limits, SamplingRequest, resolve_sampling
+
+_FALLBACK_CONTEXT = 2048
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    role: str
+    content: str
+
+
+def context_length(model, tokenizer) -> int:
+    length = getattr(model.config, "max_position_embeddings", None)
+    tokenizer_max = getattr(tokenizer, "model_max_length", None)
+    if isinstance(tokenizer_max, int) and tokenizer_max < 1_000_000:
+        length = min(length, tokenizer_max) if length else tokenizer_max
+    return length or _FALLBACK_CONTEXT
+
+
+class ServedLLM:
+    def __init__(self, loaded: LoadedCausalLM, settings: LLMSettings, store: AdapterStore):
+        self.entry = loaded.entry
+        self.device = loaded.device
+        self.dtype = dtype_name(loaded.dtype)
+        self.tokenizer = loaded.tokenizer
+        self.context_length = context_length(loaded.model, loaded.tokenizer)
+        self.limits = Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit, self.context_length)
+        self.adapters = LoraAdapterCache(
+            loaded.model, store, settings.adapter_cache_size, self.entry.name, self.entry.source
+        )
+        self.engine = LLMEngine(
+            loaded.model,
+            loaded.tokenizer,
+            model_name=self.entry.name,
+            eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+            max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_waiting_requests,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            adapters=self.adapters,
+        )
+        self._encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
+
+    def encode_prompt(self, text: str) -> list[int]:
+        with self._encode_lock:
+            return list(self.tokenizer(text)["input_ids"])
+
+    def encode_chat(self, messages: list[ChatTurn]) -> list[int]:
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise InvalidArgument(f"model {self.entry.name!r} has no chat template; send a prompt instead of messages")
+        for i, turn in enumerate(messages):
+            if not turn.role:
+                raise InvalidArgument(f"messages[{i}].role is empty; use system, user or assistant")
+        conversation = [{"role": t.role, "content": t.content} for t in messages]
+        try:
+            with self._encode_lock:
+                encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+        except Exception as exc:  # the template's own checks, e.g. "roles must alternate"
+            raise InvalidArgument(f"the chat template rejected the messages: {exc}") from exc
+        return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def new_sequence(
+        self,
+        *,
+        prompt: str,
+        messages: list[ChatTurn],
+        adapter: str,
+        sampling: SamplingRequest,
+        on_event,
+        deadline: float | None,
+    ) -> Sequence:
+        """Validate a request and turn it into an engine sequence (not yet submitted)."""
+        if bool(prompt) == bool(messages):
+            raise InvalidArgument("set exactly one of prompt or messages")
+        if adapter:
+            validate_adapter_name(adapter)
+            self.adapters.resolve(adapter)
+        prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages)
+        if not prompt_ids:
+            raise InvalidArgument("the prompt encodes to no tokens")
+        config = resolve_sampling(sampling, len(prompt_ids), self.limits)
+        return Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
+
+    def start(self) -> None:
+        self.engine.start()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,1 @@
+"""The ModelWorks model library shared by every service: settings, models, adapters, serving."""

@@ -1,0 +1,98 @@
+"""The adapter store: named LoRA adapters in PEFT format under `<data dir>/adapters/<name>/`.
+
+Each adapter folder holds `adapter_config.json`, `adapter_model.safetensors` and `modelworks.json`
+(kind, base model, job id, creation time, final metrics). Adapters are written into a temporary folder
+and renamed into place, so readers see a whole adapter or none; names are validated so no name can
+reach outside the store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shared.errors import AlreadyExists, InvalidArgument, NotFound
+
+METADATA_FILE = "modelworks.json"
+ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
+ADAPTER_NAME_RULE = "1-64 letters, digits, '.', '_' or '-', starting and ending with a letter or digit"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    name: str
+    kind: str  # "llm" or "diffusion"
+    base_model: str
+    job_id: str = ""
+    created_at: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def validate_adapter_name(name: str) -> str:
+    if not ADAPTER_NAME_RE.match(name) or ".." in name:
+        raise InvalidArgument(f"invalid adapter name {name!r}: use {ADAPTER_NAME_RULE}")
+    return name
+
+
+class AdapterStore:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+
+    def path(self, name: str) -> Path:
+        return self.root / validate_adapter_name(name)
+
+    def get(self, name: str) -> AdapterInfo:
+        """The adapter's metadata; NotFound when no complete adapter has that name."""
+        meta_path = self.path(name) / METADATA_FILE
+        try:
+            meta = json.loads(meta_path.read_text())
+        except FileNotFoundError:
+            raise NotFound(f"adapter {name!r} not found in the adapter store") from None
+        return AdapterInfo(name=name, **{k: v for k, v in meta.items() if k in AdapterInfo.__dataclass_fields__})
+
+    def list(self) -> list[AdapterInfo]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for child in sorted(self.root.iterdir()):
+            if child.is_dir() and ADAPTER_NAME_RE.match(child.name) and (child / METADATA_FILE).exists():
+                found.append(self.get(child.name))
+        return found
+
+    def save(self, info: AdapterInfo, write: Callable[[Path], None]) -> Path:
+        """Write an adapter atomically: `write(folder)` fills a staging folder that is renamed into place."""
+        target = self.path(info.name)
+        if target.exists():
+            raise AlreadyExists(f"adapter {info.name!r} already exists; choose another name or delete it first")
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{info.name}-", dir=self.root))
+        try:
+            write(staging)
+            meta = asdict(info) | {"created_at": info.created_at or time.time()}
+            del meta["name"]
+            (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2))
+            try:
+                os.rename(staging, target)  # atomic; fails if another writer got there first
+            except OSError:
+                if target.exists():
+                    raise AlreadyExists(f"adapter {info.name!r} already exists") from None
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+    def delete(self, name: str) -> None:
+        target = self.path(name)
+        if not target.exists():
+            raise NotFound(f"adapter {name!r} not found in the adapter store")
+        # rename first so readers never see a half-deleted adapter
+        doomed = Path(tempfile.mkdtemp(prefix=f".deleting-{name}-", dir=self.root))
+        os.rename(target, doomed / name)
+        shutil.rmtree(doomed, ignore_errors=True)

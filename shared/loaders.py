@@ -1,0 +1,70 @@
+"""Load models through `from_pretrained`: safetensors only, remote code off unless a model entry allows it.
+
+Heavy libraries are imported inside the functions, so importing this module loads nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared.builtin import ensure_builtin
+from shared.devices import resolve_device, resolve_dtype
+from shared.registry import parse_source
+from shared.settings import ModelEntry, Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedCausalLM:
+    entry: ModelEntry
+    model: Any  # transformers PreTrainedModel, in eval mode on `device`
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pretrained_location(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any]]:
+    """Where `from_pretrained` reads the entry's weights, with the keyword arguments that go with it."""
+    source = parse_source(entry.source)
+    kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
+    if source.kind == "builtin":
+        return str(ensure_builtin(source.ref, settings.models_dir)), kwargs
+    if source.kind == "local":
+        if not Path(source.ref).is_dir():
+            raise FileNotFoundError(f"model {entry.name!r}: {source.ref} is not a directory")
+        return source.ref, kwargs
+    kwargs["revision"] = source.revision
+    kwargs["local_files_only"] = not settings.allow_downloads
+    return source.ref, kwargs
+
+
+def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    location, kwargs = pretrained_location(entry, settings)
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry.dtype, device)
+    log.info("loading model", extra={"model": entry.name, "source": entry.source, "device": str(device)})
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
+    model.to(device).eval()
+    return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
+def prepare(entry: ModelEntry, settings: Settings) -> str:
+    """Make an entry's weights available locally: build a built-in, or download an hf: snapshot."""
+    source = parse_source(entry.source)
+    if source.kind == "hf":
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(source.ref, revision=source.revision)
+    location, _ = pretrained_location(entry, settings)
+    return location

@@ -1,0 +1,141 @@
+"""Process settings: one YAML file validated by pydantic, every field overridable by environment.
+
+Built once per process in `__main__` and passed down; nothing else reads the environment.
+
+Environment overrides are `MODELWORKS_<FIELD>` for top-level fields (`MODELWORKS_DATA_DIR`,
+`MODELWORKS_REDIS_URL`, `MODELWORKS_API_KEY`) and `MODELWORKS_<SECTION>__<FIELD>` for nested ones
+(`MODELWORKS_LLM__MAX_BATCH_SIZE=8`). Values starting with `[` or `{` are parsed as YAML, so lists and mappings work too
+(`MODELWORKS_MODELS='[{name: m, kind: llm, source: "hf:Qwen/Qwen2.5-0.5B-Instruct"}]'`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+ENV_PREFIX = "MODELWORKS_"
+CONFIG_ENV = "MODELWORKS_CONFIG"
+DEFAULT_CONFIG_PATH = Path("config/modelworks.yaml")
+
+ModelKind = Literal["llm", "diffusion"]
+DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelEntry(_Section):
+    """One served model: a name clients use, and where its weights come from."""
+
+    name: str
+    kind: ModelKind
+    source: str = Field(description="hf:<repo id>[@revision], a local directory, or builtin:<name>")
+    dtype: DTypeName = "auto"
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    trust_remote_code: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise ValueError("model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return name
+
+
+class LLMSettings(_Section):
+    port: int = 50051
+    metrics_port: int = 9101
+    max_batch_size: int = Field(32, ge=1, description="sequences decoded together in one step")
+    max_waiting_requests: int = Field(256, ge=1, description="queue bound; past it requests get RESOURCE_EXHAUSTED")
+    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens admitted into one prefill step")
+    default_max_new_tokens: int = Field(256, ge=1)
+    max_new_tokens_limit: int = Field(4096, ge=1)
+    adapter_cache_size: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (LRU)")
+
+
+class Settings(_Section):
+    data_dir: Path = Path("var")
+    redis_url: str | None = None
+    api_key: SecretStr | None = None
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    allow_downloads: bool = Field(False, description="let serving download hf: weights missing from the cache")
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    shutdown_grace_s: float = Field(10.0, ge=0)
+    models: list[ModelEntry] = Field(default_factory=list)
+    llm: LLMSettings = LLMSettings()
+
+    @model_validator(mode="after")
+    def _check_models(self) -> Settings:
+        names = [m.name for m in self.models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        return self
+
+    def models_of_kind(self, kind: ModelKind) -> list[ModelEntry]:
+        return [m for m in self.models if m.kind == kind]
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+
+def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read the YAML config, apply `MODELWORKS_*` overrides, and validate the result."""
+    environ = os.environ if environ is None else environ
+    if path is None:
+        path = Path(environ.get(CONFIG_ENV, DEFAULT_CONFIG_PATH))
+    data: dict[str, Any] = {}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: the config must be a mapping at the top level")
+        data = loaded
+    elif CONFIG_ENV in environ:
+        raise FileNotFoundError(f"{CONFIG_ENV} points to {path}, which does not exist")
+    return Settings.model_validate(apply_env_overrides(data, environ))
+
+
+def apply_env_overrides(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Overlay `MODELWORKS_A__B=value` onto `data["a"]["b"]`, parsing values as YAML scalars or documents."""
+    merged = {**data}
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX) or key == CONFIG_ENV:
+            continue
+        path = [part.lower() for part in key[len(ENV_PREFIX) :].split("__")]
+        if path[0] not in Settings.model_fields:
+            continue  # other programs' MODELWORKS_* variables (e.g. the gateway's targets)
+        node = merged
+        for part in path[:-1]:
+            child = node.get(part)
+            node[part] = child = dict(child) if isinstance(child, dict) else {}
+            node = child
+        node[path[-1]] = _parse_env_value(raw)
+    return merged
+
+
+def _parse_env_value(raw: str) -> Any:
+    """Lists and mappings are YAML; scalars stay strings for pydantic to coerce; empty means unset."""
+    text = raw.strip()
+    if not text:
+        return None
+    if text[0] in "[{":
+        return yaml.safe_load(text)
+    return raw
