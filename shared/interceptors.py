@@ -76,9 +76,7 @@ async def _fail(context: grpc.aio.ServicerContext, outcome: _Outcome, exc: BaseE
         await context.abort(grpc.StatusCode[exc.code], exc.message)
     reference = uuid.uuid4().hex[:12]
     outcome.code = "INTERNAL"
-    log.error(
-        "unhandled error", exc_info=exc, extra={"rpc": f"{outcome.service}/{outcome.method}", "ref": reference}
-    )
+    log.error("unhandled error", exc_info=exc, extra={"rpc": f"{outcome.service}/{outcome.method}", "ref": reference})
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error (reference {reference}); the server logged it")
 
 

@@ -65,6 +65,9 @@ class LLMSettings(_Section):
 class Settings(_Section):
     data_dir: Path = Path("var")
     redis_url: str | None = None
+    embedded_redis_port: int = Field(
+        6379, description="port of the Redis that `make run` starts when redis_url is unset"
+    )
     api_key: SecretStr | None = None
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None

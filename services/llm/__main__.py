@@ -13,7 +13,9 @@ from shared.settings import load_settings
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m services.llm", description=__doc__)
-    parser.add_argument("--config", type=Path, help="YAML config (default: $MODELWORKS_CONFIG or config/modelworks.yaml)")
+    parser.add_argument(
+        "--config", type=Path, help="YAML config (default: $MODELWORKS_CONFIG or config/modelworks.yaml)"
+    )
     parser.add_argument("--host", default="0.0.0.0")
     parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default from config: 50051)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables; default 9101)")

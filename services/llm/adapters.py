@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 from collections import OrderedDict
 
+from services.llm import metrics
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.errors import FailedPrecondition
-
-from services.llm import metrics
 
 log = logging.getLogger(__name__)
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 
 from modelworks.llm.v1 import llm_pb2_grpc
-
-from shared.serving import GrpcService, ServerOptions
-from shared.settings import Settings
-
 from services.llm.host import ModelHost
 from services.llm.servicer import SERVICE_NAME, LLMServicer
+from shared.serving import GrpcService, ServerOptions
+from shared.settings import Settings
 
 
 async def serve(settings: Settings, options: ServerOptions) -> None:

@@ -50,7 +50,10 @@ class KVBatch:
         """Append `other`'s rows, left-padding whichever side is shorter."""
         length = max(self.length, other.length)
         self.attention_mask = torch.cat(
-            [F.pad(self.attention_mask, (length - self.length, 0)), F.pad(other.attention_mask, (length - other.length, 0))]
+            [
+                F.pad(self.attention_mask, (length - self.length, 0)),
+                F.pad(other.attention_mask, (length - other.length, 0)),
+            ]
         )
         for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
             mine.keys = torch.cat([_pad_seq(mine.keys, length), _pad_seq(theirs.keys, length)])
@@ -62,7 +65,9 @@ def _pad_seq(states: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(states, (0, 0, length - states.shape[2], 0))
 
 
-def prefill(model, prompts: list[list[int]], adapter_names: list[str] | None, pad_id: int) -> tuple[KVBatch, torch.Tensor]:
+def prefill(
+    model, prompts: list[list[int]], adapter_names: list[str] | None, pad_id: int
+) -> tuple[KVBatch, torch.Tensor]:
     """Run the prompts (left-padded into one batch); return their KV batch and last-position logits (B, V)."""
     device = model.device
     length = max(len(p) for p in prompts)
@@ -79,7 +84,9 @@ def prefill(model, prompts: list[list[int]], adapter_names: list[str] | None, pa
     return KVBatch(cache, attention_mask), logits
 
 
-def decode(model, batch: KVBatch, last_tokens: list[int], positions: list[int], adapter_names: list[str] | None) -> torch.Tensor:
+def decode(
+    model, batch: KVBatch, last_tokens: list[int], positions: list[int], adapter_names: list[str] | None
+) -> torch.Tensor:
     """One decode step for every row; returns logits (B, V)."""
     device = batch.attention_mask.device
     input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-
 from services.llm import metrics
 from services.llm.adapters import BASE, LoraAdapterCache
 from services.llm.batch import KVBatch, decode, prefill
@@ -28,6 +26,7 @@ from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.params import SamplingConfig
 from services.llm.sampling import RowSampler, next_tokens
 from services.llm.stop import StopStringMatcher
+from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +46,7 @@ class GenerationEvent:
     error: ServiceError | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    seed: int = 0  # the sampling seed, on the last event: sent back so clients can reproduce
 
     @property
     def final(self) -> bool:
@@ -147,6 +147,7 @@ class LLMEngine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+        self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
 
     @property
     def num_waiting(self) -> int:
@@ -240,7 +241,11 @@ class LLMEngine:
         seqs = self._running
         metrics.BATCH_SIZE.labels(self.model_name).observe(len(seqs))
         logits = decode(
-            self.model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs], self._adapter_names(seqs)
+            self.model,
+            self._batch,
+            [s.output_ids[-1] for s in seqs],
+            [s.position for s in seqs],
+            self._adapter_names(seqs),
         )
         self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]), first_row=0)
 
@@ -297,6 +302,7 @@ class LLMEngine:
                 error=error,
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.output_ids),
+                seed=seq.config.seed,
             )
         )
 

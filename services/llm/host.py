@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 
+from services.llm.served import ServedLLM
 from shared.adapters import AdapterStore
 from shared.errors import Unavailable
 from shared.loaders import load_causal_lm
 from shared.registry import ModelRegistry
 from shared.settings import ModelEntry, Settings
-
-from services.llm.served import ServedLLM
 
 log = logging.getLogger(__name__)
 

@@ -6,11 +6,15 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 _TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1, 2.5)
 
 TIME_TO_FIRST_TOKEN = Histogram(
-    "modelworks_llm_time_to_first_token_seconds", "Arrival to first generated token", ["model"],
+    "modelworks_llm_time_to_first_token_seconds",
+    "Arrival to first generated token",
+    ["model"],
     buckets=_LATENCY_BUCKETS,
 )
 INTER_TOKEN_LATENCY = Histogram(
-    "modelworks_llm_inter_token_latency_seconds", "Time between consecutive generated tokens", ["model"],
+    "modelworks_llm_inter_token_latency_seconds",
+    "Time between consecutive generated tokens",
+    ["model"],
     buckets=_TOKEN_BUCKETS,
 )
 E2E_LATENCY = Histogram(

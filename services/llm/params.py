@@ -75,9 +75,7 @@ def resolve_sampling(req: SamplingRequest, prompt_tokens: int, limits: Limits) -
         )
     room = limits.context_length - prompt_tokens
     if req.max_new_tokens > limits.max_new_tokens_limit:
-        raise InvalidArgument(
-            f"max_new_tokens is {req.max_new_tokens}; the limit is {limits.max_new_tokens_limit}"
-        )
+        raise InvalidArgument(f"max_new_tokens is {req.max_new_tokens}; the limit is {limits.max_new_tokens_limit}")
     if req.max_new_tokens > room:
         raise InvalidArgument(
             f"prompt ({prompt_tokens} tokens) plus max_new_tokens ({req.max_new_tokens}) exceeds the model's "

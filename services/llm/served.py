@@ -5,15 +5,14 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from services.llm.adapters import LoraAdapterCache
+from services.llm.engine import LLMEngine, Sequence, eos_token_ids
+from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from shared.adapters import AdapterStore, validate_adapter_name
 from shared.devices import dtype_name
 from shared.errors import InvalidArgument
 from shared.loaders import LoadedCausalLM
 from shared.settings import LLMSettings
-
-from services.llm.adapters import LoraAdapterCache
-from services.llm.engine import LLMEngine, Sequence, eos_token_ids
-from services.llm.params import Limits, SamplingRequest, resolve_sampling
 
 _FALLBACK_CONTEXT = 2048
 

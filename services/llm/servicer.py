@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator
 
 import grpc
-from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 
-from services.llm.engine import FinishReason, GenerationEvent, Sequence
+from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
+from services.llm.engine import FinishReason, GenerationEvent
 from services.llm.host import ModelHost
 from services.llm.params import SamplingRequest
 from services.llm.served import ChatTurn
@@ -44,10 +45,8 @@ class _EventQueue:
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
 
     def put(self, event: GenerationEvent) -> None:  # engine thread
-        try:
+        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone, and so is the client
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:
-            pass  # the loop is closed: the server is gone, and so is the client
 
     async def get(self) -> GenerationEvent:
         return await self._queue.get()
@@ -59,7 +58,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 
     async def _generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[tuple[Sequence, GenerationEvent]]:
+    ) -> AsyncIterator[GenerationEvent]:
         served = self.host.get(request.model)
         events = _EventQueue()
         remaining = context.time_remaining()
@@ -77,7 +76,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
                 event = await events.get()
                 if event.error is not None:
                     raise event.error
-                yield seq, event
+                yield event
                 if event.final:
                     return
         finally:
@@ -85,17 +84,17 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 
     async def Generate(self, request, context):
         pieces = []
-        async for seq, event in self._generate(request, context):
+        async for event in self._generate(request, context):
             pieces.append(event.text)
         return llm_pb2.GenerateResponse(
             text="".join(pieces),
             finish_reason=_FINISH_REASONS[event.finish_reason],
             usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-            seed=seq.config.seed,
+            seed=event.seed,
         )
 
     async def GenerateStream(self, request, context):
-        async for seq, event in self._generate(request, context):
+        async for event in self._generate(request, context):
             if not event.final:
                 yield llm_pb2.GenerateStreamResponse(text=event.text)
                 continue
@@ -103,7 +102,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
                 text=event.text,
                 finish_reason=_FINISH_REASONS[event.finish_reason],
                 usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-                seed=seq.config.seed,
+                seed=event.seed,
             )
 
     async def Tokenize(self, request, context):
@@ -114,7 +113,9 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         default = self.host.registry.default_name
         models = []
         for entry, served in self.host.entries():
-            info = llm_pb2.ModelInfo(name=entry.name, kind=entry.kind, source=entry.source, is_default=entry.name == default)
+            info = llm_pb2.ModelInfo(
+                name=entry.name, kind=entry.kind, source=entry.source, is_default=entry.name == default
+            )
             if served is not None:
                 info.max_context_length = served.context_length
                 info.dtype = served.dtype

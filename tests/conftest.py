@@ -1,0 +1,101 @@
+"""Fixtures shared by the suite: a data dir with the built-in models, LoRA adapters, and real servers.
+
+Servers run as real processes (`python -m services.<name>`) on ephemeral ports, reached over real
+gRPC channels. Nothing touches the network beyond loopback.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shared.launch import ServiceProcess, spawn_service
+
+TEST_MODELS = [{"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"}]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A data dir with the built-in tiny models already built (once per session)."""
+    from shared.builtin import ensure_builtin
+
+    path = tmp_path_factory.mktemp("data")
+    ensure_builtin("tiny-llm", path / "models")
+    return path
+
+
+@pytest.fixture(scope="session")
+def settings(data_dir):
+    from shared.settings import Settings
+
+    return Settings.model_validate({"data_dir": data_dir, "models": TEST_MODELS})
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(settings):
+    """The tiny LLM loaded through the real loader (model, tokenizer, device, dtype)."""
+    from shared.loaders import load_causal_lm
+
+    return load_causal_lm(settings.models[0], settings)
+
+
+def make_lora_adapter(settings, name: str, seed: int, base_model: str = "tiny-llm") -> None:
+    """Save a LoRA adapter with random (non-zero) weights for the tiny LLM into the adapter store."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from shared.adapters import AdapterInfo, AdapterStore
+    from shared.loaders import load_causal_lm
+
+    model = load_causal_lm(settings.models[0], settings).model
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():
+        for pname, param in peft_model.named_parameters():
+            if "lora_B" in pname:
+                param.normal_(0, 0.5)  # strong enough to change greedy outputs
+    AdapterStore(settings.adapters_dir).save(
+        AdapterInfo(name=name, kind="llm", base_model=base_model), peft_model.save_pretrained
+    )
+
+
+@pytest.fixture(scope="session")
+def adapters(settings) -> list[str]:
+    names = ["lora-a", "lora-b", "lora-c"]
+    for i, name in enumerate(names):
+        make_lora_adapter(settings, name, seed=100 + i)
+    return names
+
+
+def start_server(service: str, data_dir: Path, workdir: Path, env: dict[str, str] | None = None) -> ServiceProcess:
+    config = {"data_dir": str(data_dir), "models": TEST_MODELS, "shutdown_grace_s": 5}
+    return spawn_service(service, workdir, config, env, timeout=120)
+
+
+def stop_server(server: ServiceProcess) -> int:
+    return server.stop()
+
+
+@pytest.fixture(scope="session")
+def llm_server(data_dir, adapters, tmp_path_factory) -> Iterator[ServiceProcess]:
+    server = start_server("llm", data_dir, tmp_path_factory.mktemp("llm-server"))
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def llm_channel(llm_server):
+    import grpc
+
+    with grpc.insecure_channel(llm_server.address) as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+def llm_stub(llm_channel):
+    from modelworks.llm.v1 import llm_pb2_grpc
+
+    return llm_pb2_grpc.LLMServiceStub(llm_channel)

@@ -1,0 +1,228 @@
+"""The continuous-batching engine driven directly, on the tiny model."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from services.llm import metrics
+from services.llm.adapters import LoraAdapterCache
+from services.llm.engine import FinishReason, LLMEngine, Sequence, eos_token_ids
+from services.llm.params import SamplingConfig
+from shared.adapters import AdapterStore
+from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
+from shared.loaders import load_causal_lm
+
+PROMPTS = ["def parse(text):", "import os\nimport sys\n\nclass Loader:", "x = [", "# Copyright"]
+
+
+class Collector:
+    """Gathers a sequence's events; `wait()` returns (text, final event)."""
+
+    def __init__(self):
+        self.events = []
+        self.done = threading.Event()
+
+    def __call__(self, event):
+        self.events.append(event)
+        if event.final:
+            self.done.set()
+
+    def wait(self, timeout=60):
+        assert self.done.wait(timeout), "sequence did not finish"
+        return "".join(e.text for e in self.events), self.events[-1]
+
+
+@pytest.fixture(scope="module")
+def loaded(settings):
+    return load_causal_lm(settings.models[0], settings)
+
+
+def make_engine(loaded, settings, **overrides):
+    cache = LoraAdapterCache(
+        loaded.model, AdapterStore(settings.adapters_dir), overrides.pop("capacity", 8), "tiny-llm", "builtin:tiny-llm"
+    )
+    options = dict(max_batch_size=16, max_waiting=64, max_prefill_tokens=4096) | overrides
+    return LLMEngine(
+        loaded.model,
+        loaded.tokenizer,
+        model_name="tiny-llm",
+        eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+        adapters=cache,
+        **options,
+    )
+
+
+@pytest.fixture
+def engine(loaded, settings):
+    engine = make_engine(loaded, settings)
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def encode(loaded, text):
+    return loaded.tokenizer(text)["input_ids"]
+
+
+def run(engine, loaded, prompt, adapter=None, **config):
+    config = SamplingConfig(**({"max_new_tokens": 16, "ignore_eos": True} | config))
+    collector = Collector()
+    engine.submit(Sequence(encode(loaded, prompt), config, collector, adapter=adapter))
+    return collector.wait()
+
+
+def hf_greedy(loaded, prompt, n):
+    ids = torch.tensor([encode(loaded, prompt)])
+    out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_greedy_matches_transformers_generate(engine, loaded):
+    for prompt in PROMPTS:
+        text, final = run(engine, loaded, prompt, max_new_tokens=12)
+        assert text == hf_greedy(loaded, prompt, 12)
+        assert final.finish_reason is FinishReason.LENGTH
+        assert final.completion_tokens == 12 and final.prompt_tokens == len(encode(loaded, prompt))
+
+
+def test_sequences_joining_and_leaving_a_running_batch_match_running_alone(engine, loaded):
+    alone = [run(engine, loaded, p, max_new_tokens=8 + 6 * i)[0] for i, p in enumerate(PROMPTS)]
+    collectors = []
+    for i, prompt in enumerate(PROMPTS):  # staggered: each joins while the others decode
+        c = Collector()
+        config = SamplingConfig(max_new_tokens=8 + 6 * i, ignore_eos=True)
+        engine.submit(Sequence(encode(loaded, prompt), config, c))
+        collectors.append(c)
+        if i == 1:
+            collectors[0].wait()  # the first leaves before the last two join
+    assert [c.wait()[0] for c in collectors] == alone
+
+
+def test_same_seed_same_text_and_different_seeds_differ(engine, loaded):
+    sampled = dict(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=24)
+    a = run(engine, loaded, PROMPTS[0], seed=7, **sampled)[0]
+    b = run(engine, loaded, PROMPTS[0], seed=7, **sampled)[0]
+    c = run(engine, loaded, PROMPTS[0], seed=8, **sampled)[0]
+    assert a == b
+    assert a != c
+
+
+def test_seeded_output_does_not_depend_on_batch_neighbours(engine, loaded):
+    sampled = dict(temperature=0.9, seed=42, max_new_tokens=16)
+    alone = run(engine, loaded, PROMPTS[1], **sampled)[0]
+    others = [Collector() for _ in range(3)]
+    for i, c in enumerate(others):
+        engine.submit(Sequence(encode(loaded, PROMPTS[i % 2]), SamplingConfig(max_new_tokens=30, temperature=1.0), c))
+    together = run(engine, loaded, PROMPTS[1], **sampled)[0]
+    for c in others:
+        c.wait()
+    assert together == alone
+
+
+def test_stop_string_truncates_and_reports_stop(engine, loaded):
+    full, _ = run(engine, loaded, PROMPTS[1], max_new_tokens=30)
+    stop = full[len(full) // 2 : len(full) // 2 + 3]
+    expected = full[: full.index(stop)]
+    text, final = run(engine, loaded, PROMPTS[1], max_new_tokens=30, stop=(stop,))
+    assert text == expected
+    assert final.finish_reason is FinishReason.STOP
+
+
+def test_eos_ends_generation_unless_ignored(loaded, settings):
+    greedy = loaded.model.generate(torch.tensor([encode(loaded, PROMPTS[3])]), max_new_tokens=6, do_sample=False)
+    eos = int(greedy[0, -3])  # pretend the model's third new token ends sequences
+    engine = make_engine(loaded, settings)
+    engine._eos = {eos}
+    engine.start()
+    try:
+        text, final = run(engine, loaded, PROMPTS[3], max_new_tokens=20, ignore_eos=False)
+        assert final.finish_reason is FinishReason.EOS
+        assert final.completion_tokens == 4  # EOS counts as generated, its text is not emitted
+        assert text == hf_greedy(loaded, PROMPTS[3], 3)
+        _, final = run(engine, loaded, PROMPTS[3], max_new_tokens=20, ignore_eos=True)
+        assert final.finish_reason is FinishReason.LENGTH
+    finally:
+        engine.shutdown()
+
+
+def test_queue_bound_gives_resource_exhausted(loaded, settings):
+    engine = make_engine(loaded, settings, max_waiting=2)  # not started: nothing leaves the queue
+    config = SamplingConfig(max_new_tokens=4)
+    engine.submit(Sequence([1, 2], config, Collector()))
+    engine.submit(Sequence([1, 2], config, Collector()))
+    with pytest.raises(ResourceExhausted, match=r"queue .* is full"):
+        engine.submit(Sequence([1, 2], config, Collector()))
+
+
+def test_cancelled_sequences_free_their_slot_at_the_next_step(engine, loaded):
+    collector = Collector()
+    seq = Sequence(encode(loaded, "x"), SamplingConfig(max_new_tokens=1000, ignore_eos=True), collector)
+    engine.submit(seq)
+    while not collector.events:
+        collector.done.wait(0.01)
+    seq.cancel()
+    _, final = collector.wait()
+    assert isinstance(final.error, Cancelled)
+    assert final.completion_tokens < 1000
+    assert engine.num_running == 0
+
+
+def test_a_passed_deadline_ends_the_sequence(engine, loaded):
+    import time
+
+    collector = Collector()
+    config = SamplingConfig(max_new_tokens=1000, ignore_eos=True)
+    engine.submit(Sequence(encode(loaded, "x"), config, collector, deadline=time.monotonic() + 0.2))
+    _, final = collector.wait()
+    assert isinstance(final.error, DeadlineExceeded)
+
+
+def test_mixed_adapter_batch_matches_each_adapter_alone(loaded, settings, adapters):
+    fresh = load_causal_lm(settings.models[0], settings)  # adapters wrap the model: keep `loaded` clean
+    engine = make_engine(fresh, settings)
+    engine.start()
+    try:
+        choices = [None, *adapters]
+        alone = {a: run(engine, fresh, PROMPTS[0], adapter=a)[0] for a in choices}
+        assert len(set(alone.values())) == len(choices), "each adapter must change the output"
+        collectors = {a: Collector() for a in choices}
+        for adapter, c in collectors.items():
+            engine.submit(
+                Sequence(
+                    encode(fresh, PROMPTS[0]), SamplingConfig(max_new_tokens=16, ignore_eos=True), c, adapter=adapter
+                )
+            )
+        assert {a: c.wait()[0] for a, c in collectors.items()} == alone
+    finally:
+        engine.shutdown()
+
+
+def test_adapter_lru_evicts_the_least_recently_used(settings, adapters):
+    fresh = load_causal_lm(settings.models[0], settings)
+    engine = make_engine(fresh, settings, capacity=2)
+    engine.start()
+    evictions = metrics.ADAPTER_EVICTIONS.labels("tiny-llm")
+    try:
+        before = evictions._value.get()
+        first = run(engine, fresh, PROMPTS[2], adapter=adapters[0])[0]
+        run(engine, fresh, PROMPTS[2], adapter=adapters[1])
+        run(engine, fresh, PROMPTS[2], adapter=adapters[2])
+        assert engine.adapters.loaded == adapters[1:]
+        assert evictions._value.get() - before == 1
+        assert run(engine, fresh, PROMPTS[2], adapter=adapters[0])[0] == first  # reloads the same weights
+    finally:
+        engine.shutdown()
+
+
+def test_shutdown_fails_waiting_sequences_with_unavailable(loaded, settings):
+    engine = make_engine(loaded, settings)  # never started: the sequence stays queued
+    collector = Collector()
+    engine.submit(Sequence([1, 2, 3], SamplingConfig(max_new_tokens=4), collector))
+    engine.shutdown()
+    _, final = collector.wait(5)
+    assert isinstance(final.error, Unavailable)
+    with pytest.raises(Unavailable):
+        engine.submit(Sequence([1, 2, 3], SamplingConfig(max_new_tokens=4), Collector()))

@@ -1,0 +1,244 @@
+"""The LLM service through a real gRPC channel to a real server process."""
+
+from __future__ import annotations
+
+import re
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from transformers import AutoTokenizer
+
+from modelworks.llm.v1 import llm_pb2
+from shared.builtin import builtin_dir
+
+SP = llm_pb2.SamplingParams
+
+
+def request(prompt="def main():", **sampling):
+    return llm_pb2.GenerateRequest(prompt=prompt, sampling=SP(**({"max_new_tokens": 16} | sampling)))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(data_dir):
+    return AutoTokenizer.from_pretrained(builtin_dir("tiny-llm", data_dir / "models"))
+
+
+def metric_value(server, name: str, **labels) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    for line in text.splitlines():
+        if line.startswith(f"{name}{{") and all(part in line for part in wanted.split(",")):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name}{{{wanted}}} not exported")
+
+
+def test_health_is_serving(llm_channel):
+    stub = health_pb2_grpc.HealthStub(llm_channel)
+    for service in ("", "modelworks.llm.v1.LLMService"):
+        assert (
+            stub.Check(health_pb2.HealthCheckRequest(service=service)).status == health_pb2.HealthCheckResponse.SERVING
+        )
+
+
+def test_list_models(llm_stub):
+    (model,) = llm_stub.ListModels(llm_pb2.ListModelsRequest()).models
+    assert (model.name, model.kind, model.is_default, model.device) == ("tiny-llm", "llm", True, "cpu")
+    assert model.max_context_length == 1024
+
+
+def test_generate_and_stream_give_the_same_text(llm_stub):
+    for sampling in ({}, {"temperature": 0.8, "seed": 3, "top_k": 40}):
+        unary = llm_stub.Generate(request(**sampling, ignore_eos=True))
+        chunks = list(llm_stub.GenerateStream(request(**sampling, ignore_eos=True)))
+        assert "".join(c.text for c in chunks) == unary.text
+        assert unary.finish_reason == chunks[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
+        assert unary.usage == chunks[-1].usage
+        assert unary.usage.completion_tokens == 16
+        assert all(not c.HasField("usage") for c in chunks[:-1])
+        assert len(chunks) > 2, "text arrives token by token"
+
+
+def test_seeds_reproduce_and_are_reported(llm_stub):
+    first = llm_stub.Generate(request(temperature=1.0, max_new_tokens=24))
+    again = llm_stub.Generate(request(temperature=1.0, max_new_tokens=24, seed=first.seed))
+    assert again.text == first.text and again.seed == first.seed
+
+
+def test_prompt_usage_counts_the_bos_once(llm_stub, tokenizer):
+    prompt = "hello"
+    response = llm_stub.Generate(request(prompt, max_new_tokens=1))
+    assert response.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+    ids = llm_stub.Tokenize(llm_pb2.TokenizeRequest(text=prompt)).ids
+    assert list(ids) == tokenizer(prompt)["input_ids"] and ids[0] == tokenizer.bos_token_id
+
+
+def test_chat_messages_use_the_chat_template_without_a_doubled_bos(llm_stub, tokenizer):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    expected = list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"])
+    assert expected.count(tokenizer.bos_token_id) == 1
+    response = llm_stub.Generate(
+        llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(**m) for m in messages], sampling=SP(max_new_tokens=4))
+    )
+    assert response.usage.prompt_tokens == len(expected)
+
+
+def test_stop_strings_are_never_emitted_even_in_part(llm_stub):
+    full = llm_stub.Generate(request(max_new_tokens=40, ignore_eos=True)).text
+    stop = full[20:24]
+    chunks = list(llm_stub.GenerateStream(request(max_new_tokens=40, ignore_eos=True, stop=[stop])))
+    text = "".join(c.text for c in chunks)
+    assert text == full[: full.index(stop)]
+    assert chunks[-1].finish_reason == llm_pb2.FINISH_REASON_STOP
+
+
+def test_an_adapter_is_served_by_name(llm_stub, adapters):
+    base = llm_stub.Generate(request(ignore_eos=True)).text
+    tuned = llm_stub.Generate(
+        llm_pb2.GenerateRequest(
+            prompt="def main():", adapter=adapters[0], sampling=SP(max_new_tokens=16, ignore_eos=True)
+        )
+    )
+    assert tuned.text != base
+    assert llm_stub.Generate(request(ignore_eos=True)).text == base, "the base model is unchanged"
+
+
+def test_a_new_adapter_is_servable_without_restart(llm_stub, settings):
+    from tests.conftest import make_lora_adapter
+
+    make_lora_adapter(settings, "fresh-one", seed=999)
+    response = llm_stub.Generate(
+        llm_pb2.GenerateRequest(prompt="x", adapter="fresh-one", sampling=SP(max_new_tokens=4))
+    )
+    assert response.usage.completion_tokens >= 1
+
+
+BAD_REQUESTS = {
+    "neither prompt nor messages": (llm_pb2.GenerateRequest(), grpc.StatusCode.INVALID_ARGUMENT, "exactly one"),
+    "both prompt and messages": (
+        llm_pb2.GenerateRequest(prompt="x", messages=[llm_pb2.ChatMessage(role="user", content="y")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "exactly one",
+    ),
+    "negative temperature": (request(temperature=-0.5), grpc.StatusCode.INVALID_ARGUMENT, "temperature must be >= 0"),
+    "top_p zero": (request(top_p=0.0), grpc.StatusCode.INVALID_ARGUMENT, r"top_p must be in \(0, 1\]"),
+    "top_p above one": (request(top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, "top_p"),
+    "repetition penalty zero": (
+        request(repetition_penalty=0.0),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "repetition_penalty",
+    ),
+    "repetition penalty negative": (request(repetition_penalty=-1), grpc.StatusCode.INVALID_ARGUMENT, "> 0"),
+    "max_new_tokens over the limit": (
+        request(max_new_tokens=100_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "limit is 4096",
+    ),
+    "max_new_tokens past the context": (request(max_new_tokens=1023), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    "prompt longer than the context": (request("word " * 2000), grpc.StatusCode.INVALID_ARGUMENT, "context is 1024"),
+    "malformed adapter name": (
+        llm_pb2.GenerateRequest(prompt="x", adapter="../../etc/passwd"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "adapter name",
+    ),
+    "unknown adapter": (
+        llm_pb2.GenerateRequest(prompt="x", adapter="no-such-adapter"),
+        grpc.StatusCode.NOT_FOUND,
+        "not found",
+    ),
+    "unknown model": (
+        llm_pb2.GenerateRequest(prompt="x", model="gpt-9"),
+        grpc.StatusCode.NOT_FOUND,
+        "served llm models: tiny-llm",
+    ),
+    "empty chat role": (
+        llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(content="hi")]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "role",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+def test_bad_input_gets_a_clear_status_and_the_server_stays_healthy(llm_stub, llm_channel, case, method):
+    bad, code, message = BAD_REQUESTS[case]
+    with pytest.raises(grpc.RpcError) as caught:
+        result = getattr(llm_stub, method)(bad)
+        list(result) if method == "GenerateStream" else result
+    assert caught.value.code() == code
+    assert re.search(message, caught.value.details()), caught.value.details()
+    assert "Traceback" not in caught.value.details()
+    assert llm_stub.Generate(request(max_new_tokens=2)).usage.completion_tokens >= 1
+    health = health_pb2_grpc.HealthStub(llm_channel).Check(health_pb2.HealthCheckRequest())
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_tokenize_unknown_model_is_not_found(llm_stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        llm_stub.Tokenize(llm_pb2.TokenizeRequest(model="nope", text="x"))
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def wait_until_idle(server, timeout=30):
+    from shared.launch import wait_for
+
+    wait_for(
+        lambda: metric_value(server, "modelworks_llm_num_requests_running", model="tiny-llm") == 0,
+        timeout,
+        "the running batch to empty",
+    )
+
+
+def test_a_passed_deadline_gives_deadline_exceeded_and_frees_the_slot(llm_stub, llm_server):
+    with pytest.raises(grpc.RpcError) as caught:
+        llm_stub.Generate(request(max_new_tokens=1000, ignore_eos=True), timeout=0.5)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    wait_until_idle(llm_server)
+
+
+def test_a_cancelled_stream_frees_its_slot(llm_stub, llm_server):
+    stream = llm_stub.GenerateStream(request(max_new_tokens=1000, ignore_eos=True))
+    next(stream)
+    assert metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm") >= 1
+    stream.cancel()
+    wait_until_idle(llm_server)
+
+
+def test_concurrent_streams_are_batched_and_each_matches_its_solo_run(llm_stub, llm_server):
+    prompts = [f"def f{i}(x):" for i in range(8)]
+    solo = [llm_stub.Generate(request(p, max_new_tokens=24, ignore_eos=True)).text for p in prompts]
+    results = [None] * len(prompts)
+
+    def call(i):
+        results[i] = "".join(
+            c.text for c in llm_stub.GenerateStream(request(prompts[i], max_new_tokens=24, ignore_eos=True))
+        )
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == solo
+    buckets = metric_value(llm_server, "modelworks_llm_batch_size_bucket", model="tiny-llm", le="1.0")
+    total = metric_value(llm_server, "modelworks_llm_batch_size_count", model="tiny-llm")
+    assert total > buckets, "some decode steps ran more than one sequence"
+
+
+def test_metrics_are_exported(llm_stub, llm_server):
+    llm_stub.Generate(request(max_new_tokens=3))
+    for name in (
+        "modelworks_llm_time_to_first_token_seconds_count",
+        "modelworks_llm_e2e_request_latency_seconds_count",
+        "modelworks_llm_prompt_tokens_total",
+        "modelworks_llm_generation_tokens_total",
+    ):
+        assert metric_value(llm_server, name, model="tiny-llm") > 0
+    assert metric_value(llm_server, "modelworks_llm_inter_token_latency_seconds_count", model="tiny-llm") > 0
+    assert metric_value(llm_server, "modelworks_grpc_requests_total", method="Generate", code="OK") > 0
+    with pytest.raises(grpc.RpcError):
+        llm_stub.Tokenize(llm_pb2.TokenizeRequest(model="unknown-model"))
+    assert metric_value(llm_server, "modelworks_grpc_requests_total", method="Tokenize", code="NOT_FOUND") >= 1

@@ -1,0 +1,30 @@
+import hashlib
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from shared.builtin import ensure_builtin
+
+
+def digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_tiny_llm_is_a_real_hf_checkpoint(data_dir):
+    folder = ensure_builtin("tiny-llm", data_dir / "models")
+    assert (folder / "model.safetensors").exists()
+    assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True)
+    assert model.config.model_type == "llama"
+    text = "héllo wörld, 日本語 🎉"
+    assert tokenizer.decode(tokenizer(text)["input_ids"], skip_special_tokens=True) == text
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=True)
+    ids = list(chat["input_ids"])
+    assert ids.count(tokenizer.bos_token_id) == 1 and ids[0] == tokenizer.bos_token_id
+
+
+def test_builds_are_deterministic(data_dir, tmp_path):
+    first = ensure_builtin("tiny-llm", data_dir / "models")
+    second = ensure_builtin("tiny-llm", tmp_path / "models")
+    assert digest(first / "model.safetensors") == digest(second / "model.safetensors")
+    assert digest(first / "tokenizer.json") == digest(second / "tokenizer.json")

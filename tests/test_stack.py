@@ -1,0 +1,79 @@
+"""`python -m services` (what `make run` starts): the whole stack comes up, and Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import grpc
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.launch import REPO_ROOT, wait_for
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children_of(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return [int(p) for p in out.split()]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = subprocess.run(["ps", "-o", "stat=", "-p", str(pid)], capture_output=True, text=True).stdout.strip()
+    return bool(state) and not state.startswith("Z")
+
+
+def test_stack_starts_redis_and_llm_and_stops_cleanly(data_dir, tmp_path):
+    llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    env = {
+        **os.environ,
+        "MODELWORKS_CONFIG": str(REPO_ROOT / "config" / "modelworks.yaml"),
+        "MODELWORKS_DATA_DIR": str(data_dir),
+        "MODELWORKS_LLM__PORT": str(llm_port),
+        "MODELWORKS_LLM__METRICS_PORT": str(metrics_port),
+        "MODELWORKS_EMBEDDED_REDIS_PORT": str(redis_port),
+        "MODELWORKS_SHUTDOWN_GRACE_S": "2",
+    }
+    env.pop("MODELWORKS_REDIS_URL", None)
+    stack = subprocess.Popen(
+        [sys.executable, "-m", "services"],
+        cwd=REPO_ROOT,
+        env=env,
+        stdout=(tmp_path / "out.log").open("wb"),
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{llm_port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def serving():
+                try:
+                    return (
+                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                        == health_pb2.HealthCheckResponse.SERVING
+                    )
+                except grpc.RpcError:
+                    return False
+
+            wait_for(serving, 120, "the LLM service in the stack", interval=0.2)
+        assert redis.Redis(port=redis_port).ping()
+        children = children_of(stack.pid)
+        assert len(children) == 2
+        stack.send_signal(signal.SIGINT)
+        assert stack.wait(30) == 0
+        assert not [pid for pid in children if alive(pid)], "the stack left processes behind"
+    finally:
+        if stack.poll() is None:
+            stack.kill()
