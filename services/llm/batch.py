@@ -65,9 +65,7 @@ def _pad_seq(states: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(states, (0, 0, length - states.shape[2], 0))
 
 
-def prefill(
-    model, prompts: list[list[int]], adapter_names: list[str] | None, pad_id: int
-) -> tuple[KVBatch, torch.Tensor]:
+def prefill(model, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
     """Run the prompts (left-padded into one batch); return their KV batch and last-position logits (B, V)."""
     device = model.device
     length = max(len(p) for p in prompts)
@@ -79,25 +77,22 @@ def prefill(
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = _forward(model, input_ids, attention_mask, position_ids, cache, adapter_names)
+    logits = _forward(model, input_ids, attention_mask, position_ids, cache)
     _check_supported(cache)
     return KVBatch(cache, attention_mask), logits
 
 
-def decode(
-    model, batch: KVBatch, last_tokens: list[int], positions: list[int], adapter_names: list[str] | None
-) -> torch.Tensor:
+def decode(model, batch: KVBatch, last_tokens: list[int], positions: list[int]) -> torch.Tensor:
     """One decode step for every row; returns logits (B, V)."""
     device = batch.attention_mask.device
     input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]
     position_ids = torch.tensor(positions, dtype=torch.long, device=device)[:, None]
     batch.attention_mask = F.pad(batch.attention_mask, (0, 1), value=1)
-    return _forward(model, input_ids, batch.attention_mask, position_ids, batch.cache, adapter_names)
+    return _forward(model, input_ids, batch.attention_mask, position_ids, batch.cache)
 
 
 @torch.inference_mode()
-def _forward(model, input_ids, attention_mask, position_ids, cache, adapter_names) -> torch.Tensor:
-    kwargs = {"adapter_names": adapter_names} if adapter_names is not None else {}
+def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -105,6 +100,5 @@ def _forward(model, input_ids, attention_mask, position_ids, cache, adapter_name
         cache=cache,
         use_cache=True,
         logits_to_keep=1,
-        **kwargs,
     )
     return out.logits[:, -1, :]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from services.llm import metrics
-from services.llm.adapters import BASE, LoraAdapterCache
+from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import KVBatch, decode, prefill
 from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.params import SamplingConfig
@@ -159,10 +159,6 @@ class LLMEngine:
 
     # -- the engine thread -------------------------------------------------------------------------
 
-    @property
-    def model(self):
-        return self.adapters.model if self.adapters is not None else self._model
-
     def _loop(self) -> None:
         try:
             while True:
@@ -217,14 +213,14 @@ class LLMEngine:
             ready.append(seq)
         return ready
 
-    def _adapter_names(self, seqs: list[Sequence]) -> list[str] | None:
-        if self.adapters is None or not self.adapters.loaded:
-            return None
-        return [seq.adapter or BASE for seq in seqs]
+    def _select_adapters(self, seqs: list[Sequence]) -> None:
+        if self.adapters is not None:
+            self.adapters.set_rows([seq.adapter for seq in seqs])
 
     def _prefill(self, seqs: list[Sequence]) -> None:
-        device = self.model.device
-        batch, logits = prefill(self.model, [s.prompt_ids for s in seqs], self._adapter_names(seqs), self._pad_id)
+        device = self._model.device
+        self._select_adapters(seqs)
+        batch, logits = prefill(self._model, [s.prompt_ids for s in seqs], self._pad_id)
         for seq in seqs:
             seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer)
@@ -234,22 +230,17 @@ class LLMEngine:
         else:
             self._batch.extend(batch)
         self._running.extend(seqs)
-        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]), first_row=len(self._running) - len(seqs))
+        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]))
 
     def _decode(self) -> None:
         assert self._batch is not None
         seqs = self._running
         metrics.BATCH_SIZE.labels(self.model_name).observe(len(seqs))
-        logits = decode(
-            self.model,
-            self._batch,
-            [s.output_ids[-1] for s in seqs],
-            [s.position for s in seqs],
-            self._adapter_names(seqs),
-        )
-        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]), first_row=0)
+        self._select_adapters(seqs)
+        logits = decode(self._model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs])
+        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]))
 
-    def _accept(self, seqs: list[Sequence], tokens: list[int], first_row: int) -> None:
+    def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Hand each sequence its new token, then drop the finished from the running batch."""
         now = time.perf_counter()
         metrics.GENERATION_TOKENS.labels(self.model_name).inc(len(tokens))

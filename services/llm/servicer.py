@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -37,37 +39,56 @@ def sampling_from_proto(params: llm_pb2.SamplingParams) -> SamplingRequest:
     )
 
 
-class _EventQueue:
-    """Carries engine events from the engine thread into the RPC's event loop."""
+class _LoopBridge:
+    """Carries engine events from the engine thread into the server's event loop.
 
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+    One decode step finishes a token for every running sequence at once; the bridge hands them all over
+    with a single loop wake-up instead of one per sequence, which matters with many concurrent streams.
+    """
 
-    def put(self, event: GenerationEvent) -> None:  # engine thread
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, GenerationEvent]] = []
+
+    def put(self, queue: asyncio.Queue, event: GenerationEvent) -> None:  # engine thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a drain is already scheduled
         with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone, and so is the client
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._drain)
 
-    async def get(self) -> GenerationEvent:
-        return await self._queue.get()
+    def _drain(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     def __init__(self, host: ModelHost):
         self.host = host
+        self._bridge: _LoopBridge | None = None
+
+    def _events_bridge(self) -> _LoopBridge:
+        if self._bridge is None:  # made lazily: the servicer is built before the server's loop runs
+            self._bridge = _LoopBridge(asyncio.get_running_loop())
+        return self._bridge
 
     async def _generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationEvent]:
         served = self.host.get(request.model)
-        events = _EventQueue()
+        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+        bridge = self._events_bridge()
         remaining = context.time_remaining()
         seq = served.new_sequence(
             prompt=request.prompt,
             messages=[ChatTurn(m.role, m.content) for m in request.messages],
             adapter=request.adapter,
             sampling=sampling_from_proto(request.sampling),
-            on_event=events.put,
+            on_event=functools.partial(bridge.put, events),
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         served.engine.submit(seq)
