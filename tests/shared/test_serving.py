@@ -99,3 +99,52 @@ def test_api_key_is_required_except_for_health_and_reflection():
         assert SERVICE in [s.name for s in reply.list_services_response.service]
 
     with_service(Settings(api_key="s3cret"), body)
+
+
+def test_tls_serves_secure_channels(tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed, so no test certificate can be made")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+    async def main():
+        settings = Settings(tls_cert_file=cert, tls_key_file=key)
+        service = GrpcService(settings, ServerOptions(host="127.0.0.1"), [SERVICE])
+        await service.start()
+        await service.set_ready()
+        try:
+            credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+            async with grpc.aio.secure_channel(f"127.0.0.1:{service.port}", credentials) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        finally:
+            await service.server.stop(0)
+
+    asyncio.run(main())
