@@ -86,8 +86,11 @@ def main() -> int:
             env,
         )
         env["MODELWORKS_REDIS_URL"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
-    if settings.models_of_kind("llm"):
-        stack.start("llm", [sys.executable, "-m", "services.llm"], env)
+    served = []
+    for kind, section in (("llm", settings.llm), ("diffusion", settings.diffusion)):
+        if settings.models_of_kind(kind):
+            stack.start(kind, [sys.executable, "-m", f"services.{kind}"], env)
+            served.append(f"{kind} gRPC :{section.port} (metrics :{section.metrics_port})")
 
     stopping = False
 
@@ -97,7 +100,7 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    log.info(f"stack running: LLM gRPC on :{settings.llm.port}, metrics on :{settings.llm.metrics_port}; Ctrl-C stops")
+    log.info(f"stack running: {', '.join(served)}; Ctrl-C stops")
     exited = None
     while not stopping and exited is None:
         time.sleep(0.2)

@@ -59,6 +59,39 @@ def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
     return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
+@dataclass
+class LoadedDiffusionPipeline:
+    entry: ModelEntry
+    pipeline: Any  # diffusers StableDiffusionPipeline on `device`
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiffusionPipeline:
+    """A Stable Diffusion (1.x/2.x, Turbo) pipeline; img2img shares its components via `from_pipe`."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.disable_progress_bar()
+    location, kwargs = pretrained_location(entry, settings)
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry.dtype, device)
+    log.info("loading pipeline", extra={"model": entry.name, "source": entry.source, "device": str(device)})
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        location,
+        torch_dtype=dtype,
+        use_safetensors=True,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        **kwargs,
+    )
+    if device.type != "cpu":
+        pipeline.to(device)
+    pipeline.set_progress_bar_config(disable=True)
+    return LoadedDiffusionPipeline(entry=entry, pipeline=pipeline, device=device, dtype=dtype)
+
+
 def prepare(entry: ModelEntry, settings: Settings) -> str:
     """Make an entry's weights available locally: build a built-in, or download an hf: snapshot."""
     source = parse_source(entry.source)

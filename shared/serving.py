@@ -16,6 +16,7 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -111,3 +112,36 @@ class GrpcService:
         if on_shutdown is not None:
             await on_shutdown()
         log.info("stopped")
+
+
+class ModelHost(Protocol):
+    """What `serve_models` needs of a service's model host."""
+
+    def load_all(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+async def serve_models(
+    settings: Settings,
+    options: ServerOptions,
+    service_name: str,
+    host: ModelHost,
+    register: Callable[[grpc.aio.Server], None],
+) -> None:
+    """Serve a model-backed service: port up first (health NOT_SERVING), models loaded, then SERVING."""
+    service = GrpcService(settings, options, [service_name])
+    register(service.server)
+    await service.start()
+    try:
+        await asyncio.to_thread(host.load_all)
+    except BaseException:
+        await service.server.stop(0)
+        host.shutdown()
+        raise
+    await service.set_ready()
+
+    async def stop_engines() -> None:
+        await asyncio.to_thread(host.shutdown)
+
+    await service.wait_for_termination(on_shutdown=stop_engines)

@@ -33,6 +33,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DiffusionDefaults(_Section):
+    """What a diffusion request gets for the fields it leaves unset (unset here: the model's own)."""
+
+    width: int | None = Field(None, ge=8, multiple_of=8)
+    height: int | None = Field(None, ge=8, multiple_of=8)
+    steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(7.5, ge=0)
+    scheduler: str | None = Field(None, description="a scheduler name; unset: the checkpoint's own scheduler")
+
+
 class ModelEntry(_Section):
     """One served model: a name clients use, and where its weights come from."""
 
@@ -42,6 +52,7 @@ class ModelEntry(_Section):
     dtype: DTypeName = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = False
+    diffusion: DiffusionDefaults = DiffusionDefaults()
 
     @field_validator("name")
     @classmethod
@@ -62,6 +73,22 @@ class LLMSettings(_Section):
     adapter_cache_size: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (LRU)")
 
 
+class DiffusionSettings(_Section):
+    port: int = 50052
+    metrics_port: int = 9102
+    max_width: int = Field(1024, ge=8)
+    max_height: int = Field(1024, ge=8)
+    max_steps: int = Field(150, ge=1)
+    max_num_images: int = Field(8, ge=1, description="images one request may ask for")
+    max_batch_images: int = Field(8, ge=1, description="images run through the UNet together")
+    max_waiting_requests: int = Field(64, ge=1)
+    batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for compatible requests")
+    adapter_cache_size: int = Field(4, ge=1)
+    attention_slicing: bool = False
+    vae_tiling: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (GPU hosts; slow first request)")
+
+
 class Settings(_Section):
     data_dir: Path = Path("var")
     redis_url: str | None = None
@@ -77,6 +104,7 @@ class Settings(_Section):
     shutdown_grace_s: float = Field(10.0, ge=0)
     models: list[ModelEntry] = Field(default_factory=list)
     llm: LLMSettings = LLMSettings()
+    diffusion: DiffusionSettings = DiffusionSettings()
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:

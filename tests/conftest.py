@@ -13,7 +13,10 @@ import pytest
 
 from shared.launch import ServiceProcess, spawn_service
 
-TEST_MODELS = [{"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"}]
+TEST_MODELS = [
+    {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},
+    {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd", "diffusion": {"steps": 4}},
+]
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +26,7 @@ def data_dir(tmp_path_factory) -> Path:
 
     path = tmp_path_factory.mktemp("data")
     ensure_builtin("tiny-llm", path / "models")
+    ensure_builtin("tiny-sd", path / "models")
     return path
 
 
@@ -72,7 +76,7 @@ def adapters(settings) -> list[str]:
 
 def start_server(service: str, data_dir: Path, workdir: Path, env: dict[str, str] | None = None) -> ServiceProcess:
     config = {"data_dir": str(data_dir), "models": TEST_MODELS, "shutdown_grace_s": 5}
-    return spawn_service(service, workdir, config, env, timeout=120)
+    return spawn_service(service, workdir, config, env, timeout=180)
 
 
 def stop_server(server: ServiceProcess) -> int:
@@ -99,3 +103,55 @@ def llm_stub(llm_channel):
     from modelworks.llm.v1 import llm_pb2_grpc
 
     return llm_pb2_grpc.LLMServiceStub(llm_channel)
+
+
+def make_diffusion_adapter(settings, name: str, seed: int, base_model: str = "tiny-sd") -> None:
+    """Save a UNet LoRA (diffusers format) with random non-zero weights for tiny-sd into the adapter store."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from shared.adapters import AdapterInfo, AdapterStore
+    from shared.loaders import load_diffusion_pipeline
+
+    entry = next(m for m in settings.models if m.kind == "diffusion")
+    unet = load_diffusion_pipeline(entry, settings).pipeline.unet
+    torch.manual_seed(seed)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    unet.add_adapter(config)
+
+    def write(folder):
+        StableDiffusionPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=get_peft_model_state_dict(unet),
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            safe_serialization=True,
+        )
+
+    AdapterStore(settings.adapters_dir).save(AdapterInfo(name=name, kind="diffusion", base_model=base_model), write)
+
+
+@pytest.fixture(scope="session")
+def diffusion_adapters(settings) -> list[str]:
+    names = ["style-a", "style-b"]
+    for i, name in enumerate(names):
+        make_diffusion_adapter(settings, name, seed=200 + i)
+    return names
+
+
+@pytest.fixture(scope="session")
+def diffusion_server(data_dir, diffusion_adapters, tmp_path_factory) -> Iterator[ServiceProcess]:
+    server = start_server("diffusion", data_dir, tmp_path_factory.mktemp("diffusion-server"))
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def diffusion_stub(diffusion_server):
+    import grpc
+
+    from modelworks.diffusion.v1 import diffusion_pb2_grpc
+
+    with grpc.insecure_channel(diffusion_server.address) as channel:
+        yield diffusion_pb2_grpc.DiffusionServiceStub(channel)

@@ -35,14 +35,17 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def test_stack_starts_redis_and_llm_and_stops_cleanly(data_dir, tmp_path):
+def test_stack_starts_redis_llm_and_diffusion_and_stops_cleanly(data_dir, tmp_path):
     llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
+    diffusion_port, diffusion_metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "MODELWORKS_CONFIG": str(REPO_ROOT / "config" / "modelworks.yaml"),
         "MODELWORKS_DATA_DIR": str(data_dir),
         "MODELWORKS_LLM__PORT": str(llm_port),
         "MODELWORKS_LLM__METRICS_PORT": str(metrics_port),
+        "MODELWORKS_DIFFUSION__PORT": str(diffusion_port),
+        "MODELWORKS_DIFFUSION__METRICS_PORT": str(diffusion_metrics_port),
         "MODELWORKS_EMBEDDED_REDIS_PORT": str(redis_port),
         "MODELWORKS_SHUTDOWN_GRACE_S": "2",
     }
@@ -55,22 +58,21 @@ def test_stack_starts_redis_and_llm_and_stops_cleanly(data_dir, tmp_path):
         stderr=subprocess.STDOUT,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{llm_port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+        for port in (llm_port, diffusion_port):
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
 
-            def serving():
-                try:
-                    return (
-                        health.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                        == health_pb2.HealthCheckResponse.SERVING
-                    )
-                except grpc.RpcError:
-                    return False
+                def serving(health=health):
+                    try:
+                        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                        return reply.status == health_pb2.HealthCheckResponse.SERVING
+                    except grpc.RpcError:
+                        return False
 
-            wait_for(serving, 120, "the LLM service in the stack", interval=0.2)
+                wait_for(serving, 120, f"the service on port {port}", interval=0.2)
         assert redis.Redis(port=redis_port).ping()
         children = children_of(stack.pid)
-        assert len(children) == 2
+        assert len(children) == 3
         stack.send_signal(signal.SIGINT)
         assert stack.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "the stack left processes behind"

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -16,6 +14,7 @@ from services.llm.engine import FinishReason, GenerationEvent
 from services.llm.host import ModelHost
 from services.llm.params import SamplingRequest
 from services.llm.served import ChatTurn
+from shared.aiobridge import LoopBridge
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 
@@ -39,41 +38,14 @@ def sampling_from_proto(params: llm_pb2.SamplingParams) -> SamplingRequest:
     )
 
 
-class _LoopBridge:
-    """Carries engine events from the engine thread into the server's event loop.
-
-    One decode step finishes a token for every running sequence at once; the bridge hands them all over
-    with a single loop wake-up instead of one per sequence, which matters with many concurrent streams.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, GenerationEvent]] = []
-
-    def put(self, queue: asyncio.Queue, event: GenerationEvent) -> None:  # engine thread
-        with self._lock:
-            self._pending.append((queue, event))
-            if len(self._pending) > 1:
-                return  # a drain is already scheduled
-        with contextlib.suppress(RuntimeError):  # a closed loop: the server is gone, and so is the client
-            self._loop.call_soon_threadsafe(self._drain)
-
-    def _drain(self) -> None:
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for queue, event in pending:
-            queue.put_nowait(event)
-
-
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     def __init__(self, host: ModelHost):
         self.host = host
-        self._bridge: _LoopBridge | None = None
+        self._bridge: LoopBridge | None = None
 
-    def _events_bridge(self) -> _LoopBridge:
+    def _events_bridge(self) -> LoopBridge:
         if self._bridge is None:  # made lazily: the servicer is built before the server's loop runs
-            self._bridge = _LoopBridge(asyncio.get_running_loop())
+            self._bridge = LoopBridge(asyncio.get_running_loop())
         return self._bridge
 
     async def _generate(

@@ -17,6 +17,7 @@ from shared.errors import NotFound
 _BUILDERS = {
     "tiny-llm": "shared.builtin.tiny_llm",
     "llm-100m": "shared.builtin.tiny_llm",
+    "tiny-sd": "shared.builtin.tiny_sd",
 }
 
 

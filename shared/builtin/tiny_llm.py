@@ -7,13 +7,13 @@ Hugging Face format and loaded with `from_pretrained` like any checkpoint.
 
 from __future__ import annotations
 
-import sysconfig
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from shared.builtin.corpus import stdlib_corpus
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -57,15 +57,6 @@ VARIANTS: dict[str, tuple[int, dict]] = {
 }
 
 SEED = 1234
-_CORPUS_FILES = 400
-
-
-def _corpus() -> Iterator[str]:
-    """Text of the first stdlib modules in sorted order: the same on every machine with this Python."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in stdlib.glob("*.py"))[:_CORPUS_FILES]
-    for path in files:
-        yield path.read_text(encoding="utf-8", errors="replace")
 
 
 def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -78,7 +69,7 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(stdlib_corpus(), trainer=trainer)
     bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.Sequence(
         [

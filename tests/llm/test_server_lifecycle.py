@@ -8,7 +8,7 @@ import pytest
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 from shared.launch import wait_for
 from tests.conftest import start_server, stop_server
-from tests.llm.test_service import metric_value
+from tests.scrape import metric_value
 
 LONG = llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(max_new_tokens=1000, ignore_eos=True))
 

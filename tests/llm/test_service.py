@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import threading
-import urllib.request
 
 import grpc
 import pytest
@@ -13,6 +12,7 @@ from transformers import AutoTokenizer
 
 from modelworks.llm.v1 import llm_pb2
 from shared.builtin import builtin_dir
+from tests.scrape import metric_value
 
 SP = llm_pb2.SamplingParams
 
@@ -24,15 +24,6 @@ def request(prompt="def main():", **sampling):
 @pytest.fixture(scope="module")
 def tokenizer(data_dir):
     return AutoTokenizer.from_pretrained(builtin_dir("tiny-llm", data_dir / "models"))
-
-
-def metric_value(server, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    wanted = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    for line in text.splitlines():
-        if line.startswith(f"{name}{{") and all(part in line for part in wanted.split(",")):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name}{{{wanted}}} not exported")
 
 
 def test_health_is_serving(llm_channel):

@@ -1,0 +1,1 @@
+"""Diffusion sampling service: `modelworks.diffusion.v1.DiffusionService` on diffusers' pipelines."""

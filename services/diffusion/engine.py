@@ -1,0 +1,246 @@
+"""The diffusion engine: one thread per model that batches compatible requests into pipeline calls.
+
+Requests with the same size, steps, guidance, scheduler, adapter and mode (text- or image-to-image)
+run as one batch through diffusers' pipeline — prompts, negative prompts and per-image seeds stay each
+request's own (one `torch.Generator` per image). Each batch gets a fresh scheduler. A progress event
+goes to every request at every denoising step; if every request of a batch is cancelled, the pipeline
+is interrupted at the next step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from services.diffusion import metrics
+from services.diffusion.adapters import DiffusionAdapterCache
+from services.diffusion.images import encode_png, latent_preview_png
+from services.diffusion.params import ImageRequest
+from services.diffusion.schedulers import build_scheduler
+from shared.errors import ResourceExhausted, ServiceError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    png: bytes
+    seed: int
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ImageEvent:
+    """A progress step, the final images, or an error."""
+
+    step: int = 0
+    total_steps: int = 0
+    preview_png: bytes = b""
+    images: tuple[GeneratedImage, ...] | None = None
+    error: ServiceError | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.images is not None or self.error is not None
+
+
+@dataclass(eq=False)
+class ImageJob:
+    request: ImageRequest
+    on_event: Callable[[ImageEvent], None]
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class DiffusionEngine:
+    def __init__(
+        self,
+        pipeline,
+        *,
+        model_name: str,
+        adapters: DiffusionAdapterCache,
+        max_batch_images: int,
+        max_waiting: int,
+        batch_window_s: float,
+    ):
+        from diffusers import StableDiffusionImg2ImgPipeline
+
+        self.text2img = pipeline
+        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)  # shares the loaded components
+        self.img2img.set_progress_bar_config(disable=True)
+        self._scheduler_config = dict(pipeline.scheduler.config)
+        self._own_scheduler = type(pipeline.scheduler)
+        self.model_name = model_name
+        self.adapters = adapters
+        self._max_batch_images = max_batch_images
+        self._max_waiting = max_waiting
+        self._window = batch_window_s
+        self._waiting: deque[ImageJob] = deque()
+        self._wakeup = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- other threads ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name=f"diffusion-{self.model_name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: ImageJob) -> None:
+        with self._wakeup:
+            if self._stopping:
+                raise Unavailable("the server is shutting down; retry on another replica")
+            if len(self._waiting) >= self._max_waiting:
+                raise ResourceExhausted(
+                    f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "
+                    "retry later"
+                )
+            self._waiting.append(job)
+            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
+            self._wakeup.notify()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._wakeup:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
+            job.on_event(ImageEvent(error=Unavailable("the server is shutting down; retry on another replica")))
+
+    # -- the engine thread --------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._next_batch()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            except torch.OutOfMemoryError:
+                log.exception("out of device memory")
+                self._fail(
+                    batch, ResourceExhausted("the server ran out of GPU memory; ask for fewer or smaller images")
+                )
+            except ServiceError as exc:
+                self._fail(batch, exc)
+            except Exception:
+                log.exception("pipeline call failed")
+                self._fail(batch, ServiceError("image generation hit an internal error; the server logged it"))
+
+    def _next_batch(self) -> list[ImageJob] | None:
+        """The oldest job and every waiting job compatible with it, up to the image budget."""
+        with self._wakeup:
+            while not self._stopping and not self._waiting:
+                self._wakeup.wait()
+            if self._stopping:
+                return None
+            if self._window:  # concurrent requests arrive a few ms apart: let them meet in one batch
+                deadline = time.monotonic() + self._window
+                while (left := deadline - time.monotonic()) > 0 and not self._stopping:
+                    self._wakeup.wait(left)
+            first = self._waiting.popleft()
+            batch, images = [first], len(first.request.seeds)
+            key = first.request.batch_key()
+            for job in list(self._waiting):
+                size = len(job.request.seeds)
+                if job.request.batch_key() == key and images + size <= self._max_batch_images:
+                    self._waiting.remove(job)
+                    batch.append(job)
+                    images += size
+            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
+        return [job for job in batch if not job.cancelled] or self._next_batch()
+
+    def _run(self, jobs: list[ImageJob]) -> None:
+        started = time.perf_counter()
+        for job in jobs:
+            metrics.QUEUE_WAIT.labels(self.model_name).observe(started - job.arrival)
+        spec = jobs[0].request
+        self.adapters.activate(spec.adapter, spec.adapter_scale)
+        pipe = self.img2img if spec.init_image is not None else self.text2img
+        pipe.scheduler = (
+            build_scheduler(spec.scheduler, self._scheduler_config)
+            if spec.scheduler
+            else self._own_scheduler.from_config(self._scheduler_config)
+        )
+        prompts, negatives, generators, init_images = [], [], [], []
+        for job in jobs:
+            for seed in job.request.seeds:
+                prompts.append(job.request.prompt)
+                negatives.append(job.request.negative_prompt)
+                generators.append(torch.Generator("cpu").manual_seed(seed))
+                init_images.append(job.request.init_image)
+        metrics.BATCH_IMAGES.labels(self.model_name).observe(len(prompts))
+
+        def on_step(pipeline, index: int, timestep, tensors: dict) -> dict:
+            latents, row = tensors["latents"], 0
+            for job in jobs:
+                if not job.cancelled:
+                    preview = latent_preview_png(latents[row]) if job.request.preview else b""
+                    job.on_event(ImageEvent(step=index + 1, total_steps=pipeline.num_timesteps, preview_png=preview))
+                row += len(job.request.seeds)
+            metrics.DENOISING_STEPS.labels(self.model_name).inc()
+            if all(job.cancelled for job in jobs):
+                pipeline._interrupt = True  # diffusers' documented way to stop the loop from a callback
+            return {}
+
+        kwargs = dict(
+            prompt=prompts,
+            negative_prompt=negatives if any(negatives) else None,
+            num_inference_steps=spec.steps,
+            guidance_scale=spec.guidance_scale,
+            generator=generators,
+            output_type="pil",
+            callback_on_step_end=on_step,
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        if spec.init_image is not None:
+            kwargs |= dict(image=init_images, strength=spec.strength)
+        else:
+            kwargs |= dict(width=spec.width, height=spec.height)
+        with torch.inference_mode():
+            images = pipe(**kwargs).images
+        self._deliver(jobs, images)
+
+    def _deliver(self, jobs: list[ImageJob], images: list) -> None:
+        row = 0
+        for job in jobs:
+            spec = job.request
+            results = []
+            for seed in spec.seeds:
+                parameters = {
+                    "prompt": spec.prompt,
+                    "negative_prompt": spec.negative_prompt,
+                    "steps": spec.steps,
+                    "scheduler": spec.scheduler_label,
+                    "guidance_scale": spec.guidance_scale,
+                    "seed": seed,
+                    "width": spec.width,
+                    "height": spec.height,
+                    "model": self.model_name,
+                    "adapter": spec.adapter or "",
+                    "adapter_scale": spec.adapter_scale,
+                    "strength": spec.strength,
+                }
+                results.append(GeneratedImage(encode_png(images[row], parameters), seed, spec.width, spec.height))
+                row += 1
+            if not job.cancelled:
+                metrics.IMAGES.labels(self.model_name).inc(len(results))
+                metrics.REQUEST_LATENCY.labels(self.model_name).observe(time.perf_counter() - job.arrival)
+                job.on_event(ImageEvent(images=tuple(results)))
+
+    def _fail(self, jobs: list[ImageJob], error: ServiceError) -> None:
+        for job in jobs:
+            job.on_event(ImageEvent(error=error))

@@ -1,0 +1,155 @@
+"""Image requests as clients send them, and their validated, defaulted form."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from services.diffusion.images import decode_init_image
+from services.diffusion.schedulers import check_scheduler
+from shared.adapters import validate_adapter_name
+from shared.errors import InvalidArgument
+from shared.settings import DiffusionSettings
+
+DEFAULT_STRENGTH = 0.75
+MAX_ADAPTER_SCALE = 10.0
+
+
+@dataclass(frozen=True)
+class ImageSpec:
+    """Fields as received; zero or None means "the model's default"."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    width: int = 0
+    height: int = 0
+    steps: int = 0
+    guidance_scale: float | None = None
+    seed: int | None = None
+    num_images: int = 0
+    scheduler: str = ""
+    adapter: str = ""
+    adapter_scale: float | None = None
+    init_image: bytes = b""
+    strength: float | None = None
+    preview: bool = False
+
+
+@dataclass(frozen=True)
+class ModelDefaults:
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    scheduler: str  # the name reported in PNG metadata
+    scheduler_override: str | None  # None: the checkpoint's own scheduler
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """A validated request: everything the engine needs, nothing left to default."""
+
+    prompt: str
+    negative_prompt: str
+    width: int
+    height: int
+    steps: int
+    guidance_scale: float
+    seeds: tuple[int, ...]
+    scheduler: str | None  # a name from SCHEDULERS, or None for the checkpoint's own
+    scheduler_label: str
+    adapter: str | None
+    adapter_scale: float
+    init_image: Any | None  # PIL image, already at width x height
+    strength: float | None
+    preview: bool
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call (prompts and seeds may differ)."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.adapter,
+            self.adapter_scale,
+            self.init_image is not None,
+            self.strength,
+        )
+
+
+def _check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise InvalidArgument(f"{name} must be a finite number")
+
+
+def _check_size(name: str, value: int, maximum: int) -> None:
+    if value % 8 or value < 8:
+        raise InvalidArgument(f"{name} must be a positive multiple of 8, got {value}")
+    if value > maximum:
+        raise InvalidArgument(f"{name} is {value}; the maximum is {maximum}")
+
+
+def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionSettings) -> ImageRequest:
+    """Apply the model's defaults and check every field; each error says what is allowed."""
+    for name in ("guidance_scale", "adapter_scale", "strength"):
+        _check_finite(name, getattr(spec, name))
+    if spec.steps > limits.max_steps:
+        raise InvalidArgument(f"steps is {spec.steps}; the maximum is {limits.max_steps}")
+    if spec.num_images > limits.max_num_images:
+        raise InvalidArgument(f"num_images is {spec.num_images}; the maximum is {limits.max_num_images}")
+    if spec.guidance_scale is not None and spec.guidance_scale < 0:
+        raise InvalidArgument(f"guidance_scale must be >= 0 (0 turns guidance off), got {spec.guidance_scale:g}")
+    if spec.adapter_scale is not None and abs(spec.adapter_scale) > MAX_ADAPTER_SCALE:
+        raise InvalidArgument(f"adapter_scale must be within ±{MAX_ADAPTER_SCALE:g}, got {spec.adapter_scale:g}")
+    if spec.adapter_scale is not None and not spec.adapter:
+        raise InvalidArgument("adapter_scale is set but no adapter is named")
+    if spec.adapter:
+        validate_adapter_name(spec.adapter)
+    scheduler = check_scheduler(spec.scheduler) if spec.scheduler else defaults.scheduler_override
+    steps = spec.steps or defaults.steps
+
+    init_image, strength = None, None
+    if spec.init_image:
+        strength = DEFAULT_STRENGTH if spec.strength is None else spec.strength
+        if not 0 <= strength <= 1:
+            raise InvalidArgument(f"strength must be in [0, 1], got {strength:g}")
+        if int(steps * strength) < 1:
+            raise InvalidArgument(
+                f"strength {strength:g} x {steps} steps leaves no denoising step; raise strength or steps"
+            )
+        init_image = decode_init_image(spec.init_image)
+    elif spec.strength is not None:
+        raise InvalidArgument("strength applies to image-to-image only; send init_image with it")
+
+    if init_image is not None:  # unset sizes follow the init image (rounded down to a multiple of 8)
+        width = spec.width or max(8, init_image.width // 8 * 8)
+        height = spec.height or max(8, init_image.height // 8 * 8)
+    else:
+        width, height = spec.width or defaults.width, spec.height or defaults.height
+    _check_size("width", width, limits.max_width)
+    _check_size("height", height, limits.max_height)
+    if init_image is not None and init_image.size != (width, height):
+        init_image = init_image.resize((width, height))
+
+    count = spec.num_images or 1
+    base_seed = spec.seed if spec.seed is not None else secrets.randbits(32)
+    return ImageRequest(
+        prompt=spec.prompt,
+        negative_prompt=spec.negative_prompt,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=defaults.guidance_scale if spec.guidance_scale is None else spec.guidance_scale,
+        seeds=tuple((base_seed + i) % 2**64 for i in range(count)),
+        scheduler=scheduler,
+        scheduler_label=scheduler or defaults.scheduler,
+        adapter=spec.adapter or None,
+        adapter_scale=1.0 if spec.adapter_scale is None else spec.adapter_scale,
+        init_image=init_image,
+        strength=strength,
+        preview=spec.preview,
+    )

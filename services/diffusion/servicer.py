@@ -1,0 +1,105 @@
+"""gRPC servicer: translates `modelworks.diffusion.v1` messages to engine jobs and back."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator
+
+from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+from services.diffusion.engine import ImageEvent, ImageJob
+from services.diffusion.host import DiffusionHost
+from services.diffusion.params import ImageSpec
+from services.diffusion.schedulers import scheduler_names
+from shared.aiobridge import LoopBridge
+
+SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
+
+
+def _optional(message, name: str):
+    return getattr(message, name) if message.HasField(name) else None
+
+
+def spec_from_proto(request: diffusion_pb2.GenerateImagesRequest) -> ImageSpec:
+    return ImageSpec(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=_optional(request, "guidance_scale"),
+        seed=_optional(request, "seed"),
+        num_images=request.num_images,
+        scheduler=request.scheduler,
+        adapter=request.adapter,
+        adapter_scale=_optional(request, "adapter_scale"),
+        init_image=request.init_image,
+        strength=_optional(request, "strength"),
+        preview=request.preview,
+    )
+
+
+def _result(event: ImageEvent) -> diffusion_pb2.GenerateImagesResponse:
+    return diffusion_pb2.GenerateImagesResponse(
+        images=[diffusion_pb2.Image(png=i.png, seed=i.seed, width=i.width, height=i.height) for i in event.images]
+    )
+
+
+class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
+    def __init__(self, host: DiffusionHost):
+        self.host = host
+        self._bridge: LoopBridge | None = None
+
+    def _events_bridge(self) -> LoopBridge:
+        if self._bridge is None:
+            self._bridge = LoopBridge(asyncio.get_running_loop())
+        return self._bridge
+
+    async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
+        served, image_request = self.host.resolve(request.model, spec_from_proto(request))
+        events: asyncio.Queue[ImageEvent] = asyncio.Queue()
+        job = ImageJob(image_request, functools.partial(self._events_bridge().put, events))
+        served.engine.submit(job)
+        try:
+            while True:
+                event = await events.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.final:
+                    return
+        finally:
+            job.cancel()  # a gone client stops its batch at the next step once no one else needs it
+
+    async def GenerateImages(self, request, context):
+        async for event in self._generate(request, context):
+            if event.final:
+                return _result(event)
+
+    async def GenerateImagesStream(self, request, context):
+        async for event in self._generate(request, context):
+            if event.final:
+                yield diffusion_pb2.GenerateImagesEvent(result=_result(event))
+            else:
+                progress = diffusion_pb2.Progress(
+                    step=event.step, total_steps=event.total_steps, preview_png=event.preview_png
+                )
+                yield diffusion_pb2.GenerateImagesEvent(progress=progress)
+
+    async def ListModels(self, request, context):
+        default = self.host.registry.default_name
+        models = []
+        for entry, served in self.host.entries():
+            info = diffusion_pb2.ModelInfo(
+                name=entry.name, kind=entry.kind, source=entry.source, is_default=entry.name == default
+            )
+            if served is not None:
+                d = served.defaults
+                info.default_width, info.default_height, info.default_steps = d.width, d.height, d.steps
+                info.default_guidance_scale, info.default_scheduler = d.guidance_scale, d.scheduler
+                info.device, info.dtype = served.device, served.dtype
+            models.append(info)
+        return diffusion_pb2.ListModelsResponse(models=models)
+
+    async def ListSchedulers(self, request, context):
+        return diffusion_pb2.ListSchedulersResponse(names=scheduler_names())

@@ -1,0 +1,38 @@
+"""The command line every gRPC service shares: `python -m services.<name> [--port N] [--metrics-port N] ...`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from shared.logs import configure_logging
+from shared.serving import ServerOptions
+from shared.settings import Settings, load_settings
+
+
+def run_service(
+    name: str, description: str, serve: Callable[[Settings, ServerOptions], Awaitable[None]], argv=None
+) -> None:
+    """Parse arguments, build the settings once, and serve. Ports default to the config's `<name>` section."""
+    parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=description)
+    parser.add_argument(
+        "--config", type=Path, help="YAML config (default: $MODELWORKS_CONFIG or config/modelworks.yaml)"
+    )
+    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default from the config)")
+    parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables)")
+    parser.add_argument("--ready-file", type=Path, help="write the bound ports here as JSON once serving")
+    args = parser.parse_args(argv)
+
+    settings = load_settings(args.config)
+    configure_logging(name, settings.log_level, settings.log_format)
+    section = getattr(settings, name)
+    options = ServerOptions(
+        host=args.host,
+        port=section.port if args.port is None else args.port,
+        metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port,
+        ready_file=args.ready_file,
+    )
+    asyncio.run(serve(settings, options))

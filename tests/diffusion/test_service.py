@@ -1,0 +1,212 @@
+"""The diffusion service through a real gRPC channel to a real server process, on tiny-sd."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from modelworks.diffusion.v1 import diffusion_pb2 as pb
+from shared.launch import wait_for
+from tests.scrape import metric_value
+
+SCHEDULERS = ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "PNDM", "LMS", "Heun", "LCM"]
+
+
+def pixels(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def request(**fields) -> pb.GenerateImagesRequest:
+    return pb.GenerateImagesRequest(**({"prompt": "a red fox in the snow", "steps": 4} | fields))
+
+
+def test_lists_every_scheduler_and_the_model(diffusion_stub):
+    assert list(diffusion_stub.ListSchedulers(pb.ListSchedulersRequest()).names) == SCHEDULERS
+    (model,) = diffusion_stub.ListModels(pb.ListModelsRequest()).models
+    assert (model.name, model.default_width, model.default_height, model.default_steps) == ("tiny-sd", 64, 64, 4)
+    assert model.default_scheduler == "DDIM" and model.is_default
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
+def test_every_scheduler_produces_an_image_of_the_asked_size(diffusion_stub, scheduler):
+    (image,) = diffusion_stub.GenerateImages(request(scheduler=scheduler, width=48, height=64, seed=5)).images
+    assert Image.open(io.BytesIO(image.png)).size == (48, 64)
+    assert (image.width, image.height, image.seed) == (48, 64, 5)
+    assert f"Sampler: {scheduler}," in Image.open(io.BytesIO(image.png)).text["parameters"]
+
+
+def test_same_seed_same_pixels_and_another_seed_differs(diffusion_stub):
+    a = diffusion_stub.GenerateImages(request(seed=42, scheduler="Euler a")).images[0]
+    b = diffusion_stub.GenerateImages(request(seed=42, scheduler="Euler a")).images[0]
+    c = diffusion_stub.GenerateImages(request(seed=43, scheduler="Euler a")).images[0]
+    assert np.array_equal(pixels(a.png), pixels(b.png))
+    assert not np.array_equal(pixels(a.png), pixels(c.png))
+
+
+def test_unseeded_images_get_distinct_reported_seeds_that_reproduce_them_alone(diffusion_stub):
+    images = diffusion_stub.GenerateImages(request(num_images=3)).images
+    seeds = [i.seed for i in images]
+    assert len(set(seeds)) == 3
+    for image in images:
+        (alone,) = diffusion_stub.GenerateImages(request(seed=image.seed)).images
+        # a batch of 3 and a batch of 1 differ only in float rounding
+        assert np.abs(pixels(alone.png) - pixels(image.png)).max() <= 2
+
+
+def test_png_carries_the_generation_parameters(diffusion_stub, diffusion_adapters):
+    req = request(
+        negative_prompt="blurry",
+        seed=9,
+        guidance_scale=5.0,
+        scheduler="DPM++ 2M Karras",
+        adapter=diffusion_adapters[0],
+        adapter_scale=0.5,
+    )
+    png = Image.open(io.BytesIO(diffusion_stub.GenerateImages(req).images[0].png))
+    text = png.text["parameters"]
+    assert text.startswith("a red fox in the snow\nNegative prompt: blurry\n")
+    for part in (
+        "Steps: 4",
+        "Sampler: DPM++ 2M Karras",
+        "CFG scale: 5",
+        "Seed: 9",
+        "Size: 64x64",
+        "Model: tiny-sd",
+        f"Lora: {diffusion_adapters[0]}:0.5",
+    ):
+        assert part in text
+    assert json.loads(png.text["modelworks"])["seed"] == 9
+
+
+def test_stream_sends_one_progress_event_per_step_then_the_result(diffusion_stub):
+    events = list(diffusion_stub.GenerateImagesStream(request(steps=6, preview=True, seed=1)))
+    progress = [e.progress for e in events[:-1]]
+    assert [e.WhichOneof("event") for e in events] == ["progress"] * 6 + ["result"]
+    assert [p.step for p in progress] == [1, 2, 3, 4, 5, 6] and {p.total_steps for p in progress} == {6}
+    assert Image.open(io.BytesIO(progress[0].preview_png)).size == (32, 32)  # latent resolution
+    streamed = events[-1].result.images[0]
+    unary = diffusion_stub.GenerateImages(request(steps=6, seed=1)).images[0]
+    assert np.array_equal(pixels(streamed.png), pixels(unary.png))
+
+
+def test_image_to_image(diffusion_stub):
+    # tiny-sd's VAE is random, so outputs do not resemble their init image; what must hold is that the
+    # init image and the strength both shape the result, reproducibly, at the init image's size.
+    init = diffusion_stub.GenerateImages(request(seed=3, width=64, height=48)).images[0].png
+    other_init = diffusion_stub.GenerateImages(request(seed=8, width=64, height=48)).images[0].png
+
+    def img2img(image, strength):
+        return diffusion_stub.GenerateImages(request(init_image=image, strength=strength, seed=4, steps=10)).images[0]
+
+    light = img2img(init, 0.3)
+    assert (light.width, light.height) == (64, 48), "the size follows the init image"
+    assert np.array_equal(pixels(img2img(init, 0.3).png), pixels(light.png))
+    assert not np.array_equal(pixels(img2img(other_init, 0.3).png), pixels(light.png))
+    assert not np.array_equal(pixels(img2img(init, 0.9).png), pixels(light.png))
+    text2img = diffusion_stub.GenerateImages(request(seed=4, steps=10, width=64, height=48)).images[0]
+    assert not np.array_equal(pixels(text2img.png), pixels(light.png))
+
+
+def test_adapter_scale_zero_equals_the_base_model(diffusion_stub, diffusion_adapters):
+    base = pixels(diffusion_stub.GenerateImages(request(seed=11)).images[0].png)
+    off = diffusion_stub.GenerateImages(request(seed=11, adapter=diffusion_adapters[0], adapter_scale=0.0))
+    on = diffusion_stub.GenerateImages(request(seed=11, adapter=diffusion_adapters[0]))
+    other = diffusion_stub.GenerateImages(request(seed=11, adapter=diffusion_adapters[1]))
+    assert np.array_equal(pixels(off.images[0].png), base)
+    assert not np.array_equal(pixels(on.images[0].png), base), "the adapter must be active"
+    assert not np.array_equal(pixels(other.images[0].png), pixels(on.images[0].png))
+    assert np.array_equal(pixels(diffusion_stub.GenerateImages(request(seed=11)).images[0].png), base)
+
+
+def test_concurrent_compatible_requests_share_a_batch_and_keep_their_seeds(diffusion_stub, diffusion_server):
+    prompts = ["a cat", "a dog", "a boat", "a tree"]
+    solo = [
+        pixels(diffusion_stub.GenerateImages(request(prompt=p, seed=i)).images[0].png) for i, p in enumerate(prompts)
+    ]
+    before = metric_value(diffusion_server, "modelworks_diffusion_batch_images_sum", model="tiny-sd")
+    calls_before = metric_value(diffusion_server, "modelworks_diffusion_batch_images_count", model="tiny-sd")
+    results = [None] * 4
+
+    def call(i):
+        results[i] = diffusion_stub.GenerateImages(request(prompt=prompts[i], seed=i)).images[0]
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, image in enumerate(results):
+        assert image.seed == i
+        assert np.abs(pixels(image.png) - solo[i]).max() <= 2
+    images = metric_value(diffusion_server, "modelworks_diffusion_batch_images_sum", model="tiny-sd") - before
+    calls = metric_value(diffusion_server, "modelworks_diffusion_batch_images_count", model="tiny-sd") - calls_before
+    assert images == 4 and calls < 4, "at least two requests ran in one pipeline call"
+
+
+def test_a_cancelled_stream_stops_denoising(diffusion_stub, diffusion_server):
+    steps_before = metric_value(diffusion_server, "modelworks_diffusion_denoising_steps_total", model="tiny-sd")
+    stream = diffusion_stub.GenerateImagesStream(request(steps=150, seed=1))
+    next(stream)
+    stream.cancel()
+    diffusion_stub.GenerateImages(request(steps=1, seed=2))  # queued behind: runs once the cancelled one stopped
+    ran = metric_value(diffusion_server, "modelworks_diffusion_denoising_steps_total", model="tiny-sd") - steps_before
+    assert ran < 150
+
+
+BAD = {
+    "width not a multiple of 8": (request(width=50), grpc.StatusCode.INVALID_ARGUMENT, "multiple of 8"),
+    "height over the maximum": (request(height=4096), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 1024"),
+    "too many steps": (request(steps=151), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 150"),
+    "too many images": (request(num_images=9), grpc.StatusCode.INVALID_ARGUMENT, "num_images"),
+    "negative guidance": (request(guidance_scale=-1), grpc.StatusCode.INVALID_ARGUMENT, "guidance_scale must be >= 0"),
+    "strength above one": (request(init_image=b"\x89PNG", strength=1.5), grpc.StatusCode.INVALID_ARGUMENT, "strength"),
+    "strength without init image": (request(strength=0.5), grpc.StatusCode.INVALID_ARGUMENT, "init_image"),
+    "unknown scheduler": (request(scheduler="Euler b"), grpc.StatusCode.INVALID_ARGUMENT, "available: DDIM"),
+    "undecodable init image": (request(init_image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
+    "unknown model": (request(model="sdxl"), grpc.StatusCode.NOT_FOUND, "served diffusion models: tiny-sd"),
+    "unknown adapter": (request(adapter="no-such-style"), grpc.StatusCode.NOT_FOUND, "not found"),
+    "malformed adapter name": (request(adapter="../x"), grpc.StatusCode.INVALID_ARGUMENT, "adapter name"),
+    "an LLM adapter": (request(adapter="llm-lora"), grpc.StatusCode.FAILED_PRECONDITION, "not a diffusion adapter"),
+}
+
+
+@pytest.fixture(scope="module")
+def llm_adapter_in_store(settings):
+    from tests.conftest import make_lora_adapter
+
+    make_lora_adapter(settings, "llm-lora", seed=1)
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_gets_a_clear_status_and_the_server_stays_healthy(
+    diffusion_stub, diffusion_server, llm_adapter_in_store, case
+):
+    bad, code, message = BAD[case]
+    for call in (diffusion_stub.GenerateImages, lambda r: list(diffusion_stub.GenerateImagesStream(r))):
+        with pytest.raises(grpc.RpcError) as caught:
+            call(bad)
+        assert caught.value.code() == code
+        assert re.search(message, caught.value.details()), caught.value.details()
+    with grpc.insecure_channel(diffusion_server.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_metrics_are_exported(diffusion_stub, diffusion_server):
+    diffusion_stub.GenerateImages(request(steps=1))
+    assert metric_value(diffusion_server, "modelworks_diffusion_images_total", model="tiny-sd") >= 1
+    assert metric_value(diffusion_server, "modelworks_diffusion_request_latency_seconds_count", model="tiny-sd") >= 1
+    assert metric_value(diffusion_server, "modelworks_grpc_requests_total", method="GenerateImages", code="OK") >= 1
+    wait_for(
+        lambda: metric_value(diffusion_server, "modelworks_diffusion_num_requests_waiting", model="tiny-sd") == 0,
+        10,
+        "an empty queue",
+    )
