@@ -1,4 +1,4 @@
-"""`python -m bench [--data-dir DIR]`: run every benchmark and print its table."""
+"""`python -m bench [--only llm|diffusion] [--data-dir DIR]`: run the benchmarks and print their tables."""
 
 from __future__ import annotations
 
@@ -9,18 +9,24 @@ from pathlib import Path
 
 import torch
 
-from bench import llm
+from bench import diffusion, llm
+from bench.report import print_table
+
+BENCHMARKS = {"llm": ("LLM service", llm), "diffusion": ("Diffusion service", diffusion)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench"), help="built models and adapters go here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# ModelWorks benchmarks on {platform.node()}: {device}, torch {torch.__version__}\n")
-    print("## LLM service\n")
-    llm.print_table(llm.run(args.data_dir.resolve()))
+    for key in args.only or list(BENCHMARKS):
+        title, module = BENCHMARKS[key]
+        print(f"## {title}\n", flush=True)
+        print_table(module.run(args.data_dir.resolve()), module.NOTE)
 
 
 if __name__ == "__main__":

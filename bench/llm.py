@@ -12,14 +12,13 @@ Every request generates exactly NEW_TOKENS tokens (ignore_eos / min_new_tokens),
 from __future__ import annotations
 
 import asyncio
-import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import torch
 
+from bench.report import Row, percentile
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.launch import spawn_service
 from shared.loaders import load_causal_lm
@@ -39,15 +38,6 @@ PROMPTS = [
         ["def parse_config(path)", "class HTTPServer", "import json\n\ndef load", "# utilities"] * 4
     )
 ]
-
-
-@dataclass
-class Row:
-    model: str
-    measure: str
-    service: str
-    baseline: str
-    ratio: float
 
 
 def _sampling(pb2):
@@ -125,24 +115,6 @@ def make_adapters(settings: Settings, entry, names: list[str]) -> None:
         store.save(AdapterInfo(name=name, kind="llm", base_model=entry.name), peft_model.save_pretrained)
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def _row(
-    name: str, measure: str, pairs: list[tuple[float, float]], fmt: str, baseline_label: str, invert: bool = False
-) -> Row:
-    """Median service and baseline figures, and the median of the per-round ratios (robust to noise).
-
-    The ratio is service / baseline, or baseline / service with `invert` (a slowdown of throughputs).
-    """
-    service = statistics.median(p[0] for p in pairs)
-    baseline = statistics.median(p[1] for p in pairs)
-    ratio = statistics.median(p[1] / p[0] if invert else p[0] / p[1] for p in pairs)
-    return Row(name, measure, format(service, fmt), f"{format(baseline, fmt)} ({baseline_label})", ratio)
-
-
 def bench_model(entry, settings: Settings, address: str, pb2, pb2_grpc) -> list[Row]:
     """ROUNDS rounds; in each, every measurement runs right next to the baseline it is compared with."""
     name = entry.name
@@ -174,10 +146,10 @@ def bench_model(entry, settings: Settings, address: str, pb2, pb2_grpc) -> list[
                 single.append((elapsed, inprocess_one_at_a_time(loaded, PROMPTS[:1])[1][0]))
 
     rows = [
-        _row(name, f"(a) tokens/s, {c} concurrent streams", pairs, ",.0f", "generate, 1 at a time")
+        Row.of_pairs(name, f"(a) tokens/s, {c} concurrent streams", pairs, ",.0f", "generate, 1 at a time")
         for c, pairs in streams.items()
     ]
-    rows.append(_row(name, "(b) one request end to end, s", single, ".3f", "generate"))
+    rows.append(Row.of_pairs(name, "(b) one request end to end, s", single, ".3f", "generate"))
     p50, p95 = percentile(ttft_16, 0.5), percentile(ttft_16, 0.95)
     rows.append(
         Row(
@@ -189,7 +161,9 @@ def bench_model(entry, settings: Settings, address: str, pb2, pb2_grpc) -> list[
         )
     )
     rows.append(
-        _row(name, f"(d) tokens/s, 16 streams over {ADAPTERS} adapters", mixed, ",.0f", "16 streams, base", invert=True)
+        Row.of_pairs(
+            name, f"(d) tokens/s, 16 streams over {ADAPTERS} adapters", mixed, ",.0f", "16 streams, base", invert=True
+        )
     )
     return rows
 
@@ -216,16 +190,8 @@ def run(workdir: Path) -> list[Row]:
         server.stop()
 
 
-def print_table(rows: list[Row]) -> None:
-    headers = ("model", "measure", "service", "baseline", "ratio")
-    table = [headers] + [(r.model, r.measure, r.service, r.baseline, f"{r.ratio:.2f}x") for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
-    for i, row in enumerate(table):
-        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
-        if i == 0:
-            print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    print(
-        f"\nMedians of {ROUNDS} rounds; each ratio is the median of the per-round ratios. (a) service over"
-        " baseline, higher is better; (b) service time over in-process time, 1.00 = no overhead; (c) p95 over"
-        " p50; (d) base-model over mixed-adapter throughput, 1.00 = adapters cost nothing."
-    )
+NOTE = (
+    f"Medians of {ROUNDS} rounds; each ratio is the median of the per-round ratios. (a) service over"
+    " baseline, higher is better; (b) service time over in-process time, 1.00 = no overhead; (c) p95 over"
+    " p50; (d) base-model over mixed-adapter throughput, 1.00 = adapters cost nothing."
+)

@@ -79,7 +79,7 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     log.info("loading pipeline", extra={"model": entry.name, "source": entry.source, "device": str(device)})
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,
-        torch_dtype=dtype,
+        dtype=dtype,
         use_safetensors=True,
         safety_checker=None,
         feature_extractor=None,
@@ -98,6 +98,8 @@ def prepare(entry: ModelEntry, settings: Settings) -> str:
     if source.kind == "hf":
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(source.ref, revision=source.revision)
+        # configs, tokenizers and safetensors weights only: no pickled .bin/.ckpt duplicates
+        patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.safetensors"]
+        return snapshot_download(source.ref, revision=source.revision, allow_patterns=patterns)
     location, _ = pretrained_location(entry, settings)
     return location

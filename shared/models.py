@@ -16,10 +16,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.models", description=__doc__)
     parser.add_argument("command", choices=["prepare"])
     parser.add_argument("--only", nargs="*", help="model names (default: every configured model)")
+    parser.add_argument("--kind", choices=["llm", "diffusion"], help="only models of this kind")
     args = parser.parse_args(argv)
     settings = load_settings()
     for entry in settings.models:
-        if args.only and entry.name not in args.only:
+        if (args.only and entry.name not in args.only) or (args.kind and entry.kind != args.kind):
             continue
         print(f"{entry.name}: {prepare(entry, settings)}", flush=True)
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.diffusion.images import decode_init_image
-from services.diffusion.schedulers import check_scheduler
+from services.diffusion.schedulers import check_scheduler, check_steps
 from shared.adapters import validate_adapter_name
 from shared.errors import InvalidArgument
 from shared.settings import DiffusionSettings
@@ -111,6 +111,7 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         validate_adapter_name(spec.adapter)
     scheduler = check_scheduler(spec.scheduler) if spec.scheduler else defaults.scheduler_override
     steps = spec.steps or defaults.steps
+    check_steps(scheduler or defaults.scheduler, steps)
 
     init_image, strength = None, None
     if spec.init_image:

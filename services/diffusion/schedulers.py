@@ -34,6 +34,9 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "LCM": _factory("LCMScheduler"),
 }
 
+# PNDM starts with Runge-Kutta warm-up steps and cannot plan fewer than its order
+MIN_STEPS = {"PNDM": 4}
+
 # checkpoint scheduler class -> our name, to report a model's own scheduler
 _NAMES_BY_CLASS = {
     "DDIMScheduler": "DDIM",
@@ -64,6 +67,12 @@ def name_of(scheduler: Any) -> str:
     if class_name == "DPMSolverMultistepScheduler" and scheduler.config.get("use_karras_sigmas"):
         return "DPM++ 2M Karras"
     return _NAMES_BY_CLASS.get(class_name, class_name)
+
+
+def check_steps(name: str, steps: int) -> None:
+    minimum = MIN_STEPS.get(name, 1)
+    if steps < minimum:
+        raise InvalidArgument(f"the {name} scheduler needs at least {minimum} steps, got {steps}")
 
 
 def build_scheduler(name: str, config: dict) -> Any:

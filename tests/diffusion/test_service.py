@@ -170,6 +170,11 @@ BAD = {
     "strength above one": (request(init_image=b"\x89PNG", strength=1.5), grpc.StatusCode.INVALID_ARGUMENT, "strength"),
     "strength without init image": (request(strength=0.5), grpc.StatusCode.INVALID_ARGUMENT, "init_image"),
     "unknown scheduler": (request(scheduler="Euler b"), grpc.StatusCode.INVALID_ARGUMENT, "available: DDIM"),
+    "too few steps for PNDM": (
+        request(scheduler="PNDM", steps=2),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "at least 4 steps",
+    ),
     "undecodable init image": (request(init_image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
     "unknown model": (request(model="sdxl"), grpc.StatusCode.NOT_FOUND, "served diffusion models: tiny-sd"),
     "unknown adapter": (request(adapter="no-such-style"), grpc.StatusCode.NOT_FOUND, "not found"),

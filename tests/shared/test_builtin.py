@@ -28,3 +28,19 @@ def test_builds_are_deterministic(data_dir, tmp_path):
     second = ensure_builtin("tiny-llm", tmp_path / "models")
     assert digest(first / "model.safetensors") == digest(second / "model.safetensors")
     assert digest(first / "tokenizer.json") == digest(second / "tokenizer.json")
+
+
+def test_tiny_sd_is_a_real_diffusers_pipeline_folder(data_dir):
+    from diffusers import StableDiffusionPipeline
+
+    folder = ensure_builtin("tiny-sd", data_dir / "models")
+    assert {"model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler"} <= {
+        p.name for p in folder.iterdir()
+    }
+    assert not list(folder.rglob("*.bin")), "weights must be safetensors only"
+    pipe = StableDiffusionPipeline.from_pretrained(
+        folder, use_safetensors=True, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    ids = pipe.tokenizer("a photo of an astronaut riding a horse")["input_ids"]
+    assert pipe.tokenizer.unk_token_id not in ids[1:-1], "every word maps to real tokens"
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
