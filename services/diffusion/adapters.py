@@ -52,6 +52,15 @@ class DiffusionAdapterCache:
     def loaded(self) -> list[str]:
         return list(self._loaded)
 
+    def _discard(self, name: str) -> None:
+        """Remove whatever a failed load registered, so the name is free and nothing half-loaded stays on."""
+        try:
+            self._pipeline.delete_adapters([name])
+        except Exception:  # nothing was registered under that name
+            log.debug("nothing to discard", extra={"adapter": name})
+        if not self._loaded:
+            self._pipeline.disable_lora()
+
     def activate(self, name: str | None, scale: float) -> None:
         """Make the next pipeline call use adapter `name` at `scale` (None: the base model)."""
         if name is None:
@@ -66,18 +75,19 @@ class DiffusionAdapterCache:
 
     def _load(self, name: str) -> None:
         self.resolve(name)
-        while len(self._loaded) >= self._capacity:
+        try:
+            self._pipeline.load_lora_weights(str(self._store.path(name)), adapter_name=name)
+        except Exception as exc:
+            self._discard(name)
+            raise FailedPrecondition(f"adapter {name!r} could not be loaded into {self._model_name!r}: {exc}") from exc
+        if _injected_layers(self._pipeline, name) == 0:
+            self._discard(name)
+            raise FailedPrecondition(f"adapter {name!r} matched no layer of {self._model_name!r}")
+        self._loaded[name] = None
+        while len(self._loaded) > self._capacity:  # evict only once the new one is in
             evicted, _ = self._loaded.popitem(last=False)
             self._pipeline.delete_adapters([evicted])
             metrics.ADAPTER_EVICTIONS.labels(self._model_name).inc()
             log.info("adapter evicted", extra={"adapter": evicted, "model": self._model_name})
-        try:
-            self._pipeline.load_lora_weights(str(self._store.path(name)), adapter_name=name)
-        except Exception as exc:
-            raise FailedPrecondition(f"adapter {name!r} could not be loaded into {self._model_name!r}: {exc}") from exc
-        if _injected_layers(self._pipeline, name) == 0:
-            self._pipeline.delete_adapters([name])
-            raise FailedPrecondition(f"adapter {name!r} matched no layer of {self._model_name!r}")
-        self._loaded[name] = None
         metrics.ADAPTER_LOADS.labels(self._model_name).inc()
         log.info("adapter loaded", extra={"adapter": name, "model": self._model_name})

@@ -100,6 +100,8 @@ class DiffusionEngine:
         with self._wakeup:
             if self._stopping:
                 raise Unavailable("the server is shutting down; retry on another replica")
+            if len(self._waiting) >= self._max_waiting:  # gone clients do not hold queue slots
+                self._waiting = deque(j for j in self._waiting if not j.cancelled)
             if len(self._waiting) >= self._max_waiting:
                 raise ResourceExhausted(
                     f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "

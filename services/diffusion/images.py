@@ -21,7 +21,7 @@ _LATENT_RGB = torch.tensor(
 def decode_init_image(data: bytes) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
-        if image.format not in ("PNG", "JPEG"):
+        if image.format not in ("PNG", "JPEG", "MPO"):  # MPO: multi-picture JPEGs from phone cameras
             raise InvalidArgument(f"init_image must be PNG or JPEG, got {image.format}")
         if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
             raise InvalidArgument(f"init_image is {image.width}x{image.height}; at most 4096x4096 is accepted")

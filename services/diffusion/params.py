@@ -111,7 +111,7 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         validate_adapter_name(spec.adapter)
     scheduler = check_scheduler(spec.scheduler) if spec.scheduler else defaults.scheduler_override
     steps = spec.steps or defaults.steps
-    check_steps(scheduler or defaults.scheduler, steps)
+    check_steps(scheduler or defaults.scheduler, steps, spec.strength if spec.init_image else None)
 
     init_image, strength = None, None
     if spec.init_image:

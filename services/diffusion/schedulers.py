@@ -69,10 +69,18 @@ def name_of(scheduler: Any) -> str:
     return _NAMES_BY_CLASS.get(class_name, class_name)
 
 
-def check_steps(name: str, steps: int) -> None:
+# LCM plans its steps within the schedule it was distilled on (`original_inference_steps`, 50)
+LCM_MAX_STEPS = 50
+
+
+def check_steps(name: str, steps: int, strength: float | None = None) -> None:
+    """Refuse step counts a scheduler cannot plan (it would fail mid-request otherwise)."""
     minimum = MIN_STEPS.get(name, 1)
     if steps < minimum:
         raise InvalidArgument(f"the {name} scheduler needs at least {minimum} steps, got {steps}")
+    if name == "LCM" and steps > int(LCM_MAX_STEPS * (strength or 1.0)):
+        limit = int(LCM_MAX_STEPS * (strength or 1.0))
+        raise InvalidArgument(f"the LCM scheduler allows at most {limit} steps here, got {steps}")
 
 
 def build_scheduler(name: str, config: dict) -> Any:

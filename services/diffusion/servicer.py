@@ -56,7 +56,8 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
         return self._bridge
 
     async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
-        served, image_request = self.host.resolve(request.model, spec_from_proto(request))
+        # decoding and resizing an init image must not stall the event loop
+        served, image_request = await asyncio.to_thread(self.host.resolve, request.model, spec_from_proto(request))
         events: asyncio.Queue[ImageEvent] = asyncio.Queue()
         job = ImageJob(image_request, functools.partial(self._events_bridge().put, events))
         served.engine.submit(job)

@@ -14,8 +14,9 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 
-def _check_supported(cache: DynamicCache) -> None:
-    for layer in cache.layers:
+def check_cache_support(model) -> None:
+    """Refuse, at load time, models whose cache layers this batch cannot merge (e.g. sliding windows)."""
+    for layer in DynamicCache(config=model.config).layers:
         if type(layer) is not DynamicLayer:
             raise NotImplementedError(
                 f"continuous batching supports full-attention KV caches only, not {type(layer).__name__}"
@@ -78,7 +79,6 @@ def prefill(model, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torc
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     logits = _forward(model, input_ids, attention_mask, position_ids, cache)
-    _check_supported(cache)
     return KVBatch(cache, attention_mask), logits
 
 

@@ -131,6 +131,8 @@ class LLMEngine:
         with self._wakeup:
             if self._stopping:
                 raise Unavailable("the server is shutting down; retry on another replica")
+            if len(self._waiting) >= self._max_waiting:  # gone clients do not hold queue slots
+                self._waiting = deque(s for s in self._waiting if not s.cancelled)
             if len(self._waiting) >= self._max_waiting:
                 raise ResourceExhausted(
                     f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "
@@ -147,6 +149,9 @@ class LLMEngine:
             self._wakeup.notify()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("the engine did not stop within %.0f s", timeout)
+                return  # its loop fails what is left when it stops; never race it for the same state
         self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
 
     @property
@@ -168,13 +173,19 @@ class LLMEngine:
                     if self._stopping:
                         break
                 self._step()
+        except BaseException:
+            log.exception("the engine loop died; the model refuses new requests")
+            raise
         finally:
+            with self._wakeup:
+                self._stopping = True  # nothing would serve new submissions any more
             self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
 
     def _step(self) -> None:
-        self._drop_abandoned()
-        admitted = self._take_admissible()
+        admitted: list[Sequence] = []
         try:
+            self._drop_abandoned()
+            admitted = self._take_admissible()
             if admitted:
                 self._prefill(admitted)
             if self._running:

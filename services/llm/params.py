@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from shared.errors import InvalidArgument
 
 MAX_STOP_STRINGS = 16
+GREEDY_BELOW = 1e-5  # temperatures this small are greedy decoding (and would overflow the logits)
+REPETITION_PENALTY_RANGE = (0.01, 100.0)
 MAX_STOP_LENGTH = 256
 
 
@@ -64,6 +66,11 @@ def resolve_sampling(req: SamplingRequest, prompt_tokens: int, limits: Limits) -
         raise InvalidArgument(f"top_p must be in (0, 1] (1 turns it off), got {top_p:g}")
     if repetition_penalty <= 0:
         raise InvalidArgument(f"repetition_penalty must be > 0 (1 turns it off), got {repetition_penalty:g}")
+    low, high = REPETITION_PENALTY_RANGE
+    if not low <= repetition_penalty <= high:
+        raise InvalidArgument(
+            f"repetition_penalty must be in [{low:g}, {high:g}] (1 turns it off), got {repetition_penalty:g}"
+        )
     if len(req.stop) > MAX_STOP_STRINGS:
         raise InvalidArgument(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(req.stop)}")
     if any(not s or len(s) > MAX_STOP_LENGTH for s in req.stop):
@@ -84,7 +91,7 @@ def resolve_sampling(req: SamplingRequest, prompt_tokens: int, limits: Limits) -
     max_new_tokens = req.max_new_tokens or min(limits.default_max_new_tokens, room)
     return SamplingConfig(
         max_new_tokens=max_new_tokens,
-        temperature=req.temperature,
+        temperature=0.0 if req.temperature < GREEDY_BELOW else req.temperature,
         top_p=top_p,
         top_k=req.top_k,
         repetition_penalty=repetition_penalty,

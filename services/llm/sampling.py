@@ -83,7 +83,10 @@ def next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
         else:
             order = None
         probs = scaled.softmax(-1)
+        usable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
         for j, i in enumerate(sampled):
+            if not usable[j]:  # overflowed logits (extreme parameters): fall back to greedy for this row
+                continue
             pick = torch.multinomial(probs[j], 1, generator=rows[i].generator)
             chosen[i] = order[j, pick] if order is not None else pick
     return chosen.tolist()

@@ -6,6 +6,7 @@ import threading
 from dataclasses import dataclass
 
 from services.llm.adapters import LoraAdapterCache
+from services.llm.batch import check_cache_support
 from services.llm.engine import LLMEngine, Sequence, eos_token_ids
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from shared.adapters import AdapterStore, validate_adapter_name
@@ -34,6 +35,7 @@ def context_length(model, tokenizer) -> int:
 class ServedLLM:
     def __init__(self, loaded: LoadedCausalLM, settings: LLMSettings, store: AdapterStore):
         self.entry = loaded.entry
+        check_cache_support(loaded.model)
         self.device = loaded.device
         self.dtype = dtype_name(loaded.dtype)
         self.tokenizer = loaded.tokenizer

@@ -55,7 +55,8 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         bridge = self._events_bridge()
         remaining = context.time_remaining()
-        seq = served.new_sequence(
+        seq = await asyncio.to_thread(  # tokenizing a long prompt must not stall the event loop
+            served.new_sequence,
             prompt=request.prompt,
             messages=[ChatTurn(m.role, m.content) for m in request.messages],
             adapter=request.adapter,
@@ -100,7 +101,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 
     async def Tokenize(self, request, context):
         served = self.host.get(request.model)
-        return llm_pb2.TokenizeResponse(ids=served.encode_prompt(request.text))
+        return llm_pb2.TokenizeResponse(ids=await asyncio.to_thread(served.encode_prompt, request.text))
 
     async def ListModels(self, request, context):
         default = self.host.registry.default_name

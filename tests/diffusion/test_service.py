@@ -175,6 +175,7 @@ BAD = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "at least 4 steps",
     ),
+    "too many steps for LCM": (request(scheduler="LCM", steps=60), grpc.StatusCode.INVALID_ARGUMENT, "at most 50"),
     "undecodable init image": (request(init_image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
     "unknown model": (request(model="sdxl"), grpc.StatusCode.NOT_FOUND, "served diffusion models: tiny-sd"),
     "unknown adapter": (request(adapter="no-such-style"), grpc.StatusCode.NOT_FOUND, "not found"),

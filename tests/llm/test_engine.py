@@ -226,3 +226,47 @@ def test_shutdown_fails_waiting_sequences_with_unavailable(loaded, settings):
     assert isinstance(final.error, Unavailable)
     with pytest.raises(Unavailable):
         engine.submit(Sequence([1, 2, 3], SamplingConfig(max_new_tokens=4), Collector()))
+
+
+def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine, loaded):
+    from services.llm.params import Limits, SamplingRequest, resolve_sampling
+
+    limits = Limits(default_max_new_tokens=16, max_new_tokens_limit=64, context_length=1024)
+    config = resolve_sampling(SamplingRequest(temperature=1e-39, max_new_tokens=12, ignore_eos=True), 5, limits)
+    assert config.greedy
+    neighbour = Collector()
+    engine.submit(Sequence(encode(loaded, PROMPTS[1]), SamplingConfig(max_new_tokens=12, ignore_eos=True), neighbour))
+    collector = Collector()
+    engine.submit(Sequence(encode(loaded, PROMPTS[0]), config, collector))
+    text, final = collector.wait()
+    assert final.error is None and text == hf_greedy(loaded, PROMPTS[0], 12)
+    assert neighbour.wait()[1].error is None
+
+
+def test_overflowing_logits_fall_back_to_greedy_for_that_row_only():
+    from services.llm.sampling import RowSampler, next_tokens
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 0.2]])
+    hot = RowSampler.create(SamplingConfig(max_new_tokens=1, temperature=1e-39, seed=1), [0], torch.device("cpu"))
+    fine = RowSampler.create(SamplingConfig(max_new_tokens=1, temperature=1.0, seed=1), [0], torch.device("cpu"))
+    assert next_tokens(logits, [hot, fine])[0] == 1
+
+
+def test_an_internal_error_fails_only_its_batch_and_the_engine_goes_on(engine, loaded):
+    broken = Collector()
+    engine.submit(Sequence([1, 10**9], SamplingConfig(max_new_tokens=4), broken))  # no such token id
+    _, final = broken.wait()
+    assert final.error is not None and final.error.code == "INTERNAL"
+    assert "Traceback" not in final.error.message
+    _, final = run(engine, loaded, PROMPTS[0], max_new_tokens=4)
+    assert final.error is None and final.completion_tokens == 4
+
+
+def test_cancelled_requests_do_not_hold_queue_slots(loaded, settings):
+    engine = make_engine(loaded, settings, max_waiting=2)  # not started: nothing leaves the queue
+    queued = [Sequence([1, 2], SamplingConfig(max_new_tokens=4), Collector()) for _ in range(2)]
+    for seq in queued:
+        engine.submit(seq)
+        seq.cancel()
+    engine.submit(Sequence([1, 2], SamplingConfig(max_new_tokens=4), Collector()))
+    assert engine.num_waiting == 1

@@ -122,6 +122,11 @@ BAD_REQUESTS = {
         "repetition_penalty",
     ),
     "repetition penalty negative": (request(repetition_penalty=-1), grpc.StatusCode.INVALID_ARGUMENT, "> 0"),
+    "repetition penalty vanishing": (
+        request(repetition_penalty=1e-30),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"in \[0.01, 100\]",
+    ),
     "max_new_tokens over the limit": (
         request(max_new_tokens=100_000),
         grpc.StatusCode.INVALID_ARGUMENT,
