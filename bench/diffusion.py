@@ -21,7 +21,7 @@ from shared.settings import Settings
 MODEL = {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd"}
 STEPS = 20
 GUIDANCE = 7.5
-ROUNDS = 3
+ROUNDS = 5
 PROMPTS = ["a lighthouse at dusk", "a bowl of ramen", "a fox in the snow", "a city street in the rain"]
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shared.errors import AlreadyExists, InvalidArgument, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 
 METADATA_FILE = "modelworks.json"
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
@@ -56,6 +56,18 @@ class AdapterStore:
         except FileNotFoundError:
             raise NotFound(f"adapter {name!r} not found in the adapter store") from None
         return AdapterInfo(name=name, **{k: v for k, v in meta.items() if k in AdapterInfo.__dataclass_fields__})
+
+    def get_for(self, name: str, kind: str, base_model_names: tuple[str, ...]) -> AdapterInfo:
+        """The adapter's metadata, checked to be of `kind` and trained on one of `base_model_names`."""
+        info = self.get(name)
+        if info.kind != kind:
+            raise FailedPrecondition(f"adapter {name!r} is for {info.kind} models, not {kind} models")
+        if info.base_model not in base_model_names:
+            raise FailedPrecondition(
+                f"adapter {name!r} was trained on base model {info.base_model!r}; "
+                f"use it with that model, not {base_model_names[0]!r}"
+            )
+        return info
 
     def list(self) -> list[AdapterInfo]:
         if not self.root.is_dir():

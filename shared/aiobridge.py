@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import threading
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 
 class LoopBridge:
@@ -33,3 +35,41 @@ class LoopBridge:
             pending, self._pending = self._pending, []
         for queue, item in pending:
             queue.put_nowait(item)
+
+
+class EngineEvent(Protocol):
+    error: Exception | None
+
+    @property
+    def final(self) -> bool: ...
+
+
+class EventRelay:
+    """Per servicer: hands each request a thread-safe event sink, then relays its events to the RPC.
+
+    The bridge is made on first use because the servicer is built before the server's loop runs.
+    """
+
+    def __init__(self) -> None:
+        self._bridge: LoopBridge | None = None
+
+    def sink(self) -> tuple[asyncio.Queue, Callable[[Any], None]]:
+        if self._bridge is None:
+            self._bridge = LoopBridge(asyncio.get_running_loop())
+        queue: asyncio.Queue = asyncio.Queue()
+        return queue, functools.partial(self._bridge.put, queue)
+
+    @staticmethod
+    async def follow(queue: asyncio.Queue, cancel: Callable[[], None]) -> AsyncIterator[Any]:
+        """Yield events up to the final one, raising an event's error; `cancel` runs however it ends
+        (a client that goes away frees its engine slot)."""
+        try:
+            while True:
+                event: EngineEvent = await queue.get()
+                if event.error is not None:
+                    raise event.error
+                yield event
+                if event.final:
+                    return
+        finally:
+            cancel()

@@ -38,15 +38,8 @@ class DiffusionAdapterCache:
         self._loaded: OrderedDict[str, None] = OrderedDict()
 
     def resolve(self, name: str) -> AdapterInfo:
-        info = self._store.get(name)
-        if info.kind != "diffusion":
-            raise FailedPrecondition(f"adapter {name!r} is a {info.kind} adapter, not a diffusion adapter")
-        if info.base_model not in (self._model_name, self._model_source):
-            raise FailedPrecondition(
-                f"adapter {name!r} was trained on base model {info.base_model!r}; "
-                f"use it with that model, not {self._model_name!r}"
-            )
-        return info
+        """Check that adapter `name` exists and fits this model (any thread)."""
+        return self._store.get_for(name, "diffusion", (self._model_name, self._model_source))
 
     @property
     def loaded(self) -> list[str]:

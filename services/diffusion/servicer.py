@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator
 
 from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
@@ -11,7 +10,7 @@ from services.diffusion.engine import ImageEvent, ImageJob
 from services.diffusion.host import DiffusionHost
 from services.diffusion.params import ImageSpec
 from services.diffusion.schedulers import scheduler_names
-from shared.aiobridge import LoopBridge
+from shared.aiobridge import EventRelay
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 
@@ -48,29 +47,16 @@ def _result(event: ImageEvent) -> diffusion_pb2.GenerateImagesResponse:
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
     def __init__(self, host: DiffusionHost):
         self.host = host
-        self._bridge: LoopBridge | None = None
-
-    def _events_bridge(self) -> LoopBridge:
-        if self._bridge is None:
-            self._bridge = LoopBridge(asyncio.get_running_loop())
-        return self._bridge
+        self._events = EventRelay()
 
     async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
         # decoding and resizing an init image must not stall the event loop
         served, image_request = await asyncio.to_thread(self.host.resolve, request.model, spec_from_proto(request))
-        events: asyncio.Queue[ImageEvent] = asyncio.Queue()
-        job = ImageJob(image_request, functools.partial(self._events_bridge().put, events))
+        events, sink = self._events.sink()
+        job = ImageJob(image_request, sink)
         served.engine.submit(job)
-        try:
-            while True:
-                event = await events.get()
-                if event.error is not None:
-                    raise event.error
-                yield event
-                if event.final:
-                    return
-        finally:
-            job.cancel()  # a gone client stops its batch at the next step once no one else needs it
+        async for event in self._events.follow(events, job.cancel):
+            yield event
 
     async def GenerateImages(self, request, context):
         async for event in self._generate(request, context):

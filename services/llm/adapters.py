@@ -31,15 +31,7 @@ class LoraAdapterCache:
 
     def resolve(self, name: str) -> AdapterInfo:
         """Check that adapter `name` exists and fits this model (any thread)."""
-        info = self._store.get(name)
-        if info.kind != "llm":
-            raise FailedPrecondition(f"adapter {name!r} is a {info.kind} adapter, not an LLM adapter")
-        if info.base_model not in (self._model_name, self._model_source):
-            raise FailedPrecondition(
-                f"adapter {name!r} was trained on base model {info.base_model!r}; "
-                f"use it with that model, not {self._model_name!r}"
-            )
-        return info
+        return self._store.get_for(name, "llm", (self._model_name, self._model_source))
 
     @property
     def loaded(self) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from collections.abc import AsyncIterator
 
@@ -14,7 +13,7 @@ from services.llm.engine import FinishReason, GenerationEvent
 from services.llm.host import ModelHost
 from services.llm.params import SamplingRequest
 from services.llm.served import ChatTurn
-from shared.aiobridge import LoopBridge
+from shared.aiobridge import EventRelay
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 
@@ -41,19 +40,13 @@ def sampling_from_proto(params: llm_pb2.SamplingParams) -> SamplingRequest:
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     def __init__(self, host: ModelHost):
         self.host = host
-        self._bridge: LoopBridge | None = None
-
-    def _events_bridge(self) -> LoopBridge:
-        if self._bridge is None:  # made lazily: the servicer is built before the server's loop runs
-            self._bridge = LoopBridge(asyncio.get_running_loop())
-        return self._bridge
+        self._events = EventRelay()
 
     async def _generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[GenerationEvent]:
         served = self.host.get(request.model)
-        events: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        bridge = self._events_bridge()
+        events, sink = self._events.sink()
         remaining = context.time_remaining()
         seq = await asyncio.to_thread(  # tokenizing a long prompt must not stall the event loop
             served.new_sequence,
@@ -61,20 +54,12 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             messages=[ChatTurn(m.role, m.content) for m in request.messages],
             adapter=request.adapter,
             sampling=sampling_from_proto(request.sampling),
-            on_event=functools.partial(bridge.put, events),
+            on_event=sink,
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         served.engine.submit(seq)
-        try:
-            while True:
-                event = await events.get()
-                if event.error is not None:
-                    raise event.error
-                yield event
-                if event.final:
-                    return
-        finally:
-            seq.cancel()  # a gone client frees its batch slot at the next step; no-op once finished
+        async for event in self._events.follow(events, seq.cancel):
+            yield event
 
     async def Generate(self, request, context):
         pieces = []

@@ -180,7 +180,7 @@ BAD = {
     "unknown model": (request(model="sdxl"), grpc.StatusCode.NOT_FOUND, "served diffusion models: tiny-sd"),
     "unknown adapter": (request(adapter="no-such-style"), grpc.StatusCode.NOT_FOUND, "not found"),
     "malformed adapter name": (request(adapter="../x"), grpc.StatusCode.INVALID_ARGUMENT, "adapter name"),
-    "an LLM adapter": (request(adapter="llm-lora"), grpc.StatusCode.FAILED_PRECONDITION, "not a diffusion adapter"),
+    "an LLM adapter": (request(adapter="llm-lora"), grpc.StatusCode.FAILED_PRECONDITION, "not diffusion models"),
 }
 
 
