@@ -217,7 +217,10 @@ class LLMEngine:
             if seq.adapter and self.adapters is not None:
                 try:
                     self.adapters.acquire(seq.adapter)
-                except ServiceError as exc:
+                except Exception as exc:  # this request's adapter, not the batch's problem
+                    if not isinstance(exc, ServiceError):
+                        log.exception("adapter load failed", extra={"adapter": seq.adapter})
+                        exc = ServiceError(f"adapter {seq.adapter!r} could not be loaded; the server logged why")
                     self._finish(seq, error=exc)
                     continue
                 seq.holds_adapter = True
