@@ -44,15 +44,21 @@ def pretrained_location(entry: ModelEntry, settings: Settings) -> tuple[str, dic
     return source.ref, kwargs
 
 
+def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any], torch.device, torch.dtype]:
+    """Where the weights are, how to read them, and the device and dtype they go to."""
+    location, kwargs = pretrained_location(entry, settings)
+    device = resolve_device(entry.device)
+    dtype = resolve_dtype(entry.dtype, device)
+    log.info("loading model", extra={"model": entry.name, "source": entry.source, "device": str(device)})
+    return location, kwargs, device, dtype
+
+
 def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    location, kwargs = pretrained_location(entry, settings)
-    device = resolve_device(entry.device)
-    dtype = resolve_dtype(entry.dtype, device)
-    log.info("loading model", extra={"model": entry.name, "source": entry.source, "device": str(device)})
+    location, kwargs, device, dtype = _placement(entry, settings)
     tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
     model.to(device).eval()
@@ -73,10 +79,7 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    location, kwargs = pretrained_location(entry, settings)
-    device = resolve_device(entry.device)
-    dtype = resolve_dtype(entry.dtype, device)
-    log.info("loading pipeline", extra={"model": entry.name, "source": entry.source, "device": str(device)})
+    location, kwargs, device, dtype = _placement(entry, settings)
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,
         dtype=dtype,
