@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -24,6 +23,7 @@ from services.diffusion.images import encode_png, latent_preview_png
 from services.diffusion.params import ImageRequest
 from services.diffusion.schedulers import build_scheduler
 from shared.errors import ResourceExhausted, ServiceError, Unavailable
+from shared.waiting import SHUTTING_DOWN, WaitingQueue
 
 log = logging.getLogger(__name__)
 
@@ -83,11 +83,10 @@ class DiffusionEngine:
         self.model_name = model_name
         self.adapters = adapters
         self._max_batch_images = max_batch_images
-        self._max_waiting = max_waiting
         self._window = batch_window_s
-        self._waiting: deque[ImageJob] = deque()
-        self._wakeup = threading.Condition()
-        self._stopping = False
+        self._waiting: WaitingQueue[ImageJob] = WaitingQueue(
+            model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
+        )
         self._thread: threading.Thread | None = None
 
     # -- other threads ------------------------------------------------------------------------------
@@ -97,30 +96,14 @@ class DiffusionEngine:
         self._thread.start()
 
     def submit(self, job: ImageJob) -> None:
-        with self._wakeup:
-            if self._stopping:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self._max_waiting:  # gone clients do not hold queue slots
-                self._waiting = deque(j for j in self._waiting if not j.cancelled)
-            if len(self._waiting) >= self._max_waiting:
-                raise ResourceExhausted(
-                    f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "
-                    "retry later"
-                )
-            self._waiting.append(job)
-            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
-            self._wakeup.notify()
+        self._waiting.put(job)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
+        self._waiting.close()
         if self._thread is not None:
             self._thread.join(timeout)
-        with self._wakeup:
-            waiting, self._waiting = list(self._waiting), deque()
-        for job in waiting:
-            job.on_event(ImageEvent(error=Unavailable("the server is shutting down; retry on another replica")))
+        for job in self._waiting.drain():
+            job.on_event(ImageEvent(error=Unavailable(SHUTTING_DOWN)))
 
     # -- the engine thread --------------------------------------------------------------------------
 
@@ -144,25 +127,26 @@ class DiffusionEngine:
 
     def _next_batch(self) -> list[ImageJob] | None:
         """The oldest job and every waiting job compatible with it, up to the image budget."""
-        with self._wakeup:
-            while not self._stopping and not self._waiting:
-                self._wakeup.wait()
-            if self._stopping:
+        waiting = self._waiting
+        with waiting.cond:
+            while not waiting.closed and not waiting.items:
+                waiting.cond.wait()
+            if waiting.closed:
                 return None
             if self._window:  # concurrent requests arrive a few ms apart: let them meet in one batch
                 deadline = time.monotonic() + self._window
-                while (left := deadline - time.monotonic()) > 0 and not self._stopping:
-                    self._wakeup.wait(left)
-            first = self._waiting.popleft()
+                while (left := deadline - time.monotonic()) > 0 and not waiting.closed:
+                    waiting.cond.wait(left)
+            first = waiting.items.popleft()
             batch, images = [first], len(first.request.seeds)
             key = first.request.batch_key()
-            for job in list(self._waiting):
+            for job in list(waiting.items):
                 size = len(job.request.seeds)
                 if job.request.batch_key() == key and images + size <= self._max_batch_images:
-                    self._waiting.remove(job)
+                    waiting.items.remove(job)
                     batch.append(job)
                     images += size
-            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
+            waiting.publish()
         return [job for job in batch if not job.cancelled] or self._next_batch()
 
     def _run(self, jobs: list[ImageJob]) -> None:

@@ -13,7 +13,6 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from services.llm.params import SamplingConfig
 from services.llm.sampling import RowSampler, next_tokens
 from services.llm.stop import StopStringMatcher
 from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
+from shared.waiting import SHUTTING_DOWN, WaitingQueue
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +111,13 @@ class LLMEngine:
         self._eos = eos_token_ids
         self._pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self._max_batch = max_batch_size
-        self._max_waiting = max_waiting
         self._max_prefill_tokens = max_prefill_tokens
         self.adapters = adapters
-        self._waiting: deque[Sequence] = deque()
-        self._wakeup = threading.Condition()
+        self._waiting: WaitingQueue[Sequence] = WaitingQueue(
+            model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
+        )
         self._running: list[Sequence] = []
         self._batch: KVBatch | None = None
-        self._stopping = False
         self._thread: threading.Thread | None = None
 
     # -- called from other threads ------------------------------------------------------------------
@@ -128,31 +127,17 @@ class LLMEngine:
         self._thread.start()
 
     def submit(self, seq: Sequence) -> None:
-        with self._wakeup:
-            if self._stopping:
-                raise Unavailable("the server is shutting down; retry on another replica")
-            if len(self._waiting) >= self._max_waiting:  # gone clients do not hold queue slots
-                self._waiting = deque(s for s in self._waiting if not s.cancelled)
-            if len(self._waiting) >= self._max_waiting:
-                raise ResourceExhausted(
-                    f"the queue of model {self.model_name!r} is full ({self._max_waiting} waiting requests); "
-                    "retry later"
-                )
-            self._waiting.append(seq)
-            metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
-            self._wakeup.notify()
+        self._waiting.put(seq)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; sequences still waiting or running end with UNAVAILABLE."""
-        with self._wakeup:
-            self._stopping = True
-            self._wakeup.notify()
+        self._waiting.close()
         if self._thread is not None:
             self._thread.join(timeout)
             if self._thread.is_alive():
                 log.warning("the engine did not stop within %.0f s", timeout)
                 return  # its loop fails what is left when it stops; never race it for the same state
-        self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
+        self._fail_all(Unavailable(SHUTTING_DOWN))
 
     @property
     def num_waiting(self) -> int:
@@ -167,19 +152,18 @@ class LLMEngine:
     def _loop(self) -> None:
         try:
             while True:
-                with self._wakeup:
-                    while not self._stopping and not self._waiting and not self._running:
-                        self._wakeup.wait()
-                    if self._stopping:
+                with self._waiting.cond:
+                    while not self._waiting.closed and not self._waiting.items and not self._running:
+                        self._waiting.cond.wait()
+                    if self._waiting.closed:
                         break
                 self._step()
         except BaseException:
             log.exception("the engine loop died; the model refuses new requests")
             raise
         finally:
-            with self._wakeup:
-                self._stopping = True  # nothing would serve new submissions any more
-            self._fail_all(Unavailable("the server is shutting down; retry on another replica"))
+            self._waiting.close()  # nothing would serve new submissions any more
+            self._fail_all(Unavailable(SHUTTING_DOWN))
 
     def _step(self) -> None:
         admitted: list[Sequence] = []
@@ -196,22 +180,23 @@ class LLMEngine:
         except Exception:
             log.exception("engine step failed; failing the batch")
             self._fail_batch(admitted, ServiceError("the engine hit an internal error; the server logged it"))
-        metrics.REQUESTS_WAITING.labels(self.model_name).set(len(self._waiting))
         metrics.REQUESTS_RUNNING.labels(self.model_name).set(len(self._running))
 
     def _take_admissible(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         budget = self._max_prefill_tokens
-        with self._wakeup:
-            while self._waiting and len(self._running) + len(admitted) < self._max_batch:
-                seq = self._waiting[0]
+        waiting = self._waiting
+        with waiting.cond:
+            while waiting.items and len(self._running) + len(admitted) < self._max_batch:
+                seq = waiting.items[0]
                 if admitted and len(seq.prompt_ids) > budget:
                     break  # next step; a lone long prompt is still admitted
-                self._waiting.popleft()
+                waiting.items.popleft()
                 if seq.cancelled:
                     continue
                 budget -= len(seq.prompt_ids)
                 admitted.append(seq)
+            waiting.publish()
         ready = []
         for seq in admitted:
             if seq.adapter and self.adapters is not None:
@@ -337,9 +322,7 @@ class LLMEngine:
         self._running, self._batch = [], None
 
     def _fail_all(self, error: ServiceError) -> None:
-        with self._wakeup:
-            waiting, self._waiting = list(self._waiting), deque()
-        for seq in [*self._running, *waiting]:
+        for seq in [*self._running, *self._waiting.drain()]:
             self._finish(seq, error=error)
         self._running, self._batch = [], None
 
