@@ -16,12 +16,12 @@ import signal
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.hosting import ModelHost
 from shared.interceptors import ServiceInterceptor
 from shared.metrics import start_metrics_server
 from shared.settings import Settings
@@ -112,14 +112,6 @@ class GrpcService:
         if on_shutdown is not None:
             await on_shutdown()
         log.info("stopped")
-
-
-class ModelHost(Protocol):
-    """What `serve_models` needs of a service's model host."""
-
-    def load_all(self) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 async def serve_models(

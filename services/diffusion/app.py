@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from modelworks.diffusion.v1 import diffusion_pb2_grpc
-from services.diffusion.host import DiffusionHost
+from services.diffusion.host import diffusion_host
 from services.diffusion.servicer import SERVICE_NAME, DiffusionServicer
 from shared.serving import ServerOptions, serve_models
 from shared.settings import Settings
 
 
 async def serve(settings: Settings, options: ServerOptions) -> None:
-    host = DiffusionHost(settings)
+    host = diffusion_host(settings)
     await serve_models(
         settings,
         options,

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from services.diffusion.engine import ImageEvent, ImageJob
-from services.diffusion.host import DiffusionHost
+from services.diffusion.host import ServedPipeline
 from services.diffusion.params import ImageSpec
 from services.diffusion.schedulers import scheduler_names
 from shared.aiobridge import EventRelay
+from shared.hosting import ModelHost
 
 SERVICE_NAME = diffusion_pb2.DESCRIPTOR.services_by_name["DiffusionService"].full_name
 
@@ -45,13 +46,14 @@ def _result(event: ImageEvent) -> diffusion_pb2.GenerateImagesResponse:
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
-    def __init__(self, host: DiffusionHost):
+    def __init__(self, host: ModelHost[ServedPipeline]):
         self.host = host
         self._events = EventRelay()
 
     async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
         # decoding and resizing an init image must not stall the event loop
-        served, image_request = await asyncio.to_thread(self.host.resolve, request.model, spec_from_proto(request))
+        served = self.host.get(request.model)
+        image_request = await asyncio.to_thread(served.resolve, spec_from_proto(request))
         events, sink = self._events.sink()
         job = ImageJob(image_request, sink)
         served.engine.submit(job)

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from modelworks.llm.v1 import llm_pb2_grpc
-from services.llm.host import ModelHost
+from services.llm.host import llm_host
 from services.llm.servicer import SERVICE_NAME, LLMServicer
 from shared.serving import ServerOptions, serve_models
 from shared.settings import Settings
 
 
 async def serve(settings: Settings, options: ServerOptions) -> None:
-    host = ModelHost(settings)
+    host = llm_host(settings)
     await serve_models(
         settings,
         options,

@@ -10,10 +10,10 @@ import grpc
 
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.llm.engine import FinishReason, GenerationEvent
-from services.llm.host import ModelHost
 from services.llm.params import SamplingRequest
-from services.llm.served import ChatTurn
+from services.llm.served import ChatTurn, ServedLLM
 from shared.aiobridge import EventRelay
+from shared.hosting import ModelHost
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
 
@@ -38,7 +38,7 @@ def sampling_from_proto(params: llm_pb2.SamplingParams) -> SamplingRequest:
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
-    def __init__(self, host: ModelHost):
+    def __init__(self, host: ModelHost[ServedLLM]):
         self.host = host
         self._events = EventRelay()
 
