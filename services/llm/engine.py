@@ -113,6 +113,7 @@ class LLMEngine:
         self._max_batch = max_batch_size
         self._max_prefill_tokens = max_prefill_tokens
         self.adapters = adapters
+        self._metrics = metrics.ModelMetrics(model_name)
         self._waiting: WaitingQueue[Sequence] = WaitingQueue(
             model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
         )
@@ -180,7 +181,7 @@ class LLMEngine:
         except Exception:
             log.exception("engine step failed; failing the batch")
             self._fail_batch(admitted, ServiceError("the engine hit an internal error; the server logged it"))
-        metrics.REQUESTS_RUNNING.labels(self.model_name).set(len(self._running))
+        self._metrics.requests_running.set(len(self._running))
 
     def _take_admissible(self) -> list[Sequence]:
         admitted: list[Sequence] = []
@@ -223,7 +224,7 @@ class LLMEngine:
         for seq in seqs:
             seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer)
-            metrics.PROMPT_TOKENS.labels(self.model_name).inc(len(seq.prompt_ids))
+            self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
         if self._batch is None:
             self._batch = batch
         else:
@@ -234,7 +235,7 @@ class LLMEngine:
     def _decode(self) -> None:
         assert self._batch is not None
         seqs = self._running
-        metrics.BATCH_SIZE.labels(self.model_name).observe(len(seqs))
+        self._metrics.batch_size.observe(len(seqs))
         self._select_adapters(seqs)
         logits = decode(self._model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs])
         self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]))
@@ -242,12 +243,12 @@ class LLMEngine:
     def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Hand each sequence its new token, then drop the finished from the running batch."""
         now = time.perf_counter()
-        metrics.GENERATION_TOKENS.labels(self.model_name).inc(len(tokens))
+        self._metrics.generation_tokens.inc(len(tokens))
         for seq, token in zip(seqs, tokens, strict=True):
             if seq.last_token_at is None:
-                metrics.TIME_TO_FIRST_TOKEN.labels(self.model_name).observe(now - seq.arrival)
+                self._metrics.time_to_first_token.observe(now - seq.arrival)
             else:
-                metrics.INTER_TOKEN_LATENCY.labels(self.model_name).observe(now - seq.last_token_at)
+                self._metrics.inter_token_latency.observe(now - seq.last_token_at)
             seq.last_token_at = now
             self._advance(seq, token)
         self._remove_finished()
@@ -280,7 +281,7 @@ class LLMEngine:
             else:
                 text += seq.stop_matcher.flush()
         if reason is not None:
-            metrics.E2E_LATENCY.labels(self.model_name).observe(time.perf_counter() - seq.arrival)
+            self._metrics.e2e_latency.observe(time.perf_counter() - seq.arrival)
             metrics.REQUESTS_FINISHED.labels(self.model_name, reason.value).inc()
         if seq.holds_adapter:
             self.adapters.release(seq.adapter)

@@ -33,3 +33,16 @@ BATCH_SIZE = Histogram(
 ADAPTER_LOADS = Counter("modelworks_llm_adapter_loads", "LoRA adapters loaded into memory", ["model"])
 ADAPTER_EVICTIONS = Counter("modelworks_llm_adapter_evictions", "LoRA adapters evicted from memory", ["model"])
 ADAPTERS_LOADED = Gauge("modelworks_llm_adapters_loaded", "LoRA adapters held in memory", ["model"])
+
+
+class ModelMetrics:
+    """The per-model children, looked up once: the decode loop records several samples per token."""
+
+    def __init__(self, model: str):
+        self.time_to_first_token = TIME_TO_FIRST_TOKEN.labels(model)
+        self.inter_token_latency = INTER_TOKEN_LATENCY.labels(model)
+        self.e2e_latency = E2E_LATENCY.labels(model)
+        self.prompt_tokens = PROMPT_TOKENS.labels(model)
+        self.generation_tokens = GENERATION_TOKENS.labels(model)
+        self.requests_running = REQUESTS_RUNNING.labels(model)
+        self.batch_size = BATCH_SIZE.labels(model)
