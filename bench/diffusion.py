@@ -14,9 +14,9 @@ import grpc
 import torch
 
 from bench.report import Row
-from shared.launch import spawn_service
 from shared.loaders import load_diffusion_pipeline
 from shared.settings import Settings
+from tests.harness import spawn_service
 
 MODEL = {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd"}
 STEPS = 20

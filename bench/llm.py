@@ -20,9 +20,9 @@ import torch
 
 from bench.report import Row, percentile
 from shared.adapters import AdapterInfo, AdapterStore
-from shared.launch import spawn_service
 from shared.loaders import load_causal_lm
 from shared.settings import Settings
+from tests.harness import spawn_service
 
 NEW_TOKENS = 64
 REQUESTS = 16

@@ -14,6 +14,7 @@ import re
 import shutil
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class AdapterInfo:
     job_id: str = ""
     created_at: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
+    # A new id each time an adapter is saved: a name deleted and saved again gets a new version, so the
+    # serving caches can tell a replaced adapter from the one they hold.
+    version: str = ""
 
 
 def validate_adapter_name(name: str) -> str:
@@ -52,10 +56,22 @@ class AdapterStore:
         """The adapter's metadata; NotFound when no complete adapter has that name."""
         meta_path = self.path(name) / METADATA_FILE
         try:
-            meta = json.loads(meta_path.read_text())
+            with meta_path.open("rb") as file:
+                meta = json.load(file)
+                identity = os.fstat(file.fileno())
         except FileNotFoundError:
             raise NotFound(f"adapter {name!r} not found in the adapter store") from None
-        return AdapterInfo(name=name, **{k: v for k, v in meta.items() if k in AdapterInfo.__dataclass_fields__})
+        except (OSError, ValueError):
+            raise FailedPrecondition(f"adapter {name!r} has unreadable metadata; save it again") from None
+        if not isinstance(meta, dict):
+            raise FailedPrecondition(f"adapter {name!r} has unreadable metadata; save it again")
+        fields = {k: v for k, v in meta.items() if k in AdapterInfo.__dataclass_fields__ and k != "name"}
+        if not fields.get("version"):  # written before versions existed: the file's identity stands in
+            fields["version"] = f"{identity.st_ino}-{identity.st_mtime_ns}"
+        try:
+            return AdapterInfo(name=name, **fields)
+        except TypeError:
+            raise FailedPrecondition(f"adapter {name!r} has unreadable metadata; save it again") from None
 
     def get_for(self, name: str, kind: str, base_model_names: tuple[str, ...]) -> AdapterInfo:
         """The adapter's metadata, checked to be of `kind` and trained on one of `base_model_names`."""
@@ -87,7 +103,7 @@ class AdapterStore:
         staging = Path(tempfile.mkdtemp(prefix=f".{info.name}-", dir=self.root))
         try:
             write(staging)
-            meta = asdict(info) | {"created_at": info.created_at or time.time()}
+            meta = asdict(info) | {"created_at": info.created_at or time.time(), "version": uuid.uuid4().hex}
             del meta["name"]
             (staging / METADATA_FILE).write_text(json.dumps(meta, indent=2))
             try:

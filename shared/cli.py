@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -13,14 +14,16 @@ from shared.settings import Settings, load_settings
 
 
 def run_service(
-    name: str, description: str, serve: Callable[[Settings, ServerOptions], Awaitable[None]], argv=None
+    name: str, description: str, serve: Callable[[Settings, ServerOptions], Awaitable[int]], argv=None
 ) -> None:
-    """Parse arguments, build the settings once, and serve. Ports default to the config's `<name>` section."""
+    """Parse arguments, build the settings once, serve, and exit with the service's exit code.
+
+    Ports default to the config's `<name>` section."""
     parser = argparse.ArgumentParser(prog=f"python -m services.{name}", description=description)
     parser.add_argument(
         "--config", type=Path, help="YAML config (default: $MODELWORKS_CONFIG or config/modelworks.yaml)"
     )
-    parser.add_argument("--host", default="0.0.0.0")
+    parser.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="interface to listen on")
     parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default from the config)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables)")
     parser.add_argument("--ready-file", type=Path, help="write the bound ports here as JSON once serving")
@@ -30,9 +33,9 @@ def run_service(
     configure_logging(name, settings.log_level, settings.log_format)
     section = getattr(settings, name)
     options = ServerOptions(
-        host=args.host,
+        bind_address=args.bind,
         port=section.port if args.port is None else args.port,
         metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port,
         ready_file=args.ready_file,
     )
-    asyncio.run(serve(settings, options))
+    sys.exit(asyncio.run(serve(settings, options)))

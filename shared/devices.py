@@ -29,3 +29,34 @@ def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
+
+
+# CUDA errors after which the context is unusable ("sticky"): every later call fails too, so the only
+# recovery is a new process. Out-of-memory is not among them: it fails one batch and the device lives on.
+_FATAL_DEVICE_ERRORS = (
+    "device-side assert triggered",
+    "an illegal memory access was encountered",
+    "unspecified launch failure",
+    "misaligned address",
+    "an illegal instruction was encountered",
+    "hardware stack error",
+    "uncorrectable ecc error",
+    "cublas_status_execution_failed",
+    "cudnn_status_execution_failed",
+    "nccl error",
+    "cuda driver error",
+    "device lost",
+)
+
+
+class FatalDeviceError(RuntimeError):
+    """The device is unusable after this error; the process must restart to serve again."""
+
+
+def is_fatal_device_error(exc: BaseException) -> bool:
+    if isinstance(exc, FatalDeviceError):
+        return True
+    if isinstance(exc, torch.OutOfMemoryError) or not isinstance(exc, RuntimeError):
+        return False
+    message = str(exc).lower()
+    return any(marker in message for marker in _FATAL_DEVICE_ERRORS)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Generic, Protocol, TypeVar
@@ -14,24 +15,38 @@ log = logging.getLogger(__name__)
 
 
 class Served(Protocol):
+    def start(self, on_death: Callable[[BaseException], None] | None = None) -> None: ...
+
     def shutdown(self) -> None: ...
 
 
 T = TypeVar("T", bound=Served)
 
+EngineDeath = Callable[[str, BaseException], None]  # (model name, why its engine stopped)
+
 
 class ModelHost(Generic[T]):
-    """`load(entry)` turns a configured model into a started, served one; the host owns them all."""
+    """`load(entry)` turns a configured model into a served one, which the host starts and owns.
+
+    `on_engine_death` (set by the server before `load_all`) hears of any engine that stops on its own.
+    """
 
     def __init__(self, settings: Settings, kind: ModelKind, load: Callable[[ModelEntry], T]):
         self.registry = ModelRegistry(settings.models, kind)
         self._load = load
         self._served: dict[str, T] = {}
+        self.on_engine_death: EngineDeath | None = None
 
     def load_all(self) -> None:
         for entry in self.registry.entries():
-            self._served[entry.name] = self._load(entry)
+            served = self._load(entry)
+            served.start(on_death=functools.partial(self._engine_died, entry.name))
+            self._served[entry.name] = served
             log.info("model ready", extra={"model": entry.name})
+
+    def _engine_died(self, name: str, cause: BaseException) -> None:
+        if self.on_engine_death is not None:
+            self.on_engine_death(name, cause)
 
     def get(self, name: str) -> T:
         """The served model `name` (empty: the default); NOT_FOUND if unknown, UNAVAILABLE while loading."""
@@ -45,5 +60,5 @@ class ModelHost(Generic[T]):
         return [(e, self._served.get(e.name)) for e in self.registry.entries()]
 
     def shutdown(self) -> None:
-        for served in self._served.values():
+        for served in list(self._served.values()):
             served.shutdown()

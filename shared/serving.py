@@ -2,17 +2,23 @@
 
 A `GrpcService` is started with its servicers registered; it then serves health (NOT_SERVING until the
 service says it is ready), reflection, the shared interceptor (API key, error mapping, metrics), optional
-TLS, and Prometheus metrics on an HTTP port. SIGTERM or SIGINT stops it gracefully: health turns
-NOT_SERVING, new calls are refused, in-flight calls get a grace period, then the service's own
-shutdown hook runs.
+TLS, and Prometheus metrics on an HTTP port. SIGTERM or SIGINT stops it gracefully, also while models
+are still loading: health turns NOT_SERVING, new calls are refused, in-flight calls get a grace period,
+then the service's own shutdown hook runs and the process exits 0.
+
+An engine that dies (a bug, or a fatal device error such as a CUDA device-side assert) turns health
+NOT_SERVING at once and the process exits 1, so compose or Kubernetes restarts it: a server that cannot
+serve must never look healthy.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +43,7 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 @dataclass
 class ServerOptions:
-    host: str = "0.0.0.0"
+    bind_address: str = "0.0.0.0"  # the interface the gRPC port listens on
     port: int = 0
     metrics_port: int = -1
     ready_file: Path | None = None  # written with the bound ports once the service is ready
@@ -50,7 +56,7 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
 
 
 class GrpcService:
-    """One gRPC server process: register servicers, `start`, `set_ready`, then `wait_for_termination`."""
+    """One gRPC server process: register servicers, `start`, `set_ready`, then `run_until_stopped`."""
 
     def __init__(self, settings: Settings, options: ServerOptions, service_names: list[str]):
         self.settings = settings
@@ -70,9 +76,12 @@ class GrpcService:
         reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], self.server)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.stop_requested = asyncio.Event()  # SIGTERM / SIGINT
+        self.failure: str | None = None  # why the service can no longer serve
+        self.failed = asyncio.Event()
 
     async def start(self) -> None:
-        address = f"{self.options.host}:{self.options.port}"
+        address = f"{self.options.bind_address}:{self.options.port}"
         credentials = server_credentials(self.settings)
         if credentials is None:
             self.port = self.server.add_insecure_port(address)
@@ -82,6 +91,9 @@ class GrpcService:
             raise OSError(f"could not bind the gRPC port {address}")
         for name in ["", *self.service_names]:
             await self.health.set(name, NOT_SERVING)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, also while models load
+            loop.add_signal_handler(sig, self.stop_requested.set)
         await self.server.start()
         self.metrics_port = start_metrics_server(self.options.metrics_port)
         log.info("grpc server started", extra={"port": self.port, "metrics_port": self.metrics_port})
@@ -96,13 +108,20 @@ class GrpcService:
             tmp.rename(self.options.ready_file)
         log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port})
 
-    async def wait_for_termination(self, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+    async def fail(self, reason: str) -> None:
+        """The service can no longer serve: health NOT_SERVING at once, then `run_until_stopped` ends."""
+        if self.failure is None:
+            self.failure = reason
+            log.error("service failed; health is NOT_SERVING and the process will exit", extra={"reason": reason})
+            for name in ["", *self.service_names]:
+                await self.health.set(name, NOT_SERVING)
+        self.failed.set()
+
+    async def run_until_stopped(self, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> int:
+        """Serve until SIGTERM/SIGINT (exit code 0) or `fail` (exit code 1), then shut down gracefully."""
+        await _first_of(self.stop_requested.wait(), self.failed.wait())
         await self.shutdown(on_shutdown)
+        return 1 if self.failure else 0
 
     async def shutdown(self, on_shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
         grace = self.settings.shutdown_grace_s
@@ -118,22 +137,81 @@ async def serve_models(
     settings: Settings,
     options: ServerOptions,
     service_name: str,
-    host: ModelHost,
+    models: ModelHost,
     register: Callable[[grpc.aio.Server], None],
-) -> None:
-    """Serve a model-backed service: port up first (health NOT_SERVING), models loaded, then SERVING."""
+) -> int:
+    """Serve a model-backed service: port up first (health NOT_SERVING), models loaded, then SERVING.
+
+    Returns the process exit code: 0 after SIGTERM (during loading too), 1 when an engine died.
+    """
     service = GrpcService(settings, options, [service_name])
     register(service.server)
     await service.start()
+    loop = asyncio.get_running_loop()
+
+    def engine_died(model: str, cause: BaseException) -> None:  # on the engine's thread
+        reason = f"the engine of model {model!r} stopped: {type(cause).__name__}"
+        with contextlib.suppress(RuntimeError):  # the loop is already closed: the process is exiting anyway
+            asyncio.run_coroutine_threadsafe(service.fail(reason), loop)
+
+    models.on_engine_death = engine_died
+    loading = _in_daemon_thread(models.load_all, "model-loader")
     try:
-        await asyncio.to_thread(host.load_all)
+        await _first_of(asyncio.shield(loading), service.stop_requested.wait())
     except BaseException:
         await service.server.stop(0)
-        host.shutdown()
+        models.shutdown()
         raise
-    await service.set_ready()
+    if not loading.done():  # stopped while loading: the loader thread is abandoned (it is a daemon)
+        log.info("stopped while loading models")
+        await service.server.stop(0)
+        await asyncio.to_thread(models.shutdown)
+        log.info("stopped")
+        return 0
+    if service.failure is None:
+        await service.set_ready()
 
     async def stop_engines() -> None:
-        await asyncio.to_thread(host.shutdown)
+        await asyncio.to_thread(models.shutdown)
 
-    await service.wait_for_termination(on_shutdown=stop_engines)
+    return await service.run_until_stopped(on_shutdown=stop_engines)
+
+
+async def _first_of(*awaitables: Awaitable) -> None:
+    """Wait until one of `awaitables` finishes (raising its error, if any); cancel the others."""
+    tasks = [asyncio.ensure_future(a) for a in awaitables]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+    for task in done:
+        task.result()
+
+
+def _in_daemon_thread(fn: Callable[[], object], name: str) -> asyncio.Future:
+    """Run `fn` on a daemon thread: unlike `asyncio.to_thread`, it cannot hold the process open at exit,
+    so a SIGTERM during a long model load ends the process promptly."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result=None, error: BaseException | None = None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def run() -> None:
+        try:
+            result = fn()
+        except BaseException as exc:
+            callback = (settle, None, exc)
+        else:
+            callback = (settle, result, None)
+        with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits for this any more
+            loop.call_soon_threadsafe(*callback)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future

@@ -67,7 +67,12 @@ class LLMSettings(_Section):
     metrics_port: int = 9101
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together in one step")
     max_waiting_requests: int = Field(256, ge=1, description="queue bound; past it requests get RESOURCE_EXHAUSTED")
-    max_prefill_tokens: int = Field(8192, ge=1, description="prompt tokens admitted into one prefill step")
+    max_prefill_tokens: int = Field(
+        8192, ge=1, description="prompt tokens prefilled in one step; longer prompts are refused up front"
+    )
+    max_prompt_chars: int = Field(
+        1_000_000, ge=1, description="characters a prompt, conversation or Tokenize text may have (checked first)"
+    )
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(4096, ge=1)
     adapter_cache_size: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (LRU)")
@@ -80,6 +85,9 @@ class DiffusionSettings(_Section):
     max_height: int = Field(1024, ge=8)
     max_steps: int = Field(150, ge=1)
     max_num_images: int = Field(8, ge=1, description="images one request may ask for")
+    max_prompt_chars: int = Field(
+        20_000, ge=1, description="characters a prompt or negative prompt may have (the text encoder reads 77 tokens)"
+    )
     max_batch_images: int = Field(8, ge=1, description="images run through the UNet together")
     max_waiting_requests: int = Field(64, ge=1)
     batch_window_ms: float = Field(5.0, ge=0, description="how long a batch waits for compatible requests")
@@ -87,6 +95,15 @@ class DiffusionSettings(_Section):
     attention_slicing: bool = False
     vae_tiling: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (GPU hosts; slow first request)")
+
+    @model_validator(mode="after")
+    def _check_batch_budget(self) -> DiffusionSettings:
+        if self.max_num_images > self.max_batch_images:
+            raise ValueError(
+                f"max_num_images ({self.max_num_images}) must not exceed max_batch_images ({self.max_batch_images}): "
+                "one request's images run in one batch"
+            )
+        return self
 
 
 class Settings(_Section):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.launch import ServiceProcess, spawn_service
+from tests.harness import ServiceProcess, spawn_service
 
 TEST_MODELS = [
     {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},
@@ -74,8 +74,20 @@ def adapters(settings) -> list[str]:
     return names
 
 
+# Test servers let a request ask for as many new tokens as tiny-llm's context holds (131,072): such a
+# request runs for minutes, so a test can hold one running by construction and end it by cancelling.
+HELD_TOKENS = 100_000
+# Likewise a 1000-step image takes long enough to be cancelled mid-way by construction.
+TEST_SERVER_CONFIG = {
+    "models": TEST_MODELS,
+    "shutdown_grace_s": 5,
+    "llm": {"max_new_tokens_limit": 131072},
+    "diffusion": {"max_steps": 1000},
+}
+
+
 def start_server(service: str, data_dir: Path, workdir: Path, env: dict[str, str] | None = None) -> ServiceProcess:
-    config = {"data_dir": str(data_dir), "models": TEST_MODELS, "shutdown_grace_s": 5}
+    config = {"data_dir": str(data_dir), **TEST_SERVER_CONFIG}
     return spawn_service(service, workdir, config, env, timeout=180)
 
 

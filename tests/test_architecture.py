@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from shared.launch import REPO_ROOT
+from tests.harness import REPO_ROOT
 
 
 def imported_modules(path: Path) -> set[str]:

@@ -12,7 +12,7 @@ import grpc
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from shared.launch import REPO_ROOT, wait_for
+from tests.harness import REPO_ROOT, wait_for
 
 
 def free_port() -> int:

@@ -6,7 +6,7 @@ from shared.cli import run_service
 async def _serve(settings, options):
     from services.diffusion.app import serve  # torch and diffusers load after argument errors
 
-    await serve(settings, options)
+    return await serve(settings, options)
 
 
 if __name__ == "__main__":

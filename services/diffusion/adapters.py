@@ -8,6 +8,7 @@ have injected layers. Runs on the engine thread only, between pipeline calls.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import OrderedDict
 
@@ -18,24 +19,32 @@ from shared.errors import FailedPrecondition
 log = logging.getLogger(__name__)
 
 
-def _injected_layers(pipeline, name: str) -> int:
+def _injected_layers(pipeline, internal: str) -> int:
     count = 0
     for component in (pipeline.unet, pipeline.text_encoder):
         for module in component.modules():
             lora_a = getattr(module, "lora_A", None)
-            if lora_a is not None and name in lora_a:
+            if lora_a is not None and internal in lora_a:
                 count += 1
     return count
 
 
 class DiffusionAdapterCache:
+    """Loaded adapters keyed by (name, version); each lives in the pipeline under an internal name.
+
+    Internal names (`a0`, `a1`, ...) are safe as module keys whatever the adapter's own name holds (peft
+    keeps adapters in `ModuleDict`s, whose keys cannot contain '.'), and a replaced adapter (a new store
+    version) gets a new one, so it is loaded afresh instead of served stale.
+    """
+
     def __init__(self, pipeline, store: AdapterStore, capacity: int, model_name: str, model_source: str):
         self._pipeline = pipeline
         self._store = store
         self._capacity = capacity
         self._model_name = model_name
         self._model_source = model_source
-        self._loaded: OrderedDict[str, None] = OrderedDict()
+        self._loaded: OrderedDict[tuple[str, str], str] = OrderedDict()  # (name, version) -> internal name
+        self._internal_names = itertools.count()
 
     def resolve(self, name: str) -> AdapterInfo:
         """Check that adapter `name` exists and fits this model (any thread)."""
@@ -43,44 +52,52 @@ class DiffusionAdapterCache:
 
     @property
     def loaded(self) -> list[str]:
-        return list(self._loaded)
+        return [name for name, _ in self._loaded]
 
-    def _discard(self, name: str) -> None:
-        """Remove whatever a failed load registered, so the name is free and nothing half-loaded stays on."""
+    def _discard(self, internal: str) -> None:
+        """Remove whatever a failed load registered, so nothing half-loaded stays on."""
         try:
-            self._pipeline.delete_adapters([name])
+            self._pipeline.delete_adapters([internal])
         except Exception:  # nothing was registered under that name
-            log.debug("nothing to discard", extra={"adapter": name})
+            log.debug("nothing to discard", extra={"adapter": internal})
         if not self._loaded:
             self._pipeline.disable_lora()
 
     def activate(self, name: str | None, scale: float) -> None:
-        """Make the next pipeline call use adapter `name` at `scale` (None: the base model)."""
+        """Make the next pipeline call use the store's current version of `name` at `scale` (None: the base)."""
         if name is None:
             if self._loaded:
                 self._pipeline.disable_lora()
             return
-        if name not in self._loaded:
-            self._load(name)
-        self._loaded.move_to_end(name)
+        key = (name, self.resolve(name).version)
+        if key not in self._loaded:
+            self._load(key)
+        self._loaded.move_to_end(key)
         self._pipeline.enable_lora()
-        self._pipeline.set_adapters([name], adapter_weights=[scale])
+        self._pipeline.set_adapters([self._loaded[key]], adapter_weights=[scale])
 
-    def _load(self, name: str) -> None:
-        self.resolve(name)
+    def _load(self, key: tuple[str, str]) -> None:
+        name = key[0]
+        internal = f"a{next(self._internal_names)}"
         try:
-            self._pipeline.load_lora_weights(str(self._store.path(name)), adapter_name=name)
+            self._pipeline.load_lora_weights(str(self._store.path(name)), adapter_name=internal)
         except Exception as exc:
-            self._discard(name)
-            raise FailedPrecondition(f"adapter {name!r} could not be loaded into {self._model_name!r}: {exc}") from exc
-        if _injected_layers(self._pipeline, name) == 0:
-            self._discard(name)
+            self._discard(internal)
+            log.warning("adapter load failed", extra={"adapter": name, "error": repr(exc)})
+            raise FailedPrecondition(
+                f"adapter {name!r} could not be loaded into {self._model_name!r}: its files are missing, "
+                "unreadable or not a diffusers LoRA for this model; save it again"
+            ) from exc
+        if _injected_layers(self._pipeline, internal) == 0:
+            self._discard(internal)
             raise FailedPrecondition(f"adapter {name!r} matched no layer of {self._model_name!r}")
-        self._loaded[name] = None
+        for stale in [k for k in self._loaded if k[0] == name]:  # a replaced version is never used again
+            self._pipeline.delete_adapters([self._loaded.pop(stale)])
+        self._loaded[key] = internal
         while len(self._loaded) > self._capacity:  # evict only once the new one is in
-            evicted, _ = self._loaded.popitem(last=False)
-            self._pipeline.delete_adapters([evicted])
+            (evicted, version), evicted_internal = self._loaded.popitem(last=False)
+            self._pipeline.delete_adapters([evicted_internal])
             metrics.ADAPTER_EVICTIONS.labels(self._model_name).inc()
-            log.info("adapter evicted", extra={"adapter": evicted, "model": self._model_name})
+            log.info("adapter evicted", extra={"adapter": evicted, "version": version, "model": self._model_name})
         metrics.ADAPTER_LOADS.labels(self._model_name).inc()
-        log.info("adapter loaded", extra={"adapter": name, "model": self._model_name})
+        log.info("adapter loaded", extra={"adapter": name, "version": key[1], "model": self._model_name})

@@ -9,9 +9,9 @@ from shared.serving import ServerOptions, serve_models
 from shared.settings import Settings
 
 
-async def serve(settings: Settings, options: ServerOptions) -> None:
+async def serve(settings: Settings, options: ServerOptions) -> int:
     host = diffusion_host(settings)
-    await serve_models(
+    return await serve_models(
         settings,
         options,
         SERVICE_NAME,

@@ -10,7 +10,6 @@ is interrupted at the next step.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +21,10 @@ from services.diffusion.adapters import DiffusionAdapterCache
 from services.diffusion.images import encode_png, latent_preview_png
 from services.diffusion.params import ImageRequest
 from services.diffusion.schedulers import build_scheduler
-from shared.errors import ResourceExhausted, ServiceError, Unavailable
-from shared.waiting import SHUTTING_DOWN, WaitingQueue
+from shared.devices import is_fatal_device_error
+from shared.engine_thread import EngineThread
+from shared.errors import InvalidArgument, ResourceExhausted, ServiceError
+from shared.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
 
@@ -87,67 +88,79 @@ class DiffusionEngine:
         self._waiting: WaitingQueue[ImageJob] = WaitingQueue(
             model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
         )
-        self._thread: threading.Thread | None = None
+        self._current: list[ImageJob] = []  # the batch in the pipeline now
+        self._thread = EngineThread(f"diffusion-{model_name}", self._waiting, self._loop, self._fail_all)
 
     # -- other threads ------------------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"diffusion-{self.model_name}", daemon=True)
-        self._thread.start()
+    def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        self._thread.start(on_death)
 
     def submit(self, job: ImageJob) -> None:
+        if len(job.request.seeds) > self._max_batch_images:  # every batch fits the budget, the first job too
+            raise InvalidArgument(
+                f"{len(job.request.seeds)} images were asked for; this server runs at most "
+                f"{self._max_batch_images} per batch"
+            )
         self._waiting.put(job)
 
     def shutdown(self, timeout: float = 30.0) -> None:
-        self._waiting.close()
-        if self._thread is not None:
-            self._thread.join(timeout)
-        for job in self._waiting.drain():
-            job.on_event(ImageEvent(error=Unavailable(SHUTTING_DOWN)))
+        self._thread.stop(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.alive
 
     # -- the engine thread --------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        while True:
-            batch = self._next_batch()
-            if batch is None:
-                return
+        while (batch := self._next_batch()) is not None:
+            self._current = batch
             try:
                 self._run(batch)
             except torch.OutOfMemoryError:
-                log.exception("out of device memory")
+                log.warning("out of device memory", extra={"model": self.model_name, "jobs": len(batch)})
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
                 self._fail(
-                    batch, ResourceExhausted("the server ran out of GPU memory; ask for fewer or smaller images")
+                    batch,
+                    ResourceExhausted("the server ran out of accelerator memory; ask for fewer or smaller images"),
                 )
             except ServiceError as exc:
                 self._fail(batch, exc)
-            except Exception:
+            except Exception as exc:
+                if is_fatal_device_error(exc):
+                    raise
                 log.exception("pipeline call failed")
                 self._fail(batch, ServiceError("image generation hit an internal error; the server logged it"))
+            self._current = []
 
     def _next_batch(self) -> list[ImageJob] | None:
-        """The oldest job and every waiting job compatible with it, up to the image budget."""
+        """The oldest live job and every waiting job compatible with it, up to `max_batch_images` images."""
         waiting = self._waiting
-        with waiting.cond:
-            while not waiting.closed and not waiting.items:
-                waiting.cond.wait()
-            if waiting.closed:
-                return None
-            if self._window:  # concurrent requests arrive a few ms apart: let them meet in one batch
-                deadline = time.monotonic() + self._window
-                while (left := deadline - time.monotonic()) > 0 and not waiting.closed:
-                    waiting.cond.wait(left)
-            first = waiting.items.popleft()
-            batch, images = [first], len(first.request.seeds)
-            key = first.request.batch_key()
-            for job in list(waiting.items):
-                size = len(job.request.seeds)
-                if job.request.batch_key() == key and images + size <= self._max_batch_images:
-                    waiting.items.remove(job)
-                    batch.append(job)
-                    images += size
-            waiting.publish()
-        return [job for job in batch if not job.cancelled] or self._next_batch()
+        while True:
+            with waiting.cond:
+                while not waiting.closed and not waiting.items:
+                    waiting.cond.wait()
+                if waiting.closed:
+                    return None
+                if self._window:  # concurrent requests arrive a few ms apart: let them meet in one batch
+                    deadline = time.monotonic() + self._window
+                    while (left := deadline - time.monotonic()) > 0 and not waiting.closed:
+                        waiting.cond.wait(left)
+                first = waiting.items.popleft()
+                batch, images = [first], len(first.request.seeds)
+                key = first.request.batch_key()
+                for job in list(waiting.items):
+                    size = len(job.request.seeds)
+                    if job.request.batch_key() == key and images + size <= self._max_batch_images:
+                        waiting.items.remove(job)
+                        batch.append(job)
+                        images += size
+                waiting.publish()
+            live = [job for job in batch if not job.cancelled]
+            if live:
+                return live
 
     def _run(self, jobs: list[ImageJob]) -> None:
         started = time.perf_counter()
@@ -230,3 +243,8 @@ class DiffusionEngine:
     def _fail(self, jobs: list[ImageJob], error: ServiceError) -> None:
         for job in jobs:
             job.on_event(ImageEvent(error=error))
+
+    def _fail_all(self, error: ServiceError) -> None:
+        """Whatever the loop leaves: the batch it was running and every job still waiting."""
+        jobs, self._current = [*self._current, *self._waiting.drain()], []
+        self._fail(jobs, error)

@@ -32,6 +32,9 @@ class ServedPipeline:
             self.adapters.resolve(request.adapter)
         return request
 
+    def start(self, on_death=None) -> None:
+        self.engine.start(on_death)
+
     def shutdown(self) -> None:
         self.engine.shutdown()
 
@@ -47,6 +50,7 @@ def model_defaults(loaded: LoadedDiffusionPipeline) -> ModelDefaults:
         guidance_scale=configured.guidance_scale,
         scheduler=override or name_of(pipe.scheduler),
         scheduler_override=override,
+        train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000),
     )
 
 
@@ -79,7 +83,6 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
             max_waiting=options.max_waiting_requests,
             batch_window_s=options.batch_window_ms / 1000,
         )
-        engine.start()
         defaults = model_defaults(loaded)
         return ServedPipeline(entry, defaults, options, engine, adapters, str(loaded.device), dtype_name(loaded.dtype))
 

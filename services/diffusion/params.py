@@ -45,6 +45,7 @@ class ModelDefaults:
     guidance_scale: float
     scheduler: str  # the name reported in PNG metadata
     scheduler_override: str | None  # None: the checkpoint's own scheduler
+    train_timesteps: int = 1000  # the schedule the model was trained on: no sampler plans more steps than it has
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,12 @@ def _check_size(name: str, value: int, maximum: int) -> None:
 
 def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionSettings) -> ImageRequest:
     """Apply the model's defaults and check every field; each error says what is allowed."""
+    for name in ("prompt", "negative_prompt"):  # before anything tokenizes them
+        length = len(getattr(spec, name))
+        if length > limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"{name} is {length} characters; the limit is {limits.max_prompt_chars} (diffusion.max_prompt_chars)"
+            )
     for name in ("guidance_scale", "adapter_scale", "strength"):
         _check_finite(name, getattr(spec, name))
     if spec.steps > limits.max_steps:
@@ -111,6 +118,11 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         validate_adapter_name(spec.adapter)
     scheduler = check_scheduler(spec.scheduler) if spec.scheduler else defaults.scheduler_override
     steps = spec.steps or defaults.steps
+    if steps >= defaults.train_timesteps:
+        raise InvalidArgument(
+            f"steps is {steps}; this model's noise schedule has {defaults.train_timesteps} timesteps, "
+            f"so at most {defaults.train_timesteps - 1} steps"
+        )
     check_steps(scheduler or defaults.scheduler, steps, spec.strength if spec.init_image else None)
 
     init_image, strength = None, None

@@ -6,7 +6,7 @@ from shared.cli import run_service
 async def _serve(settings, options):
     from services.llm.app import serve  # torch and transformers load after argument errors
 
-    await serve(settings, options)
+    return await serve(settings, options)
 
 
 if __name__ == "__main__":

@@ -48,17 +48,25 @@ class KVBatch:
             layer.values = layer.values.index_select(0, index)[:, :, start:]
 
     def extend(self, other: KVBatch) -> None:
-        """Append `other`'s rows, left-padding whichever side is shorter."""
+        """Append `other`'s rows, left-padding whichever side is shorter. All or nothing: the new tensors are
+        built first, so a failure (out of memory) leaves this batch as it was."""
         length = max(self.length, other.length)
-        self.attention_mask = torch.cat(
+        mask = torch.cat(
             [
                 F.pad(self.attention_mask, (length - self.length, 0)),
                 F.pad(other.attention_mask, (length - other.length, 0)),
             ]
         )
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_pad_seq(mine.keys, length), _pad_seq(theirs.keys, length)])
-            mine.values = torch.cat([_pad_seq(mine.values, length), _pad_seq(theirs.values, length)])
+        merged = [
+            (
+                torch.cat([_pad_seq(mine.keys, length), _pad_seq(theirs.keys, length)]),
+                torch.cat([_pad_seq(mine.values, length), _pad_seq(theirs.values, length)]),
+            )
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
+        self.attention_mask = mask
+        for layer, (keys, values) in zip(self.cache.layers, merged, strict=True):
+            layer.keys, layer.values = keys, values
 
 
 def _pad_seq(states: torch.Tensor, length: int) -> torch.Tensor:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,14 +18,16 @@ from dataclasses import dataclass
 import torch
 
 from services.llm import metrics
-from services.llm.adapters import LoraAdapterCache
+from services.llm.adapters import AdapterKey, LoraAdapterCache
 from services.llm.batch import KVBatch, decode, prefill
 from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.params import SamplingConfig
 from services.llm.sampling import RowSampler, next_tokens
 from services.llm.stop import StopStringMatcher
-from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, ServiceError, Unavailable
-from shared.waiting import SHUTTING_DOWN, WaitingQueue
+from shared.devices import is_fatal_device_error
+from shared.engine_thread import EngineThread
+from shared.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from shared.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,7 @@ class Sequence:
         self.detokenizer: IncrementalDetokenizer | None = None
         self.stop_matcher = StopStringMatcher(config.stop)
         self.sampler: RowSampler | None = None
-        self.holds_adapter = False
+        self.adapter_key: AdapterKey | None = None  # the adapter version it runs on, pinned while it runs
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -118,27 +119,25 @@ class LLMEngine:
             model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
         )
         self._running: list[Sequence] = []
+        self._admitting: list[Sequence] = []  # taken from the queue, not yet running
         self._batch: KVBatch | None = None
-        self._thread: threading.Thread | None = None
+        self._thread = EngineThread(f"engine-{model_name}", self._waiting, self._loop, self._fail_all)
 
     # -- called from other threads ------------------------------------------------------------------
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{self.model_name}", daemon=True)
-        self._thread.start()
+    def start(self, on_death: Callable[[BaseException], None] | None = None) -> None:
+        self._thread.start(on_death)
 
     def submit(self, seq: Sequence) -> None:
         self._waiting.put(seq)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop; sequences still waiting or running end with UNAVAILABLE."""
-        self._waiting.close()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("the engine did not stop within %.0f s", timeout)
-                return  # its loop fails what is left when it stops; never race it for the same state
-        self._fail_all(Unavailable(SHUTTING_DOWN))
+        self._thread.stop(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.alive
 
     @property
     def num_waiting(self) -> int:
@@ -151,90 +150,109 @@ class LLMEngine:
     # -- the engine thread -------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        try:
-            while True:
-                with self._waiting.cond:
-                    while not self._waiting.closed and not self._waiting.items and not self._running:
-                        self._waiting.cond.wait()
-                    if self._waiting.closed:
-                        break
-                self._step()
-        except BaseException:
-            log.exception("the engine loop died; the model refuses new requests")
-            raise
-        finally:
-            self._waiting.close()  # nothing would serve new submissions any more
-            self._fail_all(Unavailable(SHUTTING_DOWN))
+        waiting = self._waiting
+        while True:
+            with waiting.cond:
+                while not waiting.closed and not waiting.items and not self._running:
+                    waiting.cond.wait()
+                if waiting.closed:
+                    return
+            self._step()
 
     def _step(self) -> None:
-        admitted: list[Sequence] = []
-        try:
-            self._drop_abandoned()
-            admitted = self._take_admissible()
-            if admitted:
-                self._prefill(admitted)
-            if self._running:
-                self._decode()
-        except torch.OutOfMemoryError:
-            log.exception("out of device memory; failing the batch")
-            self._fail_batch(admitted, ResourceExhausted("the server ran out of GPU memory; retry with less"))
-        except Exception:
-            log.exception("engine step failed; failing the batch")
-            self._fail_batch(admitted, ServiceError("the engine hit an internal error; the server logged it"))
+        """Admit and prefill, then decode. A failure fails only the sequences of the phase that raised it;
+        a fatal device error ends the loop (and the process), since every later step would fail too."""
+        self._drop_abandoned()
+        self._admitting = self._take_admissible()
+        if self._admitting:
+            self._guarded(self._prefill, self._admitting)
+        self._admitting = []
+        if self._running:
+            self._guarded(self._decode, self._running)
         self._metrics.requests_running.set(len(self._running))
+
+    def _guarded(self, phase: Callable[[list[Sequence]], None], seqs: list[Sequence]) -> None:
+        seqs = list(seqs)
+        try:
+            phase(seqs)
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise
+            if isinstance(exc, torch.OutOfMemoryError):
+                log.warning("out of device memory", extra={"model": self.model_name, "sequences": len(seqs)})
+                _release_cached_memory(self._model.device)
+                error: ServiceError = ResourceExhausted(
+                    "the server ran out of accelerator memory for this request; retry with a shorter prompt "
+                    "or fewer new tokens"
+                )
+            else:
+                log.exception("engine step failed", extra={"model": self.model_name, "sequences": len(seqs)})
+                error = ServiceError("the engine hit an internal error; the server logged it")
+            for seq in seqs:
+                self._finish(seq, error=error)
+            self._remove_finished()
 
     def _take_admissible(self) -> list[Sequence]:
         admitted: list[Sequence] = []
+        unfit: list[Sequence] = []
         budget = self._max_prefill_tokens
         waiting = self._waiting
         with waiting.cond:
             while waiting.items and len(self._running) + len(admitted) < self._max_batch:
                 seq = waiting.items[0]
-                if admitted and len(seq.prompt_ids) > budget:
-                    break  # next step; a lone long prompt is still admitted
-                waiting.items.popleft()
-                if seq.cancelled:
+                if seq.cancelled or len(seq.prompt_ids) > self._max_prefill_tokens:
+                    waiting.items.popleft()
+                    unfit.append(seq)
                     continue
+                if len(seq.prompt_ids) > budget:
+                    break  # the next step's prefill
+                waiting.items.popleft()
                 budget -= len(seq.prompt_ids)
                 admitted.append(seq)
             waiting.publish()
+        for seq in unfit:  # validation refuses such prompts; a caller that skipped it gets told here
+            if not seq.cancelled:
+                self._finish(seq, error=prompt_too_long(len(seq.prompt_ids), self._max_prefill_tokens))
         ready = []
         for seq in admitted:
             if seq.adapter and self.adapters is not None:
                 try:
-                    self.adapters.acquire(seq.adapter)
+                    seq.adapter_key = self.adapters.acquire(seq.adapter)
                 except Exception as exc:  # this request's adapter, not the batch's problem
+                    if is_fatal_device_error(exc):
+                        raise
                     if not isinstance(exc, ServiceError):
                         log.exception("adapter load failed", extra={"adapter": seq.adapter})
                         exc = ServiceError(f"adapter {seq.adapter!r} could not be loaded; the server logged why")
                     self._finish(seq, error=exc)
                     continue
-                seq.holds_adapter = True
             ready.append(seq)
         return ready
 
     def _select_adapters(self, seqs: list[Sequence]) -> None:
         if self.adapters is not None:
-            self.adapters.set_rows([seq.adapter for seq in seqs])
+            self.adapters.set_rows([seq.adapter_key for seq in seqs])
 
     def _prefill(self, seqs: list[Sequence]) -> None:
+        """Prefill the admitted sequences on their own, then merge them into the running batch."""
         device = self._model.device
         self._select_adapters(seqs)
         batch, logits = prefill(self._model, [s.prompt_ids for s in seqs], self._pad_id)
         for seq in seqs:
             seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
-            seq.detokenizer = IncrementalDetokenizer(self._tokenizer)
-            self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
+            seq.detokenizer = IncrementalDetokenizer(self._tokenizer, seq.prompt_ids)
+        tokens = next_tokens(logits, [s.sampler for s in seqs])
         if self._batch is None:
             self._batch = batch
         else:
-            self._batch.extend(batch)
+            self._batch.extend(batch)  # all or nothing: the running rows are intact if this raises
         self._running.extend(seqs)
-        self._accept(seqs, next_tokens(logits, [s.sampler for s in seqs]))
+        for seq in seqs:
+            self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
+        self._accept(seqs, tokens)
 
-    def _decode(self) -> None:
-        assert self._batch is not None
-        seqs = self._running
+    def _decode(self, seqs: list[Sequence]) -> None:
+        assert self._batch is not None and seqs == self._running
         self._metrics.batch_size.observe(len(seqs))
         self._select_adapters(seqs)
         logits = decode(self._model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs])
@@ -283,9 +301,9 @@ class LLMEngine:
         if reason is not None:
             self._metrics.e2e_latency.observe(time.perf_counter() - seq.arrival)
             metrics.REQUESTS_FINISHED.labels(self.model_name, reason.value).inc()
-        if seq.holds_adapter:
-            self.adapters.release(seq.adapter)
-            seq.holds_adapter = False
+        if seq.adapter_key is not None:
+            self.adapters.release(seq.adapter_key)
+            seq.adapter_key = None
         seq.on_event(
             GenerationEvent(
                 text,
@@ -317,15 +335,22 @@ class LLMEngine:
         else:
             self._batch = None
 
-    def _fail_batch(self, admitted: list[Sequence], error: ServiceError) -> None:
-        for seq in [*self._running, *admitted]:
-            self._finish(seq, error=error)
-        self._running, self._batch = [], None
-
     def _fail_all(self, error: ServiceError) -> None:
-        for seq in [*self._running, *self._waiting.drain()]:
+        for seq in [*self._running, *self._admitting, *self._waiting.drain()]:
             self._finish(seq, error=error)
-        self._running, self._batch = [], None
+        self._running, self._admitting, self._batch = [], [], None
+
+
+def prompt_too_long(prompt_tokens: int, max_prefill_tokens: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"the prompt is {prompt_tokens} tokens; this server prefills at most {max_prefill_tokens} tokens per "
+        "request (llm.max_prefill_tokens); shorten the prompt"
+    )
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def eos_token_ids(model, tokenizer) -> set[int]:

@@ -13,8 +13,6 @@ def llm_host(settings: Settings) -> ModelHost[ServedLLM]:
     store = AdapterStore(settings.adapters_dir)
 
     def load(entry: ModelEntry) -> ServedLLM:
-        served = ServedLLM(load_causal_lm(entry, settings), settings.llm, store)
-        served.start()
-        return served
+        return ServedLLM(load_causal_lm(entry, settings), settings.llm, store)
 
     return ModelHost(settings, "llm", load)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import check_cache_support
-from services.llm.engine import LLMEngine, Sequence, eos_token_ids
+from services.llm.engine import LLMEngine, Sequence, eos_token_ids, prompt_too_long
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from shared.adapters import AdapterStore, validate_adapter_name
 from shared.devices import dtype_name
@@ -22,6 +24,10 @@ _FALLBACK_CONTEXT = 2048
 class ChatTurn:
     role: str
     content: str
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no reason given"
 
 
 def context_length(model, tokenizer) -> int:
@@ -44,6 +50,8 @@ class ServedLLM:
         self.adapters = LoraAdapterCache(
             loaded.model, store, settings.adapter_cache_size, self.entry.name, self.entry.source
         )
+        self.max_prefill_tokens = settings.max_prefill_tokens
+        self.max_prompt_chars = settings.max_prompt_chars
         self.engine = LLMEngine(
             loaded.model,
             loaded.tokenizer,
@@ -56,7 +64,15 @@ class ServedLLM:
         )
         self._encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
 
+    def _check_size(self, chars: int, what: str) -> None:
+        """A cheap bound before tokenizing: a huge text must not hold the tokenizer lock for long."""
+        if chars > self.max_prompt_chars:
+            raise InvalidArgument(
+                f"the {what} is {chars} characters; the limit is {self.max_prompt_chars} (llm.max_prompt_chars)"
+            )
+
     def encode_prompt(self, text: str) -> list[int]:
+        self._check_size(len(text), "text")
         with self._encode_lock:
             return list(self.tokenizer(text)["input_ids"])
 
@@ -66,12 +82,15 @@ class ServedLLM:
         for i, turn in enumerate(messages):
             if not turn.role:
                 raise InvalidArgument(f"messages[{i}].role is empty; use system, user or assistant")
+        self._check_size(sum(len(t.role) + len(t.content) for t in messages), "conversation")
         conversation = [{"role": t.role, "content": t.content} for t in messages]
         try:
             with self._encode_lock:
                 encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
-        except Exception as exc:  # the template's own checks, e.g. "roles must alternate"
-            raise InvalidArgument(f"the chat template rejected the messages: {exc}") from exc
+        except TemplateError as exc:  # the template's own checks, e.g. "roles must alternate"
+            raise InvalidArgument(f"the model's chat template rejected the messages: {_first_line(exc)}") from exc
+        except Exception as exc:
+            raise InvalidArgument("the model's chat template could not render these messages") from exc
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
 
     def new_sequence(
@@ -94,10 +113,12 @@ class ServedLLM:
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
         config = resolve_sampling(sampling, len(prompt_ids), self.limits)
+        if len(prompt_ids) > self.max_prefill_tokens:
+            raise prompt_too_long(len(prompt_ids), self.max_prefill_tokens)
         return Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
 
-    def start(self) -> None:
-        self.engine.start()
+    def start(self, on_death=None) -> None:
+        self.engine.start(on_death)
 
     def shutdown(self) -> None:
         self.engine.shutdown()

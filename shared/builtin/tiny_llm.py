@@ -28,9 +28,12 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
+BUILD_VERSION = 2  # bump when a variant changes, so existing data dirs rebuild it
+
 # name -> (vocab size, Llama config fields)
 VARIANTS: dict[str, tuple[int, dict]] = {
-    # ~0.6M parameters: fast enough for every test.
+    # ~0.6M parameters: fast enough for every test. A long context (rotary positions, as in Llama 3) lets a
+    # test hold a request running by construction: 100k tokens take minutes even at thousands per second.
     "tiny-llm": (
         4096,
         dict(
@@ -39,7 +42,7 @@ VARIANTS: dict[str, tuple[int, dict]] = {
             num_hidden_layers=2,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=1024,
+            max_position_embeddings=131072,
         ),
     ),
     # ~100M parameters: the benchmark's stand-in for a small real model.

@@ -2,57 +2,21 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from services.llm import metrics
-from services.llm.adapters import LoraAdapterCache
-from services.llm.engine import FinishReason, LLMEngine, Sequence, eos_token_ids
+from services.llm.engine import FinishReason, Sequence
 from services.llm.params import SamplingConfig
-from shared.adapters import AdapterStore
 from shared.errors import Cancelled, DeadlineExceeded, ResourceExhausted, Unavailable
 from shared.loaders import load_causal_lm
-
-PROMPTS = ["def parse(text):", "import os\nimport sys\n\nclass Loader:", "x = [", "# Copyright"]
-
-
-class Collector:
-    """Gathers a sequence's events; `wait()` returns (text, final event)."""
-
-    def __init__(self):
-        self.events = []
-        self.done = threading.Event()
-
-    def __call__(self, event):
-        self.events.append(event)
-        if event.final:
-            self.done.set()
-
-    def wait(self, timeout=60):
-        assert self.done.wait(timeout), "sequence did not finish"
-        return "".join(e.text for e in self.events), self.events[-1]
+from tests.harness import wait_for
+from tests.llm.engine_helpers import HELD, PROMPTS, Collector, encode, hf_greedy, make_engine, run
 
 
 @pytest.fixture(scope="module")
 def loaded(settings):
     return load_causal_lm(settings.models[0], settings)
-
-
-def make_engine(loaded, settings, **overrides):
-    cache = LoraAdapterCache(
-        loaded.model, AdapterStore(settings.adapters_dir), overrides.pop("capacity", 8), "tiny-llm", "builtin:tiny-llm"
-    )
-    options = dict(max_batch_size=16, max_waiting=64, max_prefill_tokens=4096) | overrides
-    return LLMEngine(
-        loaded.model,
-        loaded.tokenizer,
-        model_name="tiny-llm",
-        eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
-        adapters=cache,
-        **options,
-    )
 
 
 @pytest.fixture
@@ -61,23 +25,6 @@ def engine(loaded, settings):
     engine.start()
     yield engine
     engine.shutdown()
-
-
-def encode(loaded, text):
-    return loaded.tokenizer(text)["input_ids"]
-
-
-def run(engine, loaded, prompt, adapter=None, **config):
-    config = SamplingConfig(**({"max_new_tokens": 16, "ignore_eos": True} | config))
-    collector = Collector()
-    engine.submit(Sequence(encode(loaded, prompt), config, collector, adapter=adapter))
-    return collector.wait()
-
-
-def hf_greedy(loaded, prompt, n):
-    ids = torch.tensor([encode(loaded, prompt)])
-    out = loaded.model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
-    return loaded.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 
 
 def test_greedy_matches_transformers_generate(engine, loaded):
@@ -159,22 +106,21 @@ def test_queue_bound_gives_resource_exhausted(loaded, settings):
 
 def test_cancelled_sequences_free_their_slot_at_the_next_step(engine, loaded):
     collector = Collector()
-    seq = Sequence(encode(loaded, "x"), SamplingConfig(max_new_tokens=1000, ignore_eos=True), collector)
+    seq = Sequence(encode(loaded, "x"), SamplingConfig(max_new_tokens=HELD, ignore_eos=True), collector)
     engine.submit(seq)
-    while not collector.events:
-        collector.done.wait(0.01)
+    wait_for(lambda: collector.events, 60, "the first token")
     seq.cancel()
     _, final = collector.wait()
     assert isinstance(final.error, Cancelled)
-    assert final.completion_tokens < 1000
-    assert engine.num_running == 0
+    assert final.completion_tokens < HELD
+    wait_for(lambda: engine.num_running == 0, 60, "the slot to be freed")  # the final event comes first
 
 
 def test_a_passed_deadline_ends_the_sequence(engine, loaded):
     import time
 
     collector = Collector()
-    config = SamplingConfig(max_new_tokens=1000, ignore_eos=True)
+    config = SamplingConfig(max_new_tokens=HELD, ignore_eos=True)
     engine.submit(Sequence(encode(loaded, "x"), config, collector, deadline=time.monotonic() + 0.2))
     _, final = collector.wait()
     assert isinstance(final.error, DeadlineExceeded)

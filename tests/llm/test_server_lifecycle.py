@@ -1,21 +1,32 @@
-"""Queue limits and graceful shutdown, on a dedicated server with a one-slot batch and a one-slot queue."""
+"""Queue limits and graceful shutdown: on a server with a one-slot batch and queue, and during model loading."""
 
 from __future__ import annotations
 
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
-from shared.launch import wait_for
-from tests.conftest import start_server, stop_server
+from tests.conftest import HELD_TOKENS, TEST_SERVER_CONFIG, start_server, stop_server
+from tests.harness import REPO_ROOT, wait_for
 from tests.scrape import metric_value
 
-LONG = llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(max_new_tokens=1000, ignore_eos=True))
+LONG = llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(max_new_tokens=HELD_TOKENS, ignore_eos=True))
 
 
 @pytest.fixture(scope="module")
 def tight_server(data_dir, tmp_path_factory):
-    env = {"MODELWORKS_LLM__MAX_BATCH_SIZE": "1", "MODELWORKS_LLM__MAX_WAITING_REQUESTS": "1"}
+    env = {
+        "MODELWORKS_LLM__MAX_BATCH_SIZE": "1",
+        "MODELWORKS_LLM__MAX_WAITING_REQUESTS": "1",
+        "MODELWORKS_SHUTDOWN_GRACE_S": "120",  # the in-flight stream below must finish, however busy the machine
+    }
     server = start_server("llm", data_dir, tmp_path_factory.mktemp("tight"), env)
     yield server
     stop_server(server)
@@ -57,3 +68,33 @@ def test_sigterm_finishes_in_flight_streams_then_exits_cleanly(tight_server):
         assert chunks[-1].usage.completion_tokens == 300
     assert stop_server(tight_server) == 0
     assert '"msg": "stopped"' in tight_server.logs()
+
+
+def test_sigterm_while_models_load_exits_cleanly_at_once(tmp_path):
+    """Loading is held by construction: the test holds the lock that building the built-in model takes."""
+    models = tmp_path / "data" / "models" / "builtin"
+    models.mkdir(parents=True)
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps({**TEST_SERVER_CONFIG, "data_dir": str(tmp_path / "data")}))
+    log = tmp_path / "llm.log"
+    with (models / ".tiny-llm.lock").open("a") as lock, log.open("wb") as out:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.llm", "--bind", "127.0.0.1", "--port", "0", "--metrics-port", "-1"],
+            cwd=REPO_ROOT,
+            env={**os.environ, "MODELWORKS_CONFIG": str(config)},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for(lambda: '"grpc server started"' in log.read_text(), 120, "the gRPC port to open")
+            port = next(json.loads(line)["port"] for line in log.read_text().splitlines() if "server started" in line)
+            with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+                assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            process.terminate()
+            assert process.wait(60) == 0
+        finally:
+            process.kill()
+            process.wait()
+    assert '"stopped while loading models"' in log.read_text()

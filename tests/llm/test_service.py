@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 
@@ -12,6 +13,7 @@ from transformers import AutoTokenizer
 
 from modelworks.llm.v1 import llm_pb2
 from shared.builtin import builtin_dir
+from tests.conftest import HELD_TOKENS
 from tests.scrape import metric_value
 
 SP = llm_pb2.SamplingParams
@@ -37,7 +39,7 @@ def test_health_is_serving(llm_channel):
 def test_list_models(llm_stub):
     (model,) = llm_stub.ListModels(llm_pb2.ListModelsRequest()).models
     assert (model.name, model.kind, model.is_default, model.device) == ("tiny-llm", "llm", True, "cpu")
-    assert model.max_context_length == 1024
+    assert model.max_context_length == 131072
 
 
 def test_generate_and_stream_give_the_same_text(llm_stub):
@@ -128,12 +130,31 @@ BAD_REQUESTS = {
         r"in \[0.01, 100\]",
     ),
     "max_new_tokens over the limit": (
-        request(max_new_tokens=100_000),
+        request(max_new_tokens=200_000),
         grpc.StatusCode.INVALID_ARGUMENT,
-        "limit is 4096",
+        "limit is 131072",
     ),
-    "max_new_tokens past the context": (request(max_new_tokens=1023), grpc.StatusCode.INVALID_ARGUMENT, "context"),
-    "prompt longer than the context": (request("word " * 2000), grpc.StatusCode.INVALID_ARGUMENT, "context is 1024"),
+    "max_new_tokens past the context": (request(max_new_tokens=131071), grpc.StatusCode.INVALID_ARGUMENT, "context"),
+    "prompt longer than the context": (
+        request("word " * 140_000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "context is 131072",
+    ),
+    "prompt over the prefill budget": (
+        request("word " * 9000),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"prefills at most 8192 tokens per request \(llm.max_prefill_tokens\)",
+    ),
+    "prompt over the character limit": (
+        request("x" * 1_000_001),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"1000001 characters; the limit is 1000000 \(llm.max_prompt_chars\)",
+    ),
+    "conversation over the character limit": (
+        llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(role="user", content="x" * 1_000_001)]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "the limit is 1000000",
+    ),
     "malformed adapter name": (
         llm_pb2.GenerateRequest(prompt="x", adapter="../../etc/passwd"),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -178,27 +199,34 @@ def test_tokenize_unknown_model_is_not_found(llm_stub):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def wait_until_idle(server, timeout=30):
-    from shared.launch import wait_for
+def test_tokenize_refuses_a_huge_text_before_tokenizing(llm_stub):
+    with pytest.raises(grpc.RpcError) as caught:
+        llm_stub.Tokenize(llm_pb2.TokenizeRequest(text="x" * 1_000_001))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "llm.max_prompt_chars" in caught.value.details()
 
-    wait_for(
-        lambda: metric_value(server, "modelworks_llm_num_requests_running", model="tiny-llm") == 0,
-        timeout,
-        "the running batch to empty",
-    )
+
+def running(server) -> float:
+    return metric_value(server, "modelworks_llm_num_requests_running", model="tiny-llm")
+
+
+def wait_until_idle(server, timeout=60):
+    from tests.harness import wait_for
+
+    wait_for(lambda: running(server) == 0, timeout, "the running batch to empty")
 
 
 def test_a_passed_deadline_gives_deadline_exceeded_and_frees_the_slot(llm_stub, llm_server):
     with pytest.raises(grpc.RpcError) as caught:
-        llm_stub.Generate(request(max_new_tokens=1000, ignore_eos=True), timeout=0.5)
+        llm_stub.Generate(request(max_new_tokens=HELD_TOKENS, ignore_eos=True), timeout=0.5)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     wait_until_idle(llm_server)
 
 
 def test_a_cancelled_stream_frees_its_slot(llm_stub, llm_server):
-    stream = llm_stub.GenerateStream(request(max_new_tokens=1000, ignore_eos=True))
+    stream = llm_stub.GenerateStream(request(max_new_tokens=HELD_TOKENS, ignore_eos=True))
     next(stream)
-    assert metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm") >= 1
+    assert running(llm_server) >= 1  # minutes of generation left: it runs until cancelled
     stream.cancel()
     wait_until_idle(llm_server)
 
@@ -213,28 +241,98 @@ def test_concurrent_streams_are_batched_and_each_matches_its_solo_run(llm_stub, 
             c.text for c in llm_stub.GenerateStream(request(prompts[i], max_new_tokens=24, ignore_eos=True))
         )
 
+    def steps() -> tuple[float, float]:  # (decode steps of one sequence, all decode steps), cumulative
+        return (
+            metric_value(llm_server, "modelworks_llm_batch_size_bucket", model="tiny-llm", le="1.0"),
+            metric_value(llm_server, "modelworks_llm_batch_size_count", model="tiny-llm"),
+        )
+
+    singles_before, total_before = steps()
+    holder = llm_stub.GenerateStream(request("held", max_new_tokens=HELD_TOKENS, ignore_eos=True))
+    next(holder)  # runs throughout: every decode step from here on carries it and the others
     threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    singles, total = steps()
+    holder.cancel()
     assert results == solo
-    buckets = metric_value(llm_server, "modelworks_llm_batch_size_bucket", model="tiny-llm", le="1.0")
-    total = metric_value(llm_server, "modelworks_llm_batch_size_count", model="tiny-llm")
-    assert total > buckets, "some decode steps ran more than one sequence"
+    assert total - total_before > singles - singles_before, "decode steps ran more than one sequence"
 
 
 def test_metrics_are_exported(llm_stub, llm_server):
-    llm_stub.Generate(request(max_new_tokens=3))
-    for name in (
+    counters = (
         "modelworks_llm_time_to_first_token_seconds_count",
         "modelworks_llm_e2e_request_latency_seconds_count",
         "modelworks_llm_prompt_tokens_total",
         "modelworks_llm_generation_tokens_total",
-    ):
-        assert metric_value(llm_server, name, model="tiny-llm") > 0
-    assert metric_value(llm_server, "modelworks_llm_inter_token_latency_seconds_count", model="tiny-llm") > 0
-    assert metric_value(llm_server, "modelworks_grpc_requests_total", method="Generate", code="OK") > 0
+        "modelworks_llm_inter_token_latency_seconds_count",
+    )
+    before = {name: metric_value(llm_server, name, model="tiny-llm") for name in counters}
+    ok_before = metric_value(llm_server, "modelworks_grpc_requests_total", method="Generate", code="OK")
+    llm_stub.Generate(request(max_new_tokens=3, ignore_eos=True))
+    for name in counters:
+        assert metric_value(llm_server, name, model="tiny-llm") > before[name], name
+    assert metric_value(llm_server, "modelworks_grpc_requests_total", method="Generate", code="OK") == ok_before + 1
     with pytest.raises(grpc.RpcError):
         llm_stub.Tokenize(llm_pb2.TokenizeRequest(model="unknown-model"))
     assert metric_value(llm_server, "modelworks_grpc_requests_total", method="Tokenize", code="NOT_FOUND") >= 1
+
+
+def test_a_replaced_adapter_is_served_fresh_and_a_deleted_one_is_not_served(llm_stub, settings):
+    from shared.adapters import AdapterStore
+    from tests.conftest import make_lora_adapter
+
+    def generate(adapter):
+        return llm_stub.Generate(
+            llm_pb2.GenerateRequest(
+                prompt="def main():", adapter=adapter, sampling=SP(max_new_tokens=16, ignore_eos=True)
+            )
+        ).text
+
+    make_lora_adapter(settings, "swap", seed=301)
+    make_lora_adapter(settings, "swap-reference", seed=302)
+    first = generate("swap")
+    store = AdapterStore(settings.adapters_dir)
+    store.delete("swap")
+    make_lora_adapter(settings, "swap", seed=302)  # same name, the reference's weights
+    assert generate("swap") == generate("swap-reference") != first
+    store.delete("swap")
+    with pytest.raises(grpc.RpcError) as caught:
+        generate("swap")
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def write_broken_adapter(settings, name: str, kind: str, broken_metadata: bool = False) -> None:
+    """An adapter folder whose files are garbage, as a crashed writer or a bad copy could leave one."""
+    folder = settings.adapters_dir / name
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4')  # truncated JSON
+    (folder / "adapter_model.safetensors").write_bytes(b"\x00" * 64)
+    (folder / "pytorch_lora_weights.safetensors").write_bytes(b"\x00" * 64)
+    base_model = {"llm": "tiny-llm", "diffusion": "tiny-sd"}[kind]
+    metadata = "{not json" if broken_metadata else json.dumps({"kind": kind, "base_model": base_model})
+    (folder / "modelworks.json").write_text(metadata)
+
+
+def assert_no_internals(details: str, settings) -> None:
+    assert str(settings.data_dir) not in details and "/" not in details, details
+    for internal in ("Traceback", "Error(", "Exception", "safetensors", "JSONDecode", "line 1 column"):
+        assert internal not in details, details
+
+
+def test_error_messages_never_show_paths_or_library_internals(llm_stub, settings):
+    write_broken_adapter(settings, "broken-files", "llm")
+    write_broken_adapter(settings, "broken-metadata", "llm", broken_metadata=True)
+    for adapter, code in (
+        ("broken-files", grpc.StatusCode.FAILED_PRECONDITION),
+        ("broken-metadata", grpc.StatusCode.FAILED_PRECONDITION),
+        ("missing-adapter", grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as caught:
+            llm_stub.Generate(llm_pb2.GenerateRequest(prompt="x", adapter=adapter, sampling=SP(max_new_tokens=2)))
+        assert caught.value.code() == code, caught.value.details()
+        assert adapter in caught.value.details()
+        assert_no_internals(caught.value.details(), settings)
+    assert llm_stub.Generate(request(max_new_tokens=2)).usage.completion_tokens >= 1

@@ -28,6 +28,38 @@ def test_an_incomplete_character_is_held_back_until_complete(tiny_llm):
     assert detok.push(ids[-1]) == "🎉"
 
 
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: '▁' marks a word start, the decoder drops the first
+    one's space), as Llama-2, Mistral and Gemma have; built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    corpus = ["Hello world, how are you today?", "the quick brown fox jumps over the lazy dog"] * 20
+    tokenizer.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>")
+
+
+def test_metaspace_keeps_the_first_generated_tokens_leading_space(metaspace_tokenizer):
+    tokenizer = metaspace_tokenizer
+    prompt = tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    full = tokenizer("Hello world, how are you", add_special_tokens=False)["input_ids"]
+    assert full[: len(prompt)] == prompt
+    generated = full[len(prompt) :]
+    expected = tokenizer.decode(full)[len(tokenizer.decode(prompt)) :]
+    assert expected.startswith(" world")
+
+    detok = IncrementalDetokenizer(tokenizer, prompt)
+    streamed = "".join(detok.push(i) for i in generated) + detok.flush()
+    assert streamed == expected
+
+    unseeded = IncrementalDetokenizer(tokenizer)  # what the window without the prompt would stream
+    assert "".join(unseeded.push(i) for i in generated).startswith("world")
+
+
 def feed_all(matcher, chunks):
     return "".join(matcher.feed(c) for c in chunks)
 

@@ -44,3 +44,16 @@ def test_tiny_sd_is_a_real_diffusers_pipeline_folder(data_dir):
     ids = pipe.tokenizer("a photo of an astronaut riding a horse")["input_ids"]
     assert pipe.tokenizer.unk_token_id not in ids[1:-1], "every word maps to real tokens"
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+
+
+def test_a_model_built_by_an_older_recipe_is_built_again(data_dir, tmp_path):
+    from shared.builtin import BUILD_STAMP
+
+    folder = ensure_builtin("tiny-llm", tmp_path / "models")
+    (folder / BUILD_STAMP).write_text("0")  # as an earlier release would have left it
+    (folder / "model.safetensors").write_bytes(b"stale")
+    rebuilt = ensure_builtin("tiny-llm", tmp_path / "models")
+    assert rebuilt == folder
+    assert digest(rebuilt / "model.safetensors") == digest(
+        ensure_builtin("tiny-llm", data_dir / "models") / "model.safetensors"
+    )

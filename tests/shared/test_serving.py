@@ -32,7 +32,7 @@ def with_service(settings: Settings, body):
     """Run `body(channel, service)` against a started server that also serves a raw-bytes Echo method."""
 
     async def main():
-        service = GrpcService(settings, ServerOptions(host="127.0.0.1"), [SERVICE])
+        service = GrpcService(settings, ServerOptions(bind_address="127.0.0.1"), [SERVICE])
         handler = grpc.method_handlers_generic_handler(
             SERVICE, {"Say": grpc.unary_unary_rpc_method_handler(echo, identity, identity)}
         )
@@ -133,7 +133,7 @@ def test_tls_serves_secure_channels(tmp_path):
 
     async def main():
         settings = Settings(tls_cert_file=cert, tls_key_file=key)
-        service = GrpcService(settings, ServerOptions(host="127.0.0.1"), [SERVICE])
+        service = GrpcService(settings, ServerOptions(bind_address="127.0.0.1"), [SERVICE])
         await service.start()
         await service.set_ready()
         try:

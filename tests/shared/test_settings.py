@@ -51,6 +51,7 @@ def test_the_default_config_serves_the_builtin_models_offline():
         ("models: [{name: a, kind: video, source: x}]", "kind"),
         ("tls_cert_file: /c.pem", "tls_key_file"),
         ("no_such_field: 1", "no_such_field"),
+        ("diffusion: {max_num_images: 9, max_batch_images: 8}", "max_num_images"),
     ],
 )
 def test_invalid_config_names_the_bad_field(tmp_path, text, field):

@@ -1,4 +1,4 @@
-"""Start a service as a child process on free ports and wait until it is ready (tests, benchmarks).
+"""Start a service as a child process on free ports and wait until it is ready (the tests' and benchmarks' harness).
 
 The child writes its bound ports to a ready file once its models are loaded (`--ready-file`).
 """
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parent.parent  # tests/ sits at the repository root
 
 
 def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
@@ -67,7 +67,7 @@ def spawn_service(
         sys.executable,
         "-m",
         f"services.{service}",
-        "--host",
+        "--bind",
         "127.0.0.1",
         "--port",
         "0",
