@@ -6,7 +6,7 @@ PROTOS := $(shell find protos -name '*.proto')
 INSTALLED := $(VENV)/.installed
 STUBS     := modelworks/.generated
 
-.PHONY: run test bench lint protos models install clean
+.PHONY: run test bench gpu-check lint protos models install clean
 
 run: $(STUBS) models
 	$(BIN)/python -m services
@@ -16,6 +16,10 @@ test: $(STUBS)
 
 bench: $(STUBS)
 	$(BIN)/python -m bench
+
+# On a GPU host: the GPU tests and a 0.5B-model throughput figure, in a few minutes.
+gpu-check: $(STUBS)
+	$(BIN)/python -m bench.gpu_check
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .

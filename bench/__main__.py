@@ -1,4 +1,4 @@
-"""`python -m bench [--only llm|diffusion] [--data-dir DIR]`: run the benchmarks and print their tables."""
+"""`python -m bench [--only llm|diffusion|robustness] [--data-dir DIR]`: run the benchmarks and print their tables."""
 
 from __future__ import annotations
 
@@ -9,10 +9,14 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, llm
+from bench import diffusion, llm, robustness
 from bench.report import print_table
 
-BENCHMARKS = {"llm": ("LLM service", llm), "diffusion": ("Diffusion service", diffusion)}
+BENCHMARKS = {
+    "llm": ("LLM service", llm),
+    "diffusion": ("Diffusion service", diffusion),
+    "robustness": ("Robustness: fuzzing and load", robustness),
+}
 
 
 def main() -> None:

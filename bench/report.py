@@ -12,7 +12,7 @@ class Row:
     measure: str
     service: str
     baseline: str
-    ratio: float
+    ratio: float | None  # None: a figure with nothing to compare it with
 
     @classmethod
     def of_pairs(
@@ -42,7 +42,9 @@ def percentile(values: list[float], q: float) -> float:
 
 def print_table(rows: list[Row], note: str) -> None:
     headers = ("model", "measure", "service", "baseline", "ratio")
-    table = [headers] + [(r.model, r.measure, r.service, r.baseline, f"{r.ratio:.2f}x") for r in rows]
+    table = [headers] + [
+        (r.model, r.measure, r.service, r.baseline, "-" if r.ratio is None else f"{r.ratio:.2f}x") for r in rows
+    ]
     widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
     for i, row in enumerate(table):
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) + " |")
