@@ -78,9 +78,7 @@ def generate_tokens_per_second(model, tokenizer, batch: int) -> float:
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     start = time.perf_counter()
     with torch.inference_mode():
-        model.generate(
-            **inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0
-        )
+        model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0)
     _synchronize(model)
     return batch * NEW_TOKENS / (time.perf_counter() - start)
 

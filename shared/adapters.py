@@ -31,6 +31,7 @@ class AdapterInfo:
     name: str
     kind: str  # "llm" or "diffusion"
     base_model: str
+    method: str = "lora"  # lora, dora, rslora or p_tuning
     job_id: str = ""
     created_at: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)

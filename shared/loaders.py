@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from shared.builtin import ensure_builtin
 from shared.devices import resolve_device, resolve_dtype
+from shared.locations import pretrained_location
 from shared.registry import parse_source
 from shared.settings import ModelEntry, Settings
 
@@ -27,21 +26,6 @@ class LoadedCausalLM:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
-
-
-def pretrained_location(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any]]:
-    """Where `from_pretrained` reads the entry's weights, with the keyword arguments that go with it."""
-    source = parse_source(entry.source)
-    kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
-    if source.kind == "builtin":
-        return str(ensure_builtin(source.ref, settings.models_dir)), kwargs
-    if source.kind == "local":
-        if not Path(source.ref).is_dir():
-            raise FileNotFoundError(f"model {entry.name!r}: {source.ref} is not a directory")
-        return source.ref, kwargs
-    kwargs["revision"] = source.revision
-    kwargs["local_files_only"] = not settings.allow_downloads
-    return source.ref, kwargs
 
 
 def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any], torch.device, torch.dtype]:

@@ -106,6 +106,35 @@ class DiffusionSettings(_Section):
         return self
 
 
+class FinetuneSettings(_Section):
+    port: int = 50053
+    metrics_port: int = 9103
+    worker_metrics_port: int = 9104
+    queue: str = Field("finetune", description="the Celery queue jobs go to (one per pool of workers)")
+    max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest dataset file an upload may send")
+    max_dataset_records: int = Field(1_000_000, ge=1)
+    max_record_chars: int = Field(200_000, ge=1, description="longest JSONL line")
+    max_zip_members: int = Field(100_000, ge=1)
+    max_unzipped_bytes: int = Field(4 * 1024**3, ge=1, description="bound on a zip's total uncompressed size")
+    max_image_bytes: int = Field(64 * 1024 * 1024, ge=1, description="bound on one uncompressed zip member")
+    max_image_pixels: int = Field(64 * 1024 * 1024, ge=1, description="bound on one image's width × height")
+    max_steps_limit: int = Field(1_000_000, ge=1, description="largest max_steps a job may ask for")
+    lease_ttl_s: float = Field(30.0, gt=0, description="a running job's lease; expired: another worker resumes it")
+    lease_renew_s: float = Field(5.0, gt=0, description="how often a worker renews its jobs' leases")
+    sweep_interval_s: float = Field(10.0, gt=0, description="how often workers requeue jobs whose lease expired")
+    visibility_timeout_s: int = Field(
+        7 * 24 * 3600, ge=1, description="Celery's redelivery bound; longer than any job (leases recover crashes)"
+    )
+    max_bad_steps: int = Field(10, ge=1, description="NaN/Inf-loss steps skipped before a job fails")
+    devices: int = Field(1, ge=1, description="GPUs one worker trains on (DDP over them when more than one)")
+
+    @model_validator(mode="after")
+    def _check_lease(self) -> FinetuneSettings:
+        if self.lease_renew_s >= self.lease_ttl_s:
+            raise ValueError("lease_renew_s must be shorter than lease_ttl_s, or leases lapse between renewals")
+        return self
+
+
 class Settings(_Section):
     data_dir: Path = Path("var")
     redis_url: str | None = None
@@ -122,6 +151,7 @@ class Settings(_Section):
     models: list[ModelEntry] = Field(default_factory=list)
     llm: LLMSettings = LLMSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
+    finetune: FinetuneSettings = FinetuneSettings()
 
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
@@ -143,6 +173,19 @@ class Settings(_Section):
     @property
     def models_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def redis_address(self) -> str:
+        """`redis_url`, or the embedded Redis that `make run` starts."""
+        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

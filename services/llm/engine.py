@@ -169,7 +169,6 @@ class LLMEngine:
         self._admitting = []
         if self._running:
             self._guarded(self._decode, self._running)
-        self._metrics.requests_running.set(len(self._running))
 
     def _guarded(self, phase: Callable[[list[Sequence]], None], seqs: list[Sequence]) -> None:
         seqs = list(seqs)
@@ -247,6 +246,7 @@ class LLMEngine:
         else:
             self._batch.extend(batch)  # all or nothing: the running rows are intact if this raises
         self._running.extend(seqs)
+        self._metrics.requests_running.set(len(self._running))  # before their first token is sent
         for seq in seqs:
             self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
         self._accept(seqs, tokens)
@@ -330,6 +330,7 @@ class LLMEngine:
         if len(keep) == len(self._running):
             return
         self._running = [self._running[i] for i in keep]
+        self._metrics.requests_running.set(len(self._running))
         if keep:
             self._batch.select(keep)
         else:
@@ -339,6 +340,7 @@ class LLMEngine:
         for seq in [*self._running, *self._admitting, *self._waiting.drain()]:
             self._finish(seq, error=error)
         self._running, self._admitting, self._batch = [], [], None
+        self._metrics.requests_running.set(0)
 
 
 def prompt_too_long(prompt_tokens: int, max_prefill_tokens: int) -> InvalidArgument:

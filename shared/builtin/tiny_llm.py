@@ -7,6 +7,7 @@ Hugging Face format and loaded with `from_pretrained` like any checkpoint.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from shared.builtin.corpus import stdlib_corpus
+from shared.locations import TRAINING_DEFAULTS_FILE
 
 BOS, EOS, PAD = "<s>", "</s>", "<pad>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -34,9 +36,12 @@ BUILD_VERSION = 2  # bump when a variant changes, so existing data dirs rebuild 
 VARIANTS: dict[str, tuple[int, dict]] = {
     # ~0.6M parameters: fast enough for every test. A long context (rotary positions, as in Llama 3) lets a
     # test hold a request running by construction: 100k tokens take minutes even at thousands per second.
+    # Weights drawn wider than transformers' default (std 0.3, not 0.02) give confident, not flat, logits,
+    # so a short fine-tuning job visibly moves the loss (≈9 → <0.01 on the bundled sample), p-tuning too.
     "tiny-llm": (
         4096,
         dict(
+            initializer_range=0.3,
             hidden_size=64,
             intermediate_size=176,
             num_hidden_layers=2,
@@ -93,6 +98,13 @@ def train_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     )
 
 
+# Fine-tuning defaults for jobs on these random-weight models (the fine-tune API reads them from the model
+# folder): the usual defaults for real checkpoints (2e-4, 3 epochs) barely move a random model.
+TRAINING_DEFAULTS = {
+    "tiny-llm": {"learning_rate": 5e-3, "epochs": 15, "p_tuning": {"learning_rate": 0.1, "epochs": 60}},
+}
+
+
 def build(name: str, out_dir: Path) -> None:
     """Write tokenizer, config, generation config and safetensors weights of `name` into `out_dir`."""
     vocab_size, fields = VARIANTS[name]
@@ -113,3 +125,5 @@ def build(name: str, out_dir: Path) -> None:
     )
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+    if name in TRAINING_DEFAULTS:
+        (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(TRAINING_DEFAULTS[name], indent=2))

@@ -17,6 +17,7 @@ from services.diffusion.params import ImageRequest
 from shared.adapters import AdapterStore
 from shared.errors import InvalidArgument, Unavailable
 from shared.loaders import load_diffusion_pipeline
+from tests.harness import wait_for
 
 
 @pytest.fixture
@@ -213,7 +214,8 @@ def test_a_fatal_device_error_ends_the_loop_and_fails_the_queue_with_unavailable
         for events in (gate, queued):
             error = events.result().error
             assert isinstance(error, Unavailable) and "restarting" in error.message
-        assert len(deaths) == 1 and not engine.alive
+        assert len(deaths) == 1
+        wait_for(lambda: not engine.alive, 60, "the engine thread to end")  # it fails the requests first
         with pytest.raises(Unavailable):
             engine.submit(ImageJob(image_request("late", 2), Events()))
     finally:

@@ -15,6 +15,7 @@ from services.llm.engine import FinishReason, Sequence
 from services.llm.params import SamplingConfig
 from shared.errors import InvalidArgument, Unavailable
 from shared.loaders import load_causal_lm
+from tests.harness import wait_for
 from tests.llm.engine_helpers import PROMPTS, Collector, GatedCollector, encode, make_engine, run
 
 MARK = 7  # a token id: a prefill whose prompt holds it fails as the test says
@@ -92,7 +93,7 @@ def test_a_fatal_device_error_stops_the_engine_and_fails_everything_with_unavail
             assert isinstance(final.error, Unavailable), final
             assert "restarting" in final.error.message
         assert len(deaths) == 1 and "illegal memory access" in str(deaths[0])
-        assert not engine.alive
+        wait_for(lambda: not engine.alive, 60, "the engine thread to end")  # it fails the requests first
         with pytest.raises(Unavailable):
             engine.submit(Sequence(encode(loaded, "z"), SamplingConfig(max_new_tokens=8), Collector()))
     finally:

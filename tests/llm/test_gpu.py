@@ -53,31 +53,49 @@ def start_engine(loaded, settings) -> LLMEngine:
     return engine
 
 
-def submit(engine, loaded, prompt: str, adapter: str | None) -> Collector:
+def submit(engine, loaded, prompt: str, adapter: str | None) -> tuple[Sequence, Collector]:
     collector = Collector()
     ids = loaded.tokenizer(prompt)["input_ids"]
-    engine.submit(Sequence(ids, SamplingConfig(max_new_tokens=24, ignore_eos=True), collector, adapter=adapter))
-    return collector
+    seq = Sequence(ids, SamplingConfig(max_new_tokens=24, ignore_eos=True), collector, adapter=adapter)
+    engine.submit(seq)
+    return seq, collector
+
+
+def near_tie(loaded, engine, seq: Sequence, alone: list[int], together: list[int]) -> bool:
+    """Where two greedy runs first part, were the two picks within half-precision rounding of each other?"""
+    at = next(i for i, (a, b) in enumerate(zip(alone, together, strict=True)) if a != b)
+    key = engine.adapters.acquire(seq.adapter) if seq.adapter else None
+    engine.adapters.set_rows([key])
+    ids = torch.tensor([seq.prompt_ids + alone[:at]], device=loaded.device)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=ids).logits[0, -1].float()
+    gap = (logits[alone[at]] - logits[together[at]]).abs().item()
+    return gap <= 0.02 * logits.abs().max().item() + 0.05
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)
 def test_half_precision_batch_with_mixed_adapters_agrees_with_each_request_alone(settings, adapters, device, dtype):
+    """Greedy texts of a mixed-adapter batch equal each request's solo run, except where a near-tie flips a
+    pick (a batch changes the order of half-precision sums): each such divergence must be a near-tie."""
     loaded = half_precision_model(settings, device, dtype)
     choices = [None, *adapters]
     rows = [choices[i % len(choices)] for i in range(len(PROMPTS))]
     engine = start_engine(loaded, settings)
     try:
-        alone = [
-            submit(engine, loaded, prompt, adapter).wait()[0] for prompt, adapter in zip(PROMPTS, rows, strict=True)
-        ]
+        alone = []
+        for prompt, adapter in zip(PROMPTS, rows, strict=True):
+            seq, collector = submit(engine, loaded, prompt, adapter)
+            collector.wait()
+            alone.append(seq.output_ids)
         together = [submit(engine, loaded, prompt, adapter) for prompt, adapter in zip(PROMPTS, rows, strict=True)]
-        finals = [c.wait() for c in together]
+        finals = [collector.wait()[1] for _, collector in together]
     finally:
         engine.shutdown()
-    assert all(f.error is None and f.finish_reason is FinishReason.LENGTH for _, f in finals)
-    same = sum(text == solo for (text, _), solo in zip(finals, alone, strict=True))
-    # bf16 rounding differs between batch shapes: a near-tie may flip one greedy pick, not more
-    assert same >= len(PROMPTS) - 1, f"only {same} of {len(PROMPTS)} greedy texts match their solo run"
+    assert all(f.error is None and f.finish_reason is FinishReason.LENGTH for f in finals)
+    diverged = [i for i, (seq, _) in enumerate(together) if seq.output_ids != alone[i]]
+    assert len(diverged) <= len(PROMPTS) // 2, f"{len(diverged)} of {len(PROMPTS)} requests diverged"
+    for i in diverged:
+        assert near_tie(loaded, engine, together[i][0], alone[i], together[i][0].output_ids), f"request {i}"
 
 
 @pytest.mark.parametrize(("device", "dtype"), DEVICES)

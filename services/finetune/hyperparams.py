@@ -1,0 +1,242 @@
+"""Fine-tuning hyperparameters: what a client sends, checked and completed with defaults before a job queues.
+
+Zero or empty means "the default for this model and data"; every default is filled in, so the job record
+shows exactly what trains. Errors name the field and the allowed range. Torch-free: the API runs this.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from shared.errors import InvalidArgument
+
+METHODS = ("lora", "dora", "rslora", "p_tuning")
+LLM_METHODS = METHODS
+DIFFUSION_METHODS = ("lora", "dora", "rslora")
+LR_SCHEDULERS = ("linear", "cosine", "constant")
+MIXED_PRECISION = ("no", "bf16", "fp16")
+
+# Linear layers a LoRA can target, by architecture (config.json `model_type`); the first list is the default.
+LLM_TARGETS: dict[str, tuple[list[str], list[str]]] = {
+    arch: (
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
+    )
+    for arch in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite")
+}
+LLM_TARGETS["gpt2"] = (["c_attn", "c_proj", "c_fc"], ["c_attn", "c_proj", "c_fc", "lm_head"])
+LLM_TARGETS["phi3"] = (
+    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    ["qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
+)
+# Other architectures: every linear layer but the output head (peft's "all-linear"); names are then
+# checked by the worker against the model itself.
+ANY_ARCHITECTURE: tuple[list[str], list[str] | None] = (["all-linear"], None)
+UNET_TARGETS = (
+    ["to_q", "to_k", "to_v", "to_out.0"],
+    ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
+)
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    method: str = ""
+    epochs: int = 0
+    max_steps: int = 0
+    learning_rate: float = 0.0
+    batch_size: int = 0
+    gradient_accumulation_steps: int = 0
+    lora_r: int = 0
+    lora_alpha: float = 0.0
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = ()
+    warmup_ratio: float = 0.0
+    lr_scheduler: str = ""
+    max_grad_norm: float = 0.0
+    mixed_precision: str = ""
+    validation_fraction: float = 0.0
+    early_stopping_patience: int = 0
+    seed: int | None = None
+    max_seq_length: int = 0
+    resolution: int = 0
+    save_steps: int = 0
+    profile_steps: int = 0
+    num_virtual_tokens: int = 0
+    eval_steps: int = 0
+    random_crop: bool = False
+    random_flip: bool = False
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["target_modules"] = list(self.target_modules)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Hyperparameters:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["target_modules"] = tuple(values.get("target_modules", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """What resolving needs to know of the dataset and the base model."""
+
+    kind: str  # "llm" or "diffusion"
+    num_records: int
+    architecture: str  # config.json model_type, or "unet"
+    context_length: int = 0  # LLM
+    native_resolution: int = 0  # diffusion
+    has_chat_template: bool = False
+    record_type: str = ""
+    model_defaults: dict = field(default_factory=dict)  # the model folder's own fine-tuning defaults
+    cuda_workers: bool | None = None  # None: no worker has said yet
+    max_steps_limit: int = 1_000_000
+    targets: tuple[list[str], list[str] | None] = field(default=UNET_TARGETS)
+
+
+def optimizer_steps_per_epoch(train_records: int, batch_size: int, accumulation: int) -> int:
+    """Full batches only (a partial last batch is dropped, as DDP needs), at least one step an epoch."""
+    micro_batches = max(1, train_records // batch_size)
+    return max(1, micro_batches // accumulation)
+
+
+def _finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise InvalidArgument(f"hyperparameters.{name} must be a finite number, got {value}")
+
+
+def _in_range(name: str, value: float, low: float, high: float, note: str = "") -> None:
+    _finite(name, value)
+    if not low <= value <= high:
+        raise InvalidArgument(f"hyperparameters.{name} must be in [{low:g}, {high:g}]{note}, got {value:g}")
+
+
+def _at_most(name: str, value: int, high: int) -> None:
+    if value > high:
+        raise InvalidArgument(f"hyperparameters.{name} must be at most {high}, got {value}")
+
+
+def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, int]:
+    """Check every field and fill in the defaults; returns the resolved set and the job's total steps."""
+    is_llm = data.kind == "llm"
+    method = hp.method or "lora"
+    allowed = LLM_METHODS if is_llm else DIFFUSION_METHODS
+    if method not in allowed:
+        raise InvalidArgument(
+            f"hyperparameters.method {method!r} is not available for {data.kind} models; "
+            f"use one of {', '.join(allowed)}"
+        )
+    for name, high in (("epochs", 1000), ("batch_size", 1024), ("gradient_accumulation_steps", 1024)):
+        _at_most(name, getattr(hp, name), high)
+    _at_most("max_steps", hp.max_steps, data.max_steps_limit)
+    _at_most("lora_r", hp.lora_r, 1024)
+    _at_most("profile_steps", hp.profile_steps, 50)
+    _at_most("num_virtual_tokens", hp.num_virtual_tokens, 512)
+    _at_most("early_stopping_patience", hp.early_stopping_patience, 1000)
+    if hp.learning_rate:
+        _in_range("learning_rate", hp.learning_rate, 1e-8, 1.0)
+    if hp.lora_alpha:
+        _in_range("lora_alpha", hp.lora_alpha, 1e-3, 1e4)
+    _in_range("lora_dropout", hp.lora_dropout, 0.0, 0.9)
+    _in_range("warmup_ratio", hp.warmup_ratio, 0.0, 0.9)
+    _in_range("max_grad_norm", hp.max_grad_norm, 0.0, 1e4)
+    _in_range("validation_fraction", hp.validation_fraction, 0.0, 0.5)
+    lr_scheduler = hp.lr_scheduler or "cosine"
+    if lr_scheduler not in LR_SCHEDULERS:
+        raise InvalidArgument(f"hyperparameters.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
+    mixed_precision = hp.mixed_precision or "no"
+    if mixed_precision not in MIXED_PRECISION:
+        raise InvalidArgument(f"hyperparameters.mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
+    if mixed_precision == "fp16" and data.cuda_workers is False:
+        raise InvalidArgument(
+            "hyperparameters.mixed_precision fp16 needs a CUDA worker and every worker here runs on the CPU; "
+            "use bf16 or no"
+        )
+
+    target_modules = hp.target_modules
+    if method == "p_tuning":
+        if target_modules:
+            raise InvalidArgument("hyperparameters.target_modules does not apply to p_tuning (it trains no layers)")
+        if data.record_type == "text":
+            raise InvalidArgument("p_tuning needs prompts to condition: use prompt/completion or chat records")
+    else:
+        defaults, allowed_targets = data.targets
+        target_modules = target_modules or tuple(defaults)
+        unknown = [t for t in target_modules if allowed_targets is not None and t not in allowed_targets]
+        if unknown:
+            raise InvalidArgument(
+                f"hyperparameters.target_modules {', '.join(unknown)} are not LoRA-able layers of this "
+                f"{data.architecture} model; choose from {', '.join(allowed_targets)}"
+            )
+    if data.record_type == "chat" and not data.has_chat_template:
+        raise InvalidArgument("the dataset holds chat records but the base model has no chat template")
+
+    max_seq_length = resolution = 0
+    if is_llm:
+        max_seq_length = hp.max_seq_length or min(512, data.context_length or 512)
+        if data.context_length and max_seq_length > data.context_length:
+            raise InvalidArgument(
+                f"hyperparameters.max_seq_length {max_seq_length} exceeds the model's context of {data.context_length}"
+            )
+        if hp.resolution:
+            raise InvalidArgument("hyperparameters.resolution applies to diffusion jobs only")
+    else:
+        resolution = hp.resolution or data.native_resolution
+        if resolution % 8 or not 8 <= resolution <= 2048:
+            raise InvalidArgument(f"hyperparameters.resolution must be a multiple of 8 in [8, 2048], got {resolution}")
+        if hp.max_seq_length:
+            raise InvalidArgument("hyperparameters.max_seq_length applies to LLM jobs only")
+
+    validation_fraction = hp.validation_fraction or (0.1 if data.num_records >= 20 else 0.0)
+    validation_records = math.floor(data.num_records * validation_fraction)
+    if validation_fraction and validation_records < 1:
+        raise InvalidArgument(
+            f"hyperparameters.validation_fraction {validation_fraction:g} of {data.num_records} records leaves no "
+            "validation record; raise it or upload more data"
+        )
+    train_records = data.num_records - validation_records
+    if train_records < 1:
+        raise InvalidArgument("the dataset leaves no training record after the validation split")
+    if hp.early_stopping_patience and not validation_records:
+        raise InvalidArgument("hyperparameters.early_stopping_patience needs a validation split (validation_fraction)")
+
+    suggested = {**data.model_defaults, **data.model_defaults.get(method, {})}
+    batch_size = hp.batch_size or (4 if is_llm else 1)
+    accumulation = hp.gradient_accumulation_steps or 1
+    epochs = hp.epochs or int(suggested.get("epochs", 3))
+    steps_per_epoch = optimizer_steps_per_epoch(train_records, batch_size, accumulation)
+    total_steps = hp.max_steps or steps_per_epoch * epochs
+    lora_r = hp.lora_r or (16 if is_llm else 8)
+    default_lr = 1e-2 if method == "p_tuning" else 2e-4
+    resolved = replace(
+        hp,
+        method=method,
+        epochs=epochs,
+        learning_rate=hp.learning_rate or float(suggested.get("learning_rate", default_lr)),
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        lora_r=0 if method == "p_tuning" else lora_r,
+        lora_alpha=0.0 if method == "p_tuning" else (hp.lora_alpha or 2.0 * lora_r),
+        target_modules=tuple(target_modules),
+        lr_scheduler=lr_scheduler,
+        max_grad_norm=hp.max_grad_norm or 1.0,
+        mixed_precision=mixed_precision,
+        validation_fraction=validation_fraction,
+        seed=42 if hp.seed is None else hp.seed,
+        max_seq_length=max_seq_length,
+        resolution=resolution,
+        save_steps=hp.save_steps or max(1, min(100, total_steps // 4)),
+        num_virtual_tokens=(hp.num_virtual_tokens or 20) if method == "p_tuning" else 0,
+        eval_steps=hp.eval_steps or max(1, steps_per_epoch),
+    )
+    if total_steps > data.max_steps_limit:
+        raise InvalidArgument(
+            f"this job would train {total_steps} steps; the limit is {data.max_steps_limit}: "
+            "lower epochs or set max_steps"
+        )
+    if is_llm and (hp.random_crop or hp.random_flip):
+        raise InvalidArgument("hyperparameters.random_crop and random_flip apply to diffusion jobs only")
+    return resolved, total_steps

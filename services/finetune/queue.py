@@ -1,0 +1,41 @@
+"""The Celery app of the fine-tune service: one task, "run attempt A of job J", on its own queue.
+
+Messages are acknowledged late (after the task returns), rejected back to the queue if the worker dies,
+and prefetched one at a time, so a worker never holds a job it is not running. Celery's own redelivery
+after a crash waits for the visibility timeout (set longer than any job, so a long job is never
+redelivered while it runs); quick recovery comes from the job leases in `services.finetune.jobs`.
+Torch-free: the API sends messages with `send_task` and never imports the worker.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+from kombu import Queue
+
+from shared.settings import Settings
+
+TRAIN_TASK = "modelworks.finetune.train"
+
+
+def make_celery(settings: Settings) -> Celery:
+    options = settings.finetune
+    app = Celery("modelworks.finetune", broker=settings.redis_address, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_queues=[Queue(options.queue, routing_key=options.queue)],
+        task_default_queue=options.queue,
+        task_ignore_result=True,  # a job's state lives in the job store, not in Celery's results
+        broker_transport_options={"visibility_timeout": options.visibility_timeout_s},
+        broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # ride out a Redis restart
+        worker_hijack_root_logger=False,
+        worker_send_task_events=False,
+        task_send_sent_event=False,
+    )
+    return app
+
+
+def enqueue(app: Celery, queue: str, job_id: str, attempt: int) -> None:
+    app.send_task(TRAIN_TASK, args=[job_id, attempt], queue=queue, task_id=f"{job_id}-{attempt}")

@@ -1,0 +1,207 @@
+"""gRPC servicer: translates `modelworks.finetune.v1` messages to `FineTuneAPI` calls and back."""
+
+from __future__ import annotations
+
+import asyncio
+
+from modelworks.finetune.v1 import finetune_pb2 as pb
+from modelworks.finetune.v1 import finetune_pb2_grpc
+from services.finetune.api import FineTuneAPI
+from services.finetune.datasets import DatasetRecord
+from services.finetune.events import follow_events
+from services.finetune.hyperparams import Hyperparameters
+from services.finetune.jobs import JobEvent, JobRecord, JobState
+from shared.adapters import AdapterInfo
+from shared.errors import InvalidArgument
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
+
+KINDS = {pb.JOB_KIND_LLM: "llm", pb.JOB_KIND_DIFFUSION: "diffusion"}
+KIND_ENUMS = {v: k for k, v in KINDS.items()}
+STATES = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+    JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
+}
+STATES_BY_ENUM = {v: k for k, v in STATES.items()}
+
+
+def hyperparameters_from_proto(message: pb.Hyperparameters) -> Hyperparameters:
+    values = {}
+    for field in Hyperparameters.__dataclass_fields__:
+        if field == "seed":
+            values["seed"] = message.seed if message.HasField("seed") else None
+        elif field == "target_modules":
+            values[field] = tuple(message.target_modules)
+        else:
+            values[field] = getattr(message, field)
+    return Hyperparameters(**values)
+
+
+def hyperparameters_to_proto(values: dict) -> pb.Hyperparameters:
+    message = pb.Hyperparameters()
+    for name, value in values.items():
+        if name == "target_modules":
+            message.target_modules.extend(value)
+        elif value is not None and name in pb.Hyperparameters.DESCRIPTOR.fields_by_name:
+            setattr(message, name, value)
+    return message
+
+
+def job_to_proto(job: JobRecord) -> pb.Job:
+    return pb.Job(
+        id=job.id,
+        kind=KIND_ENUMS[job.kind],
+        state=STATES[job.state],
+        base_model=job.base_model,
+        dataset_id=job.dataset_id,
+        adapter_name=job.adapter_name,
+        hyperparameters=hyperparameters_to_proto(job.hyperparameters),
+        step=job.step,
+        total_steps=job.total_steps,
+        train_loss=job.train_loss,
+        val_loss=job.val_loss,
+        error=job.error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        attempt=job.attempt,
+        worker=job.worker,
+        eta_seconds=job.eta_seconds,
+        learning_rate=job.learning_rate,
+        throughput=job.throughput,
+        resumed_from_step=job.resumed_from_step,
+        skipped_steps=job.skipped_steps,
+    )
+
+
+def event_to_proto(job_id: str, event: JobEvent) -> pb.JobEvent:
+    state = STATES.get(JobState(event.state), pb.JOB_STATE_UNSPECIFIED) if event.state else pb.JOB_STATE_UNSPECIFIED
+    return pb.JobEvent(
+        job_id=job_id,
+        state=state,
+        step=event.step,
+        total_steps=event.total_steps,
+        train_loss=event.train_loss,
+        val_loss=event.val_loss,
+        message=event.message,
+        time=event.time,
+        type=event.type,
+        learning_rate=event.learning_rate,
+        throughput=event.throughput,
+        eta_seconds=event.eta_seconds,
+        event_id=event.id,
+    )
+
+
+def dataset_to_proto(record: DatasetRecord) -> pb.Dataset:
+    return pb.Dataset(
+        id=record.id,
+        name=record.name,
+        format=record.format,
+        num_records=record.num_records,
+        size_bytes=record.size_bytes,
+        created_at=record.created_at,
+        record_type=record.record_type,
+        bundled=record.bundled,
+    )
+
+
+def adapter_to_proto(info: AdapterInfo) -> pb.Adapter:
+    return pb.Adapter(
+        name=info.name,
+        kind=KIND_ENUMS.get(info.kind, pb.JOB_KIND_UNSPECIFIED),
+        base_model=info.base_model,
+        job_id=info.job_id,
+        method=info.method,
+        created_at=info.created_at,
+        metrics={k: float(v) for k, v in info.metrics.items() if isinstance(v, int | float)},
+        version=info.version,
+    )
+
+
+class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
+    def __init__(self, api: FineTuneAPI, redis_url: str):
+        self.api = api
+        self._redis_url = redis_url
+
+    async def UploadDataset(self, request_iterator, context):
+        upload = None
+        try:
+            async for message in request_iterator:
+                which = message.WhichOneof("data")
+                if upload is None:
+                    if which != "info":
+                        raise InvalidArgument("the first UploadDatasetRequest must carry `info` (name and format)")
+                    upload = await asyncio.to_thread(self.api.datasets.begin, message.info.name, message.info.format)
+                elif which == "chunk":
+                    upload.write(message.chunk)
+                else:
+                    raise InvalidArgument("only the first UploadDatasetRequest may carry `info`; send chunks after it")
+            if upload is None:
+                raise InvalidArgument("the upload was empty: send `info`, then the file in chunks")
+            record = await asyncio.to_thread(self.api.datasets.accept, upload)
+            upload = None
+            return dataset_to_proto(record)
+        finally:
+            if upload is not None:
+                upload.discard()
+
+    async def ListDatasets(self, request, context):
+        records = await asyncio.to_thread(self.api.list_datasets)
+        return pb.ListDatasetsResponse(datasets=[dataset_to_proto(r) for r in records])
+
+    async def CreateJob(self, request, context):
+        job = await asyncio.to_thread(
+            self.api.create_job,
+            KINDS.get(request.kind, ""),
+            request.base_model,
+            request.dataset_id,
+            request.adapter_name,
+            hyperparameters_from_proto(request.hyperparameters),
+        )
+        return job_to_proto(job)
+
+    async def GetJob(self, request, context):
+        return job_to_proto(await asyncio.to_thread(self.api.get_job, request.id))
+
+    async def ListJobs(self, request, context):
+        if request.state and request.state not in STATES_BY_ENUM:
+            raise InvalidArgument(f"unknown job state {request.state}")
+        state = STATES_BY_ENUM.get(request.state)
+        jobs = await asyncio.to_thread(self.api.list_jobs, state, request.limit)
+        return pb.ListJobsResponse(jobs=[job_to_proto(j) for j in jobs])
+
+    async def CancelJob(self, request, context):
+        return job_to_proto(await asyncio.to_thread(self.api.cancel_job, request.id))
+
+    async def WatchJob(self, request, context):
+        await asyncio.to_thread(self.api.get_job, request.id)  # NOT_FOUND before the stream starts
+        async for event in follow_events(self._redis_url, self.api.jobs, request.id):
+            yield event_to_proto(request.id, event)
+
+    async def ListAdapters(self, request, context):
+        if request.kind and request.kind not in KINDS:
+            raise InvalidArgument(f"unknown job kind {request.kind}")
+        adapters = await asyncio.to_thread(self.api.list_adapters, KINDS.get(request.kind))
+        return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
+
+    async def DeleteAdapter(self, request, context):
+        await asyncio.to_thread(self.api.delete_adapter, request.name)
+        return pb.DeleteAdapterResponse()
+
+    async def ListBaseModels(self, request, context):
+        models = await asyncio.to_thread(self.api.base_models)
+        return pb.ListBaseModelsResponse(
+            models=[
+                pb.BaseModel(
+                    name=m.name,
+                    kind=KIND_ENUMS[m.kind],
+                    methods=list(m.methods),
+                    default_target_modules=list(m.default_target_modules),
+                )
+                for m in models
+            ]
+        )

@@ -1,0 +1,381 @@
+"""The training loop every recipe runs: accumulation, mixed precision, clipping, LR schedule, NaN skips,
+validation with early stopping, checkpoints and resume, profiling, DDP, and progress to the hooks.
+
+A recipe supplies the model (its trainable parameters already marked), the train and validation records,
+`loss_sum(model, records) -> (sum of per-item losses, items)` and `count_items(records)`; items are
+the tokens that carry loss for an LLM, images for diffusion. Each optimizer step's loss is that sum over
+every micro-batch of the step on every rank, divided by the global item count, so accumulation and DDP
+give the same gradients as one big batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+
+from services.finetune.training import checkpoint
+from services.finetune.training.batches import MicroBatches
+from services.finetune.training.checkpoint import LoopState
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[torch.nn.Module, list[Any]], tuple[torch.Tensor, int]]
+CountFn = Callable[[list[Any]], int]  # items (tokens, images) in records, without running the model
+
+
+class StopReason(StrEnum):
+    CANCELLED = "cancelled"  # the user asked: stop, keep nothing
+    PREEMPTED = "preempted"  # the worker is shutting down: checkpoint, hand the job back
+    LEASE_LOST = "lease_lost"  # another worker owns the job now: stop, write nothing
+
+
+class TrainingStopped(Exception):
+    def __init__(self, reason: StopReason, step: int):
+        super().__init__(f"training stopped at step {step}: {reason}")
+        self.reason, self.step = reason, step
+
+
+class TooManyBadSteps(Exception):
+    """The loss was NaN or infinite for more steps than allowed."""
+
+
+@dataclass(frozen=True)
+class StepReport:
+    step: int
+    total_steps: int
+    train_loss: float
+    learning_rate: float
+    throughput: float  # items (tokens or images) per second
+    eta_seconds: float
+    step_seconds: float
+
+
+class TrainingHooks(Protocol):
+    """How the loop reports; `step` may ask it to stop. Only rank 0's hooks are called."""
+
+    def started(self, resumed_from_step: int, total_steps: int) -> None: ...
+
+    def step(self, report: StepReport) -> StopReason | None: ...
+
+    def evaluated(self, step: int, val_loss: float, improved: bool) -> None: ...
+
+    def checkpointed(self, step: int) -> None: ...
+
+    def warning(self, message: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int
+    learning_rate: float
+    batch_size: int  # global: across accumulation micro-batches' ranks, per micro-batch
+    accumulation: int
+    lr_scheduler: str
+    warmup_ratio: float
+    max_grad_norm: float
+    mixed_precision: str  # no | bf16 | fp16
+    seed: int
+    eval_steps: int
+    early_stopping_patience: int
+    save_steps: int
+    profile_steps: int
+    max_bad_steps: int
+    weight_decay: float = 0.0
+
+
+@dataclass
+class TrainingResult:
+    steps: int
+    train_loss: float
+    val_loss: float | None
+    best_val_loss: float | None
+    stopped_early: bool
+    skipped_steps: int
+    resumed_from_step: int
+    seconds: float
+
+
+def lr_lambda(config: LoopConfig) -> Callable[[int], float]:
+    warmup = int(config.total_steps * config.warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, config.total_steps - warmup)
+        if config.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _autocast(device: torch.device, mixed_precision: str):
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _sum_across_ranks(*values: float, device: torch.device) -> list[float]:
+    if _world()[1] == 1:
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+class Trainer:
+    """One training run of a recipe's model; `run()` trains (resuming if a checkpoint exists)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        train_records: Sequence[Any],
+        val_records: Sequence[Any],
+        loss_sum: LossFn,
+        count_items: CountFn,
+        config: LoopConfig,
+        job_dir: Path,
+        hooks: TrainingHooks | None,
+        device: torch.device,
+    ):
+        self.rank, self.world_size = _world()
+        self.model = model
+        self.ddp_model = (
+            torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if self.world_size > 1
+            else model
+        )
+        self.train_records, self.val_records = train_records, val_records
+        self.loss_sum, self.count_items = loss_sum, count_items
+        self.config = config
+        self.job_dir = job_dir
+        self.hooks = hooks if self.rank == 0 else None
+        self.device = device
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        use_scaler = config.mixed_precision == "fp16" and device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+        self.batches = MicroBatches(len(train_records), config.batch_size, config.seed, self.rank, self.world_size)
+        self.state = LoopState()
+        self.best: dict[str, torch.Tensor] | None = None
+        self.history: list[float] = []  # train losses, for tests and the final report
+
+    # -- the run ------------------------------------------------------------------------------------
+
+    def run(self) -> TrainingResult:
+        started = time.perf_counter()
+        resumed_from = self._resume()
+        if self.hooks:
+            self.hooks.started(resumed_from, self.config.total_steps)
+        stopped_early = False
+        profiler = self._profiler(resumed_from)
+        window_start, window_items = time.perf_counter(), 0.0
+        while self.state.step < self.config.total_steps:
+            step_started = time.perf_counter()
+            loss, items = self._optimizer_step()
+            if profiler is not None:
+                profiler.step()
+                if self.state.step >= resumed_from + self.config.profile_steps:
+                    profiler.stop()
+                    profiler = None
+            window_items += items
+            if loss is not None:
+                self.history.append(loss)
+                self.state.last_train_loss = loss
+            elapsed = time.perf_counter() - window_start
+            throughput = window_items / elapsed if elapsed > 0 else 0.0
+            done = self.state.step - resumed_from
+            eta = (time.perf_counter() - started) / done * (self.config.total_steps - self.state.step) if done else 0
+            reason = self._report(
+                StepReport(
+                    step=self.state.step,
+                    total_steps=self.config.total_steps,
+                    train_loss=self.state.last_train_loss,
+                    learning_rate=self.scheduler.get_last_lr()[0],
+                    throughput=throughput,
+                    eta_seconds=eta,
+                    step_seconds=time.perf_counter() - step_started,
+                )
+            )
+            if reason is not None:
+                if reason is StopReason.PREEMPTED:
+                    self._checkpoint()
+                raise TrainingStopped(reason, self.state.step)
+            due = self.state.step % self.config.eval_steps == 0 or self.state.step == self.config.total_steps
+            if self.val_records and due and self._evaluate():
+                stopped_early = True
+                break
+            if self.state.step % self.config.save_steps == 0 and self.state.step < self.config.total_steps:
+                self._checkpoint()
+        if profiler is not None:
+            profiler.stop()
+        if self.best is not None:  # end on the best validated weights
+            checkpoint.load_trainable(self.model, self.best)
+        return TrainingResult(
+            steps=self.state.step,
+            train_loss=self.state.last_train_loss,
+            val_loss=self.state.last_val_loss if self.val_records else None,
+            best_val_loss=self.state.best_val_loss if self.val_records else None,
+            stopped_early=stopped_early,
+            skipped_steps=self.state.skipped_steps,
+            resumed_from_step=resumed_from,
+            seconds=time.perf_counter() - started,
+        )
+
+    def _optimizer_step(self) -> tuple[float | None, float]:
+        """One optimizer step over `accumulation` micro-batches; returns (mean loss or None if skipped, items)."""
+        self.model.train()
+        first = self.state.step * self.config.accumulation
+        micro = [
+            [self.train_records[i] for i in self.batches.indices(m)]
+            for m in range(first, first + self.config.accumulation)
+        ]
+        losses = []
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # the global item count first: it normalizes every micro-batch's loss
+            local_items = sum(self.count_items(records) for records in micro)
+        (global_items,) = _sum_across_ranks(float(local_items), device=self.device)
+        global_items = max(global_items, 1.0)
+        bad = False
+        for i, records in enumerate(micro):
+            last = i == len(micro) - 1
+            sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
+            with sync:
+                with _autocast(self.device, self.config.mixed_precision):
+                    loss_sum, _ = self.loss_sum(self.ddp_model, records)
+                loss = loss_sum.float() / global_items * self.world_size  # DDP averages over ranks
+                bad = bad or not bool(torch.isfinite(loss))
+                # backward even when bad: every rank must join DDP's gradient all-reduce; the step is dropped
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+            losses.append(float(loss_sum.detach().float()))
+        (bad_anywhere, loss_total) = _sum_across_ranks(float(bad), sum(losses), device=self.device)
+        if bad_anywhere or not math.isfinite(loss_total):
+            return self._skip_bad_step(), float(local_items)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.state.step += 1
+        return loss_total / global_items, float(local_items)
+
+    def _skip_bad_step(self) -> None:
+        """A NaN/Inf loss: drop this step's gradients, count it, and fail past the bound."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.skipped_steps += 1
+        self.state.step += 1  # its micro-batches are consumed: the next step reads fresh data
+        self.scheduler.step()
+        message = f"step {self.state.step}: the loss was NaN or infinite; the step was skipped"
+        if self.hooks:
+            self.hooks.warning(message)
+        log.warning(message)
+        if self.state.skipped_steps > self.config.max_bad_steps:
+            raise TooManyBadSteps(
+                f"the loss was NaN or infinite in {self.state.skipped_steps} steps (the limit is "
+                f"{self.config.max_bad_steps}); lower learning_rate, raise max_grad_norm's strictness or check the data"
+            )
+        return None
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean validation loss per item, over every rank's share of the validation records."""
+        self.model.eval()
+        total, items = 0.0, 0
+        size = max(1, self.config.batch_size // self.world_size)
+        mine = list(range(self.rank, len(self.val_records), self.world_size))
+        for start in range(0, len(mine), size):
+            records = [self.val_records[i] for i in mine[start : start + size]]
+            with _autocast(self.device, self.config.mixed_precision):
+                loss_sum, n = self.loss_sum(self.model, records)
+            total += float(loss_sum.float())
+            items += n
+        total, items = _sum_across_ranks(total, float(items), device=self.device)
+        return total / max(items, 1.0)
+
+    def _evaluate(self) -> bool:
+        """Validate; returns True when early stopping says to stop."""
+        val_loss = self.evaluate()
+        self.state.last_val_loss = val_loss
+        improved = val_loss < self.state.best_val_loss
+        if improved:
+            self.state.best_val_loss = val_loss
+            self.state.evals_without_improvement = 0
+            self.best = checkpoint.trainable_state(self.model)
+        else:
+            self.state.evals_without_improvement += 1
+        if self.hooks:
+            self.hooks.evaluated(self.state.step, val_loss, improved)
+        patience = self.config.early_stopping_patience
+        return bool(patience) and self.state.evals_without_improvement >= patience
+
+    def _report(self, report: StepReport) -> StopReason | None:
+        reason = self.hooks.step(report) if self.hooks else None
+        if self.world_size == 1:
+            return reason
+        code = torch.tensor([list(StopReason).index(reason) + 1 if reason else 0], device=self.device)
+        dist.broadcast(code, src=0)  # rank 0 decides for every rank
+        return list(StopReason)[int(code) - 1] if int(code) else None
+
+    def _checkpoint(self) -> None:
+        if self.rank == 0:
+            checkpoint.save(
+                self.job_dir, self.model, self.optimizer, self.scheduler, self.scaler, self.state, self.best
+            )
+            if self.hooks:
+                self.hooks.checkpointed(self.state.step)
+        if self.world_size > 1:
+            dist.barrier()
+
+    def _resume(self) -> int:
+        folder = checkpoint.latest(self.job_dir)
+        if folder is None:
+            torch.manual_seed(self.config.seed)
+            return 0
+        self.state, self.best = checkpoint.restore(folder, self.model, self.optimizer, self.scheduler, self.scaler)
+        log.info("resumed from a checkpoint", extra={"step": self.state.step, "checkpoint": folder.name})
+        return self.state.step
+
+    def _profiler(self, first_step: int):
+        if not self.config.profile_steps or self.rank != 0:
+            return None
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        folder = self.job_dir / "profile"
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def export(profiler) -> None:
+            profiler.export_chrome_trace(str(folder / f"trace-step{first_step + 1}.json"))
+
+        profiler = torch.profiler.profile(activities=activities, record_shapes=True, on_trace_ready=export)
+        profiler.start()
+        return profiler

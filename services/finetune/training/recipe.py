@@ -1,0 +1,89 @@
+"""What a recipe is given and what it must do (torchtune's shape: setup / train / save / cleanup).
+
+Recipes live in `services.finetune.recipes` and are found by job kind through `RECIPES` (module paths,
+imported on use): nothing in the library imports a recipe.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from services.finetune.hyperparams import Hyperparameters
+from services.finetune.training.loop import LoopConfig, TrainingHooks, TrainingResult
+from shared.settings import ModelEntry, Settings
+
+RECIPES = {
+    "llm": "services.finetune.recipes.llm:LLMRecipe",
+    "diffusion": "services.finetune.recipes.diffusion:DiffusionRecipe",
+}
+
+
+@dataclass
+class RecipeContext:
+    job_id: str
+    base_model: ModelEntry
+    dataset_path: Path
+    hyperparameters: Hyperparameters
+    total_steps: int
+    settings: Settings
+    device: torch.device
+    job_dir: Path  # checkpoints, TensorBoard events, profiler traces
+    hooks: TrainingHooks | None  # None on DDP ranks other than 0
+
+    def loop_config(self) -> LoopConfig:
+        hp = self.hyperparameters
+        return LoopConfig(
+            total_steps=self.total_steps,
+            learning_rate=hp.learning_rate,
+            batch_size=hp.batch_size,
+            accumulation=hp.gradient_accumulation_steps,
+            lr_scheduler=hp.lr_scheduler,
+            warmup_ratio=hp.warmup_ratio,
+            max_grad_norm=hp.max_grad_norm,
+            mixed_precision=hp.mixed_precision,
+            seed=hp.seed if hp.seed is not None else 42,
+            eval_steps=hp.eval_steps,
+            early_stopping_patience=hp.early_stopping_patience,
+            save_steps=hp.save_steps,
+            profile_steps=hp.profile_steps,
+            max_bad_steps=self.settings.finetune.max_bad_steps,
+        )
+
+    def base_dtype(self) -> torch.dtype:
+        """Frozen base weights in the autocast dtype on GPUs (half the memory); float32 elsewhere."""
+        if self.device.type != "cuda" or self.hyperparameters.mixed_precision == "no":
+            return torch.float32
+        return torch.bfloat16 if self.hyperparameters.mixed_precision == "bf16" else torch.float16
+
+
+class Recipe(Protocol):
+    def __init__(self, context: RecipeContext) -> None: ...
+
+    def setup(self) -> None:
+        """Load the base model and the data, attach the adapter to train."""
+
+    def train(self) -> TrainingResult:
+        """Run the training loop (resuming from the job's checkpoint if there is one)."""
+
+    def save(self, out_dir: Path) -> dict:
+        """Write the adapter in the format the serving side loads; returns extra metadata for the store."""
+
+    def cleanup(self) -> None:
+        """Free what setup took (GPU memory above all)."""
+
+
+def load_recipe(kind: str) -> type[Recipe]:
+    module, _, name = RECIPES[kind].partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split: the same job always validates on the same records."""
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = int(len(records) * validation_fraction)
+    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
