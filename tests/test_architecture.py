@@ -43,3 +43,36 @@ def test_no_service_imports_another_service():
                 if parts[0] == "services" and len(parts) > 1 and parts[1] != service.name:
                     offenders.append(f"{path.relative_to(REPO_ROOT)} imports {module}")
     assert not offenders
+
+
+def _imports_torch(*modules: str) -> bool:
+    """Whether importing `modules` in a fresh interpreter pulls in torch (or transformers, diffusers)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        + "".join(f"import {m}\n" for m in modules)
+        + "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'peft') if m in sys.modules]\n"
+        + "print(','.join(heavy))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_the_finetune_api_never_imports_torch():
+    loaded = _imports_torch(
+        "services.finetune.__main__", "services.finetune.app", "services.finetune.servicer", "services.finetune.api"
+    )
+    assert loaded == "", f"the fine-tune API imports {loaded}"
+
+
+def test_library_code_never_imports_a_recipe():
+    offenders = {
+        str(p.relative_to(REPO_ROOT)): m
+        for p in [*python_files("shared"), *python_files("services")]
+        if "recipes" not in p.parts
+        for m in imported_modules(p)
+        if m.startswith("services.finetune.recipes")
+    }
+    assert not offenders

@@ -98,9 +98,8 @@ class TrainingData:
 
 
 def optimizer_steps_per_epoch(train_records: int, batch_size: int, accumulation: int) -> int:
-    """Full batches only (a partial last batch is dropped, as DDP needs), at least one step an epoch."""
-    micro_batches = max(1, train_records // batch_size)
-    return max(1, micro_batches // accumulation)
+    """Full optimizer batches only (a partial last one is dropped, as DDP needs), at least one step an epoch."""
+    return max(1, train_records // (batch_size * accumulation))
 
 
 def _finite(name: str, value: float) -> None:

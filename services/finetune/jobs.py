@@ -224,7 +224,7 @@ if state == 'queued' then
     'message', 'cancelled before it started')
   redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
   if redis.call('GET', KEYS[4]) == redis.call('HGET', KEYS[1], 'id') then redis.call('DEL', KEYS[4]) end
-  return 'cancelled'
+  return 'done'
 end
 if state == 'running' then
   if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
@@ -249,6 +249,17 @@ return attempt
 """
 
 
+# KEYS: job, lease, events. ARGV: token, now, message
+_RELEASE = """
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+redis.call('DEL', KEYS[2])
+local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '')
+redis.call('XADD', KEYS[3], '*', 'type', 'state', 'state', 'queued', 'time', ARGV[2], 'message', ARGV[3])
+return attempt
+"""
+
+
 def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
@@ -264,6 +275,7 @@ class JobStore:
         self._finish = client.register_script(_FINISH)
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
+        self._release = client.register_script(_RELEASE)
 
     # -- keys -----------------------------------------------------------------------------------------
 
@@ -365,7 +377,7 @@ class JobStore:
         ).decode()
         if outcome == "missing":
             raise NotFound(f"job {job_id!r} not found")
-        if outcome not in ("cancelled", "requested"):
+        if outcome not in ("done", "requested"):
             raise FailedPrecondition(f"job {job_id!r} already {outcome}; only queued or running jobs can be cancelled")
         return self.get(job_id)
 
@@ -427,6 +439,15 @@ class JobStore:
                 args=[token or "", len(values), *values, *_flatten(event.to_fields())],
             )
         )
+
+    def release(self, job_id: str, token: str, message: str) -> int | None:
+        """Hand a running job back to the queue at the next attempt (its worker is stopping); the caller
+        sends the message. None if the lease was already lost."""
+        attempt = self._release(
+            keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
+            args=[token, time.time(), message],
+        )
+        return int(attempt) if attempt else None
 
     def requeue_expired(self) -> list[tuple[str, int]]:
         """RUNNING jobs whose lease lapsed become QUEUED at the next attempt; returns (job id, attempt) to send."""

@@ -8,12 +8,19 @@ is pinned, the slots grow.
 Every acquire reads the adapter's metadata from the store (one small file), so a deleted adapter is
 refused and a replaced one (a new `version`) is loaded afresh: a slot is keyed by name and version, and
 sequences still running on the old version finish on it.
+
+P-tuning adapters (peft's `P_TUNING`) hold no layer weights, only virtual-token embeddings that the
+engine puts in front of the prompt at prefill; they share the LRU but take no LoRA slot.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import OrderedDict
+
+import torch
+from safetensors.torch import load_file
 
 from services.llm import metrics
 from services.llm.lora import MultiLora
@@ -32,13 +39,27 @@ class LoraAdapterCache:
         self._capacity = capacity
         self._model_name = model_name
         self._model_source = model_source
+        self._model = model
         self._lora = MultiLora(model, slots=capacity)
-        self._slots: OrderedDict[AdapterKey, int] = OrderedDict()  # least recently used first
+        self._slots: OrderedDict[AdapterKey, int | None] = OrderedDict()  # LRU first; None: a p-tuning adapter
         self._users: dict[AdapterKey, int] = {}  # running sequences per loaded adapter
+        self._prompts: dict[AdapterKey, torch.Tensor] = {}  # p-tuning: (virtual tokens, hidden) embeddings
 
     def resolve(self, name: str) -> AdapterInfo:
         """Check that adapter `name` exists and fits this model (any thread)."""
         return self._store.get_for(name, "llm", (self._model_name, self._model_source))
+
+    def virtual_tokens(self, name: str) -> int:
+        """How many virtual tokens adapter `name` puts before a prompt (0 for LoRA adapters; any thread)."""
+        try:
+            config = json.loads((self._store.path(name) / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return 0  # unreadable: the load itself reports it
+        return int(config.get("num_virtual_tokens") or 0) if config.get("peft_type") == "P_TUNING" else 0
+
+    def prefix(self, key: AdapterKey | None) -> torch.Tensor | None:
+        """The virtual-token embeddings of a loaded p-tuning adapter, else None."""
+        return self._prompts.get(key) if key is not None else None
 
     @property
     def loaded(self) -> list[str]:
@@ -59,27 +80,34 @@ class LoraAdapterCache:
 
     def set_rows(self, keys: list[AdapterKey | None]) -> None:
         """Point each row of the next forward at its adapter's slot (None: the base model)."""
-        self._lora.set_rows([self._slots[k] if k else None for k in keys])
+        self._lora.set_rows([self._slots[k] if k else None for k in keys])  # p-tuning rows: None, no LoRA
 
     def _load(self, name: str, key: AdapterKey) -> AdapterKey:
         self._evict_unused(keep=self._capacity - 1)
-        slot = self._free_slot()
+        prompt = self.virtual_tokens(name) > 0
+        slot = None if prompt else self._free_slot()
         for _attempt in range(2):  # the adapter may be replaced while its files are read: read it again
             try:
-                self._lora.load(slot, self._store.path(name))
-            except ServiceError:
-                self._lora.clear(slot)
-                raise
-            except Exception as exc:  # unreadable or truncated files and the like
-                self._lora.clear(slot)
+                if prompt:
+                    self._prompts[key] = self._read_prompt(name)
+                else:
+                    self._lora.load(slot, self._store.path(name))
+            except Exception as exc:
+                self._prompts.pop(key, None)
+                if slot is not None:
+                    self._lora.clear(slot)
+                if isinstance(exc, ServiceError):
+                    raise
                 log.warning("adapter load failed", extra={"adapter": name, "error": repr(exc)})
                 raise FailedPrecondition(
-                    f"adapter {name!r} could not be loaded: its files are missing, unreadable or not a PEFT LoRA "
+                    f"adapter {name!r} could not be loaded: its files are missing, unreadable or not a PEFT "
                     "adapter for this model; save it again"
                 ) from exc
             current = (name, self.resolve(name).version)
             if current == key:
                 break
+            if prompt:
+                self._prompts[current] = self._prompts.pop(key)
             key = current
         self._slots[key] = slot
         self._users[key] = 0
@@ -88,15 +116,29 @@ class LoraAdapterCache:
         log.info("adapter loaded", extra={"adapter": name, "version": key[1], "model": self._model_name, "slot": slot})
         return key
 
+    def _read_prompt(self, name: str) -> torch.Tensor:
+        embeddings = load_file(str(self._store.path(name) / "adapter_model.safetensors"))["prompt_embeddings"]
+        hidden = self._model.get_input_embeddings().embedding_dim
+        if embeddings.ndim != 2 or embeddings.shape[1] != hidden:
+            raise FailedPrecondition(
+                f"adapter {name!r} has virtual tokens of width {embeddings.shape[-1]}; this model's is {hidden}"
+            )
+        weight = self._model.get_input_embeddings().weight
+        return embeddings.to(device=weight.device, dtype=weight.dtype)
+
     def _free_slot(self) -> int:
-        used = set(self._slots.values())
+        used = {s for s in self._slots.values() if s is not None}
         return next(s for s in range(len(used) + 1) if s not in used)
 
     def _evict_unused(self, keep: int) -> None:
         for key in [k for k in self._slots if self._users[k] == 0]:
             if len(self._slots) <= keep:
                 break
-            self._lora.clear(self._slots.pop(key))
+            slot = self._slots.pop(key)
+            if slot is None:
+                del self._prompts[key]
+            else:
+                self._lora.clear(slot)
             del self._users[key]
             metrics.ADAPTER_EVICTIONS.labels(self._model_name).inc()
             log.info("adapter evicted", extra={"adapter": key[0], "version": key[1], "model": self._model_name})

@@ -74,19 +74,35 @@ def _pad_seq(states: torch.Tensor, length: int) -> torch.Tensor:
     return F.pad(states, (0, 0, length - states.shape[2], 0))
 
 
-def prefill(model, prompts: list[list[int]], pad_id: int) -> tuple[KVBatch, torch.Tensor]:
-    """Run the prompts (left-padded into one batch); return their KV batch and last-position logits (B, V)."""
+def prefill(
+    model, prompts: list[list[int]], pad_id: int, prefixes: list[torch.Tensor | None] | None = None
+) -> tuple[KVBatch, torch.Tensor]:
+    """Run the prompts (left-padded into one batch); return their KV batch and last-position logits (B, V).
+
+    A row's `prefixes` entry (p-tuning's virtual tokens, (n, hidden)) goes in front of its prompt as
+    embeddings, at positions 0..n-1, as peft places them; the prompt follows at n.
+    """
     device = model.device
-    length = max(len(p) for p in prompts)
+    prefixes = prefixes or [None] * len(prompts)
+    lengths = [len(p) + (0 if e is None else e.shape[0]) for p, e in zip(prompts, prefixes, strict=True)]
+    length = max(lengths)
     input_ids = torch.full((len(prompts), length), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), length), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
+    for row, (prompt, total) in enumerate(zip(prompts, lengths, strict=True)):
         input_ids[row, length - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, length - len(prompt) :] = 1
+        attention_mask[row, length - total :] = 1
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    logits = _forward(model, input_ids, attention_mask, position_ids, cache)
+    inputs_embeds = None
+    if any(e is not None for e in prefixes):
+        with torch.inference_mode():
+            inputs_embeds = model.get_input_embeddings()(input_ids)
+            for row, (prefix, total) in enumerate(zip(prefixes, lengths, strict=True)):
+                if prefix is not None:
+                    start = length - total
+                    inputs_embeds[row, start : start + prefix.shape[0]] = prefix.to(inputs_embeds.dtype)
+    logits = _forward(model, input_ids, attention_mask, position_ids, cache, inputs_embeds)
     return KVBatch(cache, attention_mask), logits
 
 
@@ -100,9 +116,10 @@ def decode(model, batch: KVBatch, last_tokens: list[int], positions: list[int]) 
 
 
 @torch.inference_mode()
-def _forward(model, input_ids, attention_mask, position_ids, cache) -> torch.Tensor:
+def _forward(model, input_ids, attention_mask, position_ids, cache, inputs_embeds=None) -> torch.Tensor:
     out = model(
-        input_ids=input_ids,
+        input_ids=None if inputs_embeds is not None else input_ids,
+        inputs_embeds=inputs_embeds,
         attention_mask=attention_mask,
         position_ids=position_ids,
         cache=cache,

@@ -83,6 +83,7 @@ class Sequence:
         self.stop_matcher = StopStringMatcher(config.stop)
         self.sampler: RowSampler | None = None
         self.adapter_key: AdapterKey | None = None  # the adapter version it runs on, pinned while it runs
+        self.virtual_tokens = 0  # a p-tuning adapter's embeddings before the prompt
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -90,7 +91,7 @@ class Sequence:
     @property
     def position(self) -> int:
         """Position id of the newest token (the next decode input)."""
-        return len(self.prompt_ids) + len(self.output_ids) - 1
+        return self.virtual_tokens + len(self.prompt_ids) + len(self.output_ids) - 1
 
 
 class LLMEngine:
@@ -236,7 +237,10 @@ class LLMEngine:
         """Prefill the admitted sequences on their own, then merge them into the running batch."""
         device = self._model.device
         self._select_adapters(seqs)
-        batch, logits = prefill(self._model, [s.prompt_ids for s in seqs], self._pad_id)
+        prefixes = [self.adapters.prefix(s.adapter_key) for s in seqs] if self.adapters is not None else None
+        for seq, prefix in zip(seqs, prefixes or [None] * len(seqs), strict=True):
+            seq.virtual_tokens = 0 if prefix is None else prefix.shape[0]
+        batch, logits = prefill(self._model, [s.prompt_ids for s in seqs], self._pad_id, prefixes)
         for seq in seqs:
             seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer, seq.prompt_ids)

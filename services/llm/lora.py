@@ -9,7 +9,12 @@ adapters of all slots side by side:
 
 and a step computes  y = base(x) + ((x @ Aᵀ) ⊙ mask) @ Bᵀ,  where the per-row mask (B, 1, S·r) keeps
 only the columns of that row's slot. Two small matmuls per layer, whatever the mix of adapters.
-Adapters are read from PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
+
+DoRA (peft's `use_dora`) rescales each output feature of the adapted weight to a learned magnitude m:
+y = (m / ‖W₀ + s·BA‖_row) ⊙ (x·W₀ᵀ + s·x·Aᵀ·Bᵀ) + bias. The norm depends only on the adapter, so each
+slot's factor g = m / ‖W₀ + s·BA‖_row is computed once at load; a forward whose batch has a DoRA row
+multiplies each row by its slot's g (ones for LoRA slots and the base model). rsLoRA is LoRA with the
+scaling alpha/√r. Adapters are read from PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,6 +32,7 @@ from torch import nn
 from shared.errors import FailedPrecondition
 
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
+_MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
 
 
 class LoraBatchState:
@@ -33,6 +40,22 @@ class LoraBatchState:
 
     def __init__(self) -> None:
         self.mask: torch.Tensor | None = None  # (B, 1, S·r) or None when every row is the base model
+        self.scale_rows: torch.Tensor | None = None  # (B,) slot per row (base rows: the ones-row), DoRA only
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One adapted layer: A (r, in), B·scaling (out, r), and DoRA's magnitude (out,) if it has one."""
+
+    A: torch.Tensor
+    B: torch.Tensor
+    magnitude: torch.Tensor | None = None
+
+
+def dora_factor(base_weight: torch.Tensor, weights: LayerWeights) -> torch.Tensor:
+    """m / ‖W₀ + s·BA‖ per output feature (peft's DoRA; the scaling is already in B), in float32."""
+    adapted = base_weight.float() + weights.B.float().to(base_weight.device) @ weights.A.float().to(base_weight.device)
+    return weights.magnitude.float().to(base_weight.device) / torch.linalg.norm(adapted, dim=1)
 
 
 class MultiLoraLinear(nn.Module):
@@ -43,6 +66,8 @@ class MultiLoraLinear(nn.Module):
         factory = {"device": base.weight.device, "dtype": base.weight.dtype}
         self.register_buffer("lora_A", torch.zeros(slots * rank, base.in_features, **factory), persistent=False)
         self.register_buffer("lora_B", torch.zeros(base.out_features, slots * rank, **factory), persistent=False)
+        # DoRA factors: row s is slot s's m/‖W₀+s·BA‖ (ones for LoRA slots); the last row is the base's ones
+        self.register_buffer("dora_scale", torch.ones(slots + 1, base.out_features, **factory), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -50,27 +75,40 @@ class MultiLoraLinear(nn.Module):
         if mask is None:
             return y
         h = (x @ self.lora_A.T) * mask  # (B, T, S·r)
-        return y + h @ self.lora_B.T
+        y = y + h @ self.lora_B.T
+        if self.state.scale_rows is None:
+            return y
+        scale = self.dora_scale.index_select(0, self.state.scale_rows)[:, None, :]  # (B, 1, out)
+        if self.base.bias is None:
+            return y * scale
+        return (y - self.base.bias) * scale + self.base.bias
 
     def resize(self, slots: int, rank: int, old_rank: int) -> None:
         """Re-lay the stacked weights for `slots` slots of rank `rank`, keeping the loaded ones."""
-        old_slots = self.lora_A.shape[0] // old_rank if old_rank else 0
+        old_slots = self.dora_scale.shape[0] - 1
         A = self.lora_A.new_zeros(slots * rank, self.base.in_features)
         B = self.lora_B.new_zeros(self.base.out_features, slots * rank)
+        scale = self.dora_scale.new_ones(slots + 1, self.base.out_features)
         for s in range(min(old_slots, slots)):
-            A[s * rank : s * rank + old_rank] = self.lora_A[s * old_rank : (s + 1) * old_rank]
-            B[:, s * rank : s * rank + old_rank] = self.lora_B[:, s * old_rank : (s + 1) * old_rank]
-        self.lora_A, self.lora_B = A, B
+            if old_rank:
+                A[s * rank : s * rank + old_rank] = self.lora_A[s * old_rank : (s + 1) * old_rank]
+                B[:, s * rank : s * rank + old_rank] = self.lora_B[:, s * old_rank : (s + 1) * old_rank]
+            scale[s] = self.dora_scale[s]
+        self.lora_A, self.lora_B, self.dora_scale = A, B, scale
 
-    def write_slot(self, slot: int, rank: int, A: torch.Tensor | None, B: torch.Tensor | None) -> None:
-        """Put an adapter's (r, in) / (out, r) matrices in `slot`, or zeros when A is None."""
+    def write_slot(self, slot: int, rank: int, weights: LayerWeights | None) -> None:
+        """Put an adapter's layer in `slot`, or clear the slot when `weights` is None."""
         block = slice(slot * rank, (slot + 1) * rank)
         self.lora_A[block] = 0
         self.lora_B[:, block] = 0
-        if A is not None:
-            r = A.shape[0]
-            self.lora_A[slot * rank : slot * rank + r] = A.to(self.lora_A)
-            self.lora_B[:, slot * rank : slot * rank + r] = B.to(self.lora_B)
+        self.dora_scale[slot] = 1
+        if weights is None:
+            return
+        r = weights.A.shape[0]
+        self.lora_A[slot * rank : slot * rank + r] = weights.A.to(self.lora_A)
+        self.lora_B[:, slot * rank : slot * rank + r] = weights.B.to(self.lora_B)
+        if weights.magnitude is not None:
+            self.dora_scale[slot] = dora_factor(self.base.weight, weights).to(self.dora_scale)
 
 
 class MultiLora:
@@ -83,32 +121,41 @@ class MultiLora:
         self.rank = 0
         self.layers: dict[str, MultiLoraLinear] = {}
         self._columns_slot: torch.Tensor | None = None
+        self._dora_slots: set[int] = set()
 
     def load(self, slot: int, adapter_dir: Path) -> None:
-        """Read a PEFT LoRA adapter and write it into `slot`; raises FailedPrecondition if it cannot apply."""
+        """Read a PEFT LoRA/DoRA adapter and write it into `slot`; FailedPrecondition if it cannot apply."""
         weights = read_peft_lora(adapter_dir, self.model)
-        rank = max(A.shape[0] for A, _ in weights.values())
+        rank = max(w.A.shape[0] for w in weights.values())
         if rank > self.rank or slot >= self.slots:
             self._resize(max(self.slots, slot + 1), max(rank, self.rank))
         for name in weights.keys() - self.layers.keys():
             self._wrap(name)
         for name, layer in self.layers.items():
-            A, B = weights.get(name, (None, None))
-            layer.write_slot(slot, self.rank, A, B)
+            layer.write_slot(slot, self.rank, weights.get(name))
+        if any(w.magnitude is not None for w in weights.values()):
+            self._dora_slots.add(slot)
+        else:
+            self._dora_slots.discard(slot)
 
     def clear(self, slot: int) -> None:
         for layer in self.layers.values():
-            layer.write_slot(slot, self.rank, None, None)
+            layer.write_slot(slot, self.rank, None)
+        self._dora_slots.discard(slot)
 
     def set_rows(self, row_slots: list[int | None]) -> None:
         """Choose each row's slot for the next forward (None: the base model)."""
         if not self.layers or all(s is None for s in row_slots):
-            self.state.mask = None
+            self.state.mask = self.state.scale_rows = None
             return
         device = next(iter(self.layers.values())).lora_A.device
         dtype = next(iter(self.layers.values())).lora_A.dtype
         rows = torch.tensor([-1 if s is None else s for s in row_slots], device=device)
         self.state.mask = (rows[:, None] == self._columns_slot[None, :]).to(dtype)[:, None, :]
+        if any(s in self._dora_slots for s in row_slots):
+            self.state.scale_rows = torch.where(rows < 0, self.slots, rows)  # base rows: the ones-row
+        else:
+            self.state.scale_rows = None
 
     def _wrap(self, name: str) -> None:
         parent_name, _, child = name.rpartition(".")
@@ -125,12 +172,12 @@ class MultiLora:
         self._columns_slot = torch.arange(slots, device=device).repeat_interleave(rank)
 
 
-def read_peft_lora(adapter_dir: Path, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Module name -> (A, B·scaling) of a PEFT LoRA adapter, checked against `model`'s layers."""
+def read_peft_lora(adapter_dir: Path, model: nn.Module) -> dict[str, LayerWeights]:
+    """Module name -> its LoRA (or DoRA) weights of a PEFT adapter, checked against `model`'s layers."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("peft_type", "LORA") != "LORA":
-        raise FailedPrecondition(f"adapter type {config.get('peft_type')!r} is not supported; only LoRA is")
-    unsupported = [k for k in ("use_dora", "modules_to_save") if config.get(k)]
+        raise FailedPrecondition(f"adapter type {config.get('peft_type')!r} is not a LoRA adapter")
+    unsupported = [k for k in ("modules_to_save",) if config.get(k)]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
     if unsupported:
@@ -138,27 +185,33 @@ def read_peft_lora(adapter_dir: Path, model: nn.Module) -> dict[str, tuple[torch
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        match = _KEY_RE.match(key)
-        if match is None:
+        if match := _MAGNITUDE_RE.match(key):
+            pairs.setdefault(match["module"], {})["m"] = tensor
+        elif match := _KEY_RE.match(key):
+            pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        else:
             raise FailedPrecondition(f"the adapter has a weight this server cannot apply: {key}")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
     modules = dict(model.named_modules())
     out = {}
-    for name, pair in pairs.items():
+    for name, parts in pairs.items():
         module = modules.get(name)
         if isinstance(module, MultiLoraLinear):
             module = module.base
-        if not isinstance(module, nn.Linear) or set(pair) != {"A", "B"}:
+        if not isinstance(module, nn.Linear) or not {"A", "B"} <= set(parts):
             raise FailedPrecondition(f"the adapter's layer {name!r} does not match a linear layer of the model")
-        A, B = pair["A"], pair["B"]
+        A, B, magnitude = parts["A"], parts["B"], parts.get("m")
         r = A.shape[0]
         if A.shape != (r, module.in_features) or B.shape != (module.out_features, r):
             raise FailedPrecondition(f"the adapter's layer {name!r} has shapes that do not fit the model")
+        if magnitude is not None and magnitude.reshape(-1).shape != (module.out_features,):
+            raise FailedPrecondition(f"the adapter's DoRA magnitude of {name!r} does not fit the model")
         alpha = _pattern_value(config.get("alpha_pattern") or {}, name, config.get("lora_alpha", 8))
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        out[name] = (A, B * scaling)
+        out[name] = LayerWeights(A, B * scaling, None if magnitude is None else magnitude.reshape(-1))
     if not out:
         raise FailedPrecondition("the adapter has no LoRA weights")
+    if config.get("use_dora") and any(w.magnitude is None for w in out.values()):
+        raise FailedPrecondition("the adapter says it is DoRA but lacks magnitude vectors")
     return out
 
 

@@ -106,15 +106,17 @@ class ServedLLM:
         """Validate a request and turn it into an engine sequence (not yet submitted)."""
         if bool(prompt) == bool(messages):
             raise InvalidArgument("set exactly one of prompt or messages")
+        virtual_tokens = 0
         if adapter:
             validate_adapter_name(adapter)
             self.adapters.resolve(adapter)
+            virtual_tokens = self.adapters.virtual_tokens(adapter)  # p-tuning: they take context too
         prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages)
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
-        config = resolve_sampling(sampling, len(prompt_ids), self.limits)
-        if len(prompt_ids) > self.max_prefill_tokens:
-            raise prompt_too_long(len(prompt_ids), self.max_prefill_tokens)
+        config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
+        if len(prompt_ids) + virtual_tokens > self.max_prefill_tokens:
+            raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prefill_tokens)
         return Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
 
     def start(self, on_death=None) -> None:

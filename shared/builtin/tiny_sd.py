@@ -14,6 +14,11 @@ import torch
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from shared.builtin.corpus import stdlib_corpus
+from shared.locations import TRAINING_DEFAULTS_FILE
+
+BUILD_VERSION = 2  # bump when the recipe changes, so existing data dirs rebuild it
+# Fine-tuning defaults for jobs on this random-weight model (see shared.locations.TRAINING_DEFAULTS_FILE)
+TRAINING_DEFAULTS = {"learning_rate": 1e-3}
 
 SEED = 4321
 VOCAB_SIZE = 2048
@@ -112,3 +117,4 @@ def build(name: str, out_dir: Path) -> None:
         requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(TRAINING_DEFAULTS))

@@ -76,9 +76,93 @@ def test_an_adapter_for_other_layers_is_refused_not_silently_ignored(settings, t
         MultiLora(base, slots=1).load(0, folder)
 
 
-def test_unsupported_lora_variants_are_refused(settings, tmp_path, base):
+def test_a_dora_adapter_claiming_dora_without_magnitudes_is_refused(settings, tmp_path, base):
     folder = save_adapter(settings, tmp_path / "a", seed=1)
     config = json.loads((folder / "adapter_config.json").read_text())
     (folder / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
-    with pytest.raises(FailedPrecondition, match="use_dora"):
+    with pytest.raises(FailedPrecondition, match="lacks magnitude"):
         MultiLora(base, slots=1).load(0, folder)
+
+
+def test_modules_to_save_is_refused(settings, tmp_path, base):
+    folder = save_adapter(settings, tmp_path / "a", seed=1)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps(config | {"modules_to_save": ["lm_head"]}))
+    with pytest.raises(FailedPrecondition, match="modules_to_save"):
+        MultiLora(base, slots=1).load(0, folder)
+
+
+def dora_adapter(settings, folder, seed, **config):
+    """A DoRA adapter whose magnitudes are not the base weight norms (as after training)."""
+    model = load_causal_lm(settings.models[0], settings).model
+    torch.manual_seed(seed)
+    lora = LoraConfig(
+        **({"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]} | config),
+        init_lora_weights=False,
+        use_dora=True,
+    )
+    peft_model = get_peft_model(model, lora)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
+    peft_model.save_pretrained(folder)
+    return folder
+
+
+def test_dora_and_rslora_adapters_match_peft_mixed_in_one_batch(settings, tmp_path, base):
+    dora = dora_adapter(settings, tmp_path / "dora", seed=3)
+    rsdora = dora_adapter(settings, tmp_path / "rsdora", seed=4, r=8, use_rslora=True, lora_alpha=16)
+    plain = save_adapter(settings, tmp_path / "plain", seed=5, use_rslora=True)
+    reference = logits(base, [PROMPT])
+    lora = MultiLora(base, slots=3)
+    for slot, folder in enumerate((dora, rsdora, plain)):
+        lora.load(slot, folder)
+    lora.set_rows([0, None, 1, 2])
+    mixed = logits(base, [PROMPT] * 4)
+    torch.testing.assert_close(mixed[0:1], peft_logits(settings, dora, [PROMPT]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1:2], reference)
+    torch.testing.assert_close(mixed[2:3], peft_logits(settings, rsdora, [PROMPT]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[3:4], peft_logits(settings, plain, [PROMPT]), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mixed[0:1], reference, atol=1e-2), "the DoRA adapter changes the output"
+
+
+def test_a_p_tuning_adapter_prefixes_its_virtual_tokens_like_peft_next_to_other_rows(settings, tmp_path, base):
+    from peft import PromptEncoderConfig
+
+    from services.llm.adapters import LoraAdapterCache
+    from services.llm.batch import prefill
+    from shared.adapters import AdapterInfo, AdapterStore
+
+    model = load_causal_lm(settings.models[0], settings).model
+    torch.manual_seed(6)
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=32)
+    peft_model = get_peft_model(model, config)
+    store = AdapterStore(tmp_path / "adapters")
+    store.save(AdapterInfo("prompted", "llm", "tiny-llm", method="p_tuning"), peft_model.save_pretrained)
+    lora_folder = save_adapter(settings, tmp_path / "lora", seed=7)
+    store.save(AdapterInfo("plain", "llm", "tiny-llm"), lambda folder: _copy(lora_folder, folder))
+
+    cache = LoraAdapterCache(base, store, 4, "tiny-llm", "builtin:tiny-llm")
+    assert cache.virtual_tokens("prompted") == 5 and cache.virtual_tokens("plain") == 0
+    keys = [cache.acquire("prompted"), None, cache.acquire("plain")]
+    cache.set_rows(keys)
+    _, mixed = prefill(base, [PROMPT, PROMPT[:3], PROMPT], 0, [cache.prefix(k) for k in keys])
+
+    reference = PeftModel.from_pretrained(load_causal_lm(settings.models[0], settings).model, store.path("prompted"))
+    with torch.inference_mode():
+        expected = reference.eval()(input_ids=torch.tensor([PROMPT])).logits[:, -1]
+    torch.testing.assert_close(mixed[0:1], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1:2], logits(base_without_adapters(settings), [PROMPT[:3]])[:, -1])
+    torch.testing.assert_close(mixed[2:3], peft_logits(settings, lora_folder, [PROMPT])[:, -1], rtol=1e-4, atol=1e-4)
+
+
+def base_without_adapters(settings):
+    return load_causal_lm(settings.models[0], settings).model
+
+
+def _copy(source, target):
+    import shutil
+
+    for item in source.iterdir():
+        shutil.copy2(item, target / item.name)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from services.finetune.training import checkpoint
-from services.finetune.training.batches import MicroBatches
+from services.finetune.training.batches import StepBatches
 from services.finetune.training.checkpoint import LoopState
 
 log = logging.getLogger(__name__)
@@ -103,6 +103,7 @@ class TrainingResult:
     skipped_steps: int
     resumed_from_step: int
     seconds: float
+    losses: list[float]  # the training loss of each step this run took (skipped steps left out)
 
 
 def lr_lambda(config: LoopConfig) -> Callable[[int], float]:
@@ -177,7 +178,9 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         use_scaler = config.mixed_precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.batches = MicroBatches(len(train_records), config.batch_size, config.seed, self.rank, self.world_size)
+        self.batches = StepBatches(
+            len(train_records), config.batch_size, config.accumulation, config.seed, self.rank, self.world_size
+        )
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None
         self.history: list[float] = []  # train losses, for tests and the final report
@@ -242,16 +245,13 @@ class Trainer:
             skipped_steps=self.state.skipped_steps,
             resumed_from_step=resumed_from,
             seconds=time.perf_counter() - started,
+            losses=list(self.history),
         )
 
     def _optimizer_step(self) -> tuple[float | None, float]:
         """One optimizer step over `accumulation` micro-batches; returns (mean loss or None if skipped, items)."""
         self.model.train()
-        first = self.state.step * self.config.accumulation
-        micro = [
-            [self.train_records[i] for i in self.batches.indices(m)]
-            for m in range(first, first + self.config.accumulation)
-        ]
+        micro = [[self.train_records[i] for i in m] for m in self.batches.micro_batches(self.state.step)]
         losses = []
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the global item count first: it normalizes every micro-batch's loss

@@ -1,0 +1,17 @@
+"""Fine-tuning metrics: the worker's (jobs, steps, step time, loss, throughput) and the queue as seen by all."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+JOBS = Counter("modelworks_finetune_jobs", "Jobs that ended on this worker, by kind and final state", ["kind", "state"])
+JOBS_RUNNING = Gauge("modelworks_finetune_jobs_running", "Jobs this worker is training now")
+JOBS_BY_STATE = Gauge("modelworks_finetune_jobs_active", "Unfinished jobs in the whole system, by state", ["state"])
+STEPS = Counter("modelworks_finetune_steps", "Optimizer steps run on this worker", ["kind"])
+STEP_SECONDS = Histogram(
+    "modelworks_finetune_step_seconds",
+    "Time of one optimizer step",
+    ["kind"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120),
+)
+TRAIN_LOSS = Gauge("modelworks_finetune_train_loss", "Training loss of the latest step", ["kind"])
+THROUGHPUT = Gauge("modelworks_finetune_throughput", "Items trained per second (tokens or images)", ["kind", "unit"])
+REQUEUED = Counter("modelworks_finetune_requeued", "Jobs this worker's sweeper requeued after their lease lapsed")

@@ -1,0 +1,352 @@
+"""Running one attempt of one job on a worker: claim it, keep its lease, train, hand the adapter over.
+
+The outcome of an attempt is one of: SUCCEEDED (the adapter is in the store), FAILED (with a message a
+user can act on), CANCELLED (no adapter), handed back to the queue (the worker is shutting down: a
+checkpoint first, so the next attempt resumes), or nothing at all (the message was a duplicate, or
+another worker took the job over after this one's lease lapsed).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+import redis
+
+from services.finetune import metrics
+from services.finetune.datasets import DatasetStore
+from services.finetune.hyperparams import Hyperparameters
+from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
+from services.finetune.training.loop import StepReport, StopReason, TooManyBadSteps, TrainingStopped
+from shared.adapters import AdapterInfo, AdapterStore
+from shared.devices import is_fatal_device_error
+from shared.errors import AlreadyExists
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def with_redis_retry(call: Callable[[], T], patience_s: float = 120.0) -> T:
+    """Ride out a Redis restart: retry on connection errors for up to `patience_s`."""
+    deadline = time.monotonic() + patience_s
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except REDIS_ERRORS:
+            if time.monotonic() > deadline:
+                raise
+            log.warning("Redis unreachable; retrying", extra={"retry_in_s": delay})
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
+@dataclass
+class WorkerContext:
+    """What every attempt on this worker shares."""
+
+    settings: Settings
+    store: JobStore
+    name: str
+    enqueue: Callable[[str, int], None]
+    preempt: threading.Event = field(default_factory=threading.Event)  # set when the worker shuts down
+    current_job: str = ""
+
+
+class LeaseKeeper:
+    """Renews a job's lease on a thread; `lost` is set if another worker owns the job now."""
+
+    def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float, every_s: float):
+        self.store, self.job_id, self.token, self.ttl_s, self.every_s = store, job_id, token, ttl_s, every_s
+        self.lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
+
+    def __enter__(self) -> LeaseKeeper:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            try:
+                owned = with_redis_retry(lambda: self.store.renew(self.job_id, self.token, self.ttl_s), self.ttl_s)
+            except REDIS_ERRORS:
+                owned = False
+            if not owned:
+                log.warning("lost the lease of a job; stopping it", extra={"job": self.job_id})
+                self.lost.set()
+                return
+
+
+class JobHooks:
+    """The training loop's hooks for one job: progress into the job store (events, the record), TensorBoard
+    and Prometheus; and the answer to "go on?" (cancelled, worker stopping, lease lost)."""
+
+    def __init__(self, context: WorkerContext, job: JobRecord, token: str, lease: LeaseKeeper, tensorboard: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.context, self.job, self.token, self.lease = context, job, token, lease
+        self.writer = SummaryWriter(str(tensorboard))
+        self.unit = "tokens" if job.kind == "llm" else "images"
+        self.skipped = 0
+        self.last: StepReport | None = None
+
+    def _report(self, fields: dict, event: JobEvent | None) -> StopReason | None:
+        store, job_id = self.context.store, self.job.id
+        try:
+            report = with_redis_retry(lambda: store.report(job_id, self.token, fields, event))
+        except REDIS_ERRORS:
+            return StopReason.LEASE_LOST
+        if not report.owned or self.lease.lost.is_set():
+            return StopReason.LEASE_LOST
+        if report.cancel_requested:
+            return StopReason.CANCELLED
+        if self.context.preempt.is_set():
+            return StopReason.PREEMPTED
+        return None
+
+    def started(self, resumed_from_step: int, total_steps: int) -> None:
+        message = f"resumed from the checkpoint at step {resumed_from_step}" if resumed_from_step else "training"
+        self._report(
+            {"resumed_from_step": resumed_from_step, "step": resumed_from_step},
+            JobEvent("log", state="running", step=resumed_from_step, total_steps=total_steps, message=message),
+        )
+
+    def step(self, report: StepReport) -> StopReason | None:
+        self.last = report
+        metrics.STEPS.labels(self.job.kind).inc()
+        metrics.STEP_SECONDS.labels(self.job.kind).observe(report.step_seconds)
+        metrics.TRAIN_LOSS.labels(self.job.kind).set(report.train_loss)
+        metrics.THROUGHPUT.labels(self.job.kind, self.unit).set(report.throughput)
+        self.writer.add_scalar("train/loss", report.train_loss, report.step)
+        self.writer.add_scalar("train/learning_rate", report.learning_rate, report.step)
+        self.writer.add_scalar(f"train/{self.unit}_per_second", report.throughput, report.step)
+        fields = {
+            "step": report.step,
+            "train_loss": report.train_loss,
+            "learning_rate": report.learning_rate,
+            "throughput": report.throughput,
+            "eta_seconds": report.eta_seconds,
+        }
+        event = JobEvent(
+            "progress",
+            state="running",
+            step=report.step,
+            total_steps=report.total_steps,
+            train_loss=report.train_loss,
+            learning_rate=report.learning_rate,
+            throughput=report.throughput,
+            eta_seconds=report.eta_seconds,
+        )
+        return self._report(fields, event)
+
+    def evaluated(self, step: int, val_loss: float, improved: bool) -> None:
+        self.writer.add_scalar("val/loss", val_loss, step)
+        note = "best so far" if improved else "no improvement"
+        self._report(
+            {"val_loss": val_loss},
+            JobEvent(
+                "eval",
+                state="running",
+                step=step,
+                total_steps=self.job.total_steps,
+                val_loss=val_loss,
+                message=f"validation loss {val_loss:.4f} ({note})",
+            ),
+        )
+
+    def checkpointed(self, step: int) -> None:
+        self._report(
+            {},
+            JobEvent(
+                "checkpoint",
+                state="running",
+                step=step,
+                total_steps=self.job.total_steps,
+                message=f"checkpoint at step {step}",
+            ),
+        )
+
+    def warning(self, message: str) -> None:
+        self.skipped += 1
+        event = JobEvent("warning", state="running", total_steps=self.job.total_steps, message=message)
+        self._report({"skipped_steps": self.skipped}, event)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run_job(job_id: str, attempt: int, context: WorkerContext) -> str:
+    """Run one attempt of a job if this message may; returns what happened (for logs and tests)."""
+    store, options = context.store, context.settings.finetune
+    token = secrets.token_hex(16)
+    outcome = with_redis_retry(lambda: store.claim(job_id, attempt, context.name, token, options.lease_ttl_s))
+    if outcome != "claimed":
+        log.info("message dropped", extra={"job": job_id, "attempt": attempt, "reason": outcome})
+        return f"dropped ({outcome})"
+    job = store.get(job_id)
+    context.current_job = job_id
+    metrics.JOBS_RUNNING.inc()
+    log.info("job started", extra={"job": job_id, "attempt": attempt, "kind": job.kind})
+    try:
+        with LeaseKeeper(store, job_id, token, options.lease_ttl_s, options.lease_renew_s) as lease:
+            return _attempt(job, token, lease, context)
+    finally:
+        metrics.JOBS_RUNNING.dec()
+        context.current_job = ""
+
+
+def _attempt(job: JobRecord, token: str, lease: LeaseKeeper, context: WorkerContext) -> str:
+    settings = context.settings
+    job_dir = settings.jobs_dir / job.id
+    hooks = JobHooks(context, job, token, lease, job_dir / "tensorboard")
+    try:
+        result, adapter_dir = train(job, job_dir, settings, hooks)
+        info = AdapterInfo(
+            name=job.adapter_name,
+            kind=job.kind,
+            base_model=job.base_model,
+            method=job.hyperparameters.get("method", "lora"),
+            job_id=job.id,
+            metrics=_metrics_of(result),
+        )
+        AdapterStore(settings.adapters_dir).save(info, lambda folder: _copy_into(adapter_dir, folder))
+        fields = {"step": result.steps, "train_loss": result.train_loss, "eta_seconds": 0}
+        if result.val_loss is not None:
+            fields["val_loss"] = result.best_val_loss
+        message = f"adapter {job.adapter_name!r} is ready" + (" (stopped early)" if result.stopped_early else "")
+        _finish(context, job, token, JobState.SUCCEEDED, fields, message)
+        _remove_checkpoints(job_dir)
+        return "succeeded"
+    except TrainingStopped as stopped:
+        return _stopped(context, job, token, job_dir, stopped)
+    except AlreadyExists:
+        _fail(context, job, token, f"adapter {job.adapter_name!r} was created by someone else while this job ran")
+        return "failed"
+    except TooManyBadSteps as exc:
+        _fail(context, job, token, str(exc))
+        return "failed"
+    except Exception as exc:
+        if is_fatal_device_error(exc):  # the device is gone for this process: hand the job to another worker
+            log.exception("fatal device error; handing the job back and stopping the worker", extra={"job": job.id})
+            _hand_back(context, job, token, "its worker's accelerator failed; queued again to resume elsewhere")
+            raise
+        _fail(context, job, token, _describe(exc))
+        log.exception("job failed", extra={"job": job.id})
+        return "failed"
+    finally:
+        hooks.close()
+
+
+def train(job: JobRecord, job_dir: Path, settings: Settings, hooks: JobHooks):
+    """Set the recipe up, train (resuming from a checkpoint if any), write the adapter into `job_dir/adapter`."""
+    from services.finetune.distributed import train_distributed, train_here
+    from shared.devices import resolve_device
+
+    entry = next((e for e in settings.models if e.name == job.base_model), None)
+    if entry is None:
+        raise LookupError(f"base model {job.base_model!r} is not configured on this worker")
+    dataset = DatasetStore(settings.datasets_dir, settings.finetune)
+    spec = TrainingSpec(
+        job_id=job.id,
+        kind=job.kind,
+        base_model=entry.name,
+        dataset_path=dataset.data_path(dataset.get(job.dataset_id)),
+        hyperparameters=Hyperparameters.from_dict(job.hyperparameters),
+        total_steps=job.total_steps,
+        job_dir=job_dir,
+    )
+    job_dir.mkdir(parents=True, exist_ok=True)
+    adapter_dir = job_dir / "adapter"
+    shutil.rmtree(adapter_dir, ignore_errors=True)
+    if settings.finetune.devices > 1:
+        result = train_distributed(spec, settings, hooks, adapter_dir, settings.finetune.devices)
+    else:
+        result = train_here(spec, settings, hooks, adapter_dir, resolve_device("auto"))
+    return result, adapter_dir
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """A job as the training side sees it (picklable: DDP ranks get it)."""
+
+    job_id: str
+    kind: str
+    base_model: str
+    dataset_path: Path
+    hyperparameters: Hyperparameters
+    total_steps: int
+    job_dir: Path
+
+
+def _stopped(context: WorkerContext, job: JobRecord, token: str, job_dir: Path, stopped: TrainingStopped) -> str:
+    if stopped.reason is StopReason.CANCELLED:
+        _finish(context, job, token, JobState.CANCELLED, {"step": stopped.step}, f"cancelled at step {stopped.step}")
+        _remove_checkpoints(job_dir)
+        return "cancelled"
+    if stopped.reason is StopReason.PREEMPTED:
+        _hand_back(context, job, token, f"its worker is shutting down; queued again to resume from step {stopped.step}")
+        return "handed back"
+    log.warning("another worker owns this job now; this attempt stops", extra={"job": job.id})
+    return "lease lost"
+
+
+def _hand_back(context: WorkerContext, job: JobRecord, token: str, message: str) -> None:
+    attempt = with_redis_retry(lambda: context.store.release(job.id, token, message))
+    if attempt is not None:
+        context.enqueue(job.id, attempt)
+
+
+def _finish(context: WorkerContext, job: JobRecord, token: str, state: JobState, fields: dict, message: str) -> None:
+    done = with_redis_retry(lambda: context.store.finish(job.id, token, state, fields, message))
+    if done:
+        metrics.JOBS.labels(job.kind, state.value).inc()
+        log.info("job ended", extra={"job": job.id, "state": state.value})
+    else:
+        log.warning("the job's lease was lost before it could be ended here", extra={"job": job.id})
+
+
+def _fail(context: WorkerContext, job: JobRecord, token: str, message: str) -> None:
+    _finish(context, job, token, JobState.FAILED, {"error": message}, message)
+
+
+def _describe(exc: Exception) -> str:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of accelerator memory: lower batch_size, max_seq_length or resolution, or use mixed_precision"
+    if isinstance(exc, LookupError | ValueError):
+        return f"training could not start: {str(exc).splitlines()[0][:300]}"
+    return f"training failed with an internal error ({type(exc).__name__}); the worker's log has the details"
+
+
+def _metrics_of(result) -> dict[str, float]:
+    values = {"train_loss": result.train_loss, "steps": float(result.steps)}
+    if result.best_val_loss is not None:
+        values["val_loss"] = result.best_val_loss
+    return values
+
+
+def _copy_into(source: Path, target: Path) -> None:
+    for item in source.iterdir():
+        shutil.copy2(item, target / item.name)
+
+
+def _remove_checkpoints(job_dir: Path) -> None:
+    for folder in job_dir.glob("checkpoint-*"):
+        shutil.rmtree(folder, ignore_errors=True)
+    (job_dir / "latest").unlink(missing_ok=True)

@@ -1,0 +1,173 @@
+"""The training loop under the LLM recipe, in process: accumulation and DDP equal one big batch, early
+stopping stops, NaN steps are skipped and bounded, a checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.finetune.distributed import train_distributed, train_here
+from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
+from services.finetune.runner import TrainingSpec
+from services.finetune.samples import llm_sample_jsonl
+from services.finetune.training.loop import TooManyBadSteps, TrainingStopped
+from services.finetune.training.recipe import RecipeContext, load_recipe
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("ds") / "data.jsonl"
+    path.write_bytes(llm_sample_jsonl())
+    return path
+
+
+def spec_for(dataset: Path, job_dir: Path, **hyperparameters) -> TrainingSpec:
+    data = TrainingData(
+        kind="llm",
+        num_records=40,
+        architecture="llama",
+        context_length=131072,
+        record_type="prompt_completion",
+        targets=LLM_TARGETS["llama"],
+        model_defaults={"learning_rate": 5e-3},
+    )
+    hp, total = resolve(Hyperparameters(**({"method": "lora"} | hyperparameters)), data)
+    return TrainingSpec("job", "llm", "tiny-llm", dataset, hp, total, job_dir)
+
+
+class Recorder:
+    """Hooks that remember what the loop said; `stop_at` asks it to stop (as a cancel would)."""
+
+    def __init__(self, stop_at: int | None = None, reason=None):
+        self.steps, self.evals, self.warnings, self.checkpoints = [], [], [], []
+        self.stop_at, self.reason = stop_at, reason
+
+    def started(self, resumed_from_step, total_steps):
+        self.resumed_from = resumed_from_step
+
+    def step(self, report):
+        self.steps.append(report)
+        return self.reason if self.stop_at is not None and report.step >= self.stop_at else None
+
+    def evaluated(self, step, val_loss, improved):
+        self.evals.append((step, val_loss, improved))
+
+    def checkpointed(self, step):
+        self.checkpoints.append(step)
+
+    def warning(self, message):
+        self.warnings.append(message)
+
+
+def test_gradient_accumulation_equals_one_big_batch(settings, dataset, tmp_path):
+    big = train_here(spec_for(dataset, tmp_path / "a", batch_size=8, max_steps=6), settings, None, None, CPU)
+    accumulated = train_here(
+        spec_for(dataset, tmp_path / "b", batch_size=4, gradient_accumulation_steps=2, max_steps=6),
+        settings,
+        None,
+        None,
+        CPU,
+    )
+    assert len(big.losses) == len(accumulated.losses) == 6
+    torch.testing.assert_close(torch.tensor(accumulated.losses), torch.tensor(big.losses), rtol=1e-4, atol=1e-5)
+    assert big.losses[-1] < big.losses[0]
+
+
+def test_ddp_on_gloo_with_two_processes_equals_one_process_with_the_same_global_batch(settings, dataset, tmp_path):
+    one = train_here(spec_for(dataset, tmp_path / "one", batch_size=8, max_steps=5), settings, None, None, CPU)
+    two = train_distributed(
+        spec_for(dataset, tmp_path / "two", batch_size=8, max_steps=5), settings, None, tmp_path / "adapter", 2
+    )
+    torch.testing.assert_close(torch.tensor(two.losses), torch.tensor(one.losses), rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists(), "rank 0 wrote the adapter"
+
+
+def test_early_stopping_stops_when_validation_stops_improving(settings, dataset, tmp_path):
+    spec = spec_for(
+        dataset,
+        tmp_path,
+        max_steps=400,
+        eval_steps=1,
+        early_stopping_patience=2,
+        learning_rate=0.02,
+        lr_scheduler="constant",
+    )
+    hooks = Recorder()
+    result = train_here(spec, settings, hooks, None, CPU)
+    assert result.stopped_early and result.steps < 400
+    assert [improved for _, _, improved in hooks.evals[-2:]] == [False, False]
+    assert result.best_val_loss == min(v for _, v, _ in hooks.evals)
+
+
+def nan_after(model, steps: set[int], counter: list[int]):
+    """Make the model's loss NaN on the given training forwards (a numeric fault, as fp16 overflow gives)."""
+    forward = model.forward
+
+    def faulty(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if model.training:
+            counter[0] += 1
+            if counter[0] in steps:
+                out.logits = out.logits * float("nan")
+        return out
+
+    model.forward = faulty
+
+
+@pytest.mark.parametrize(("bad", "fails"), [(2, False), (4, True)])
+def test_nan_losses_skip_their_steps_and_too_many_fail_the_job(settings, dataset, tmp_path, bad, fails):
+    settings = settings.model_copy(update={"finetune": settings.finetune.model_copy(update={"max_bad_steps": 3})})
+    spec = spec_for(dataset, tmp_path, max_steps=10, validation_fraction=0.0)
+    recipe = load_recipe("llm")(_context(spec, settings, hooks := Recorder()))
+    recipe.setup()
+    nan_after(recipe.model, set(range(3, 3 + bad)), [0])
+    if fails:
+        with pytest.raises(TooManyBadSteps, match="NaN or infinite in 4 steps"):
+            recipe.train()
+        return
+    result = recipe.train()
+    assert result.skipped_steps == bad and len(hooks.warnings) == bad
+    assert result.steps == 10 and len(result.losses) == 10 - bad
+    assert all(torch.isfinite(p).all() for p in recipe.model.parameters()), "no NaN reached the weights"
+
+
+def test_a_stopped_run_resumes_from_its_checkpoint_exactly(settings, dataset, tmp_path):
+    from services.finetune.training.loop import StopReason
+
+    straight = train_here(
+        spec_for(dataset, tmp_path / "straight", max_steps=12, save_steps=4), settings, None, None, CPU
+    )
+    job_dir = tmp_path / "interrupted"
+    spec = spec_for(dataset, job_dir, max_steps=12, save_steps=4)
+    with pytest.raises(TrainingStopped):
+        train_here(spec, settings, Recorder(stop_at=6, reason=StopReason.PREEMPTED), None, CPU)
+    hooks = Recorder()
+    resumed = train_here(spec, settings, hooks, None, CPU)
+    assert hooks.resumed_from == 6, "a preempted run checkpoints where it stops"
+    torch.testing.assert_close(torch.tensor(resumed.losses), torch.tensor(straight.losses[6:]), rtol=1e-5, atol=1e-6)
+    shutil.rmtree(job_dir)
+
+
+def test_profile_steps_write_a_trace(settings, dataset, tmp_path):
+    train_here(spec_for(dataset, tmp_path, max_steps=3, profile_steps=2), settings, None, None, CPU)
+    assert list((tmp_path / "profile").glob("trace-step1.json"))
+
+
+def _context(spec: TrainingSpec, settings, hooks) -> RecipeContext:
+    return RecipeContext(
+        job_id=spec.job_id,
+        base_model=settings.models[0],
+        dataset_path=spec.dataset_path,
+        hyperparameters=replace(spec.hyperparameters),
+        total_steps=spec.total_steps,
+        settings=settings,
+        device=CPU,
+        job_dir=spec.job_dir,
+        hooks=hooks,
+    )
