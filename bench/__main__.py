@@ -1,4 +1,4 @@
-"""`python -m bench [--only llm|diffusion|robustness] [--data-dir DIR]`: run the benchmarks and print their tables."""
+"""`python -m bench [--only NAME ...] [--data-dir DIR]`: run the benchmarks (llm, diffusion, finetune, robustness)."""
 
 from __future__ import annotations
 
@@ -9,12 +9,14 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, llm, robustness
+from bench import diffusion, finetune, llm, robustness
 from bench.report import print_table
+from shared.allocator import keep_freed_memory_for_reuse
 
 BENCHMARKS = {
     "llm": ("LLM service", llm),
     "diffusion": ("Diffusion service", diffusion),
+    "finetune": ("Fine-tuning service", finetune),
     "robustness": ("Robustness: fuzzing and load", robustness),
 }
 
@@ -24,6 +26,7 @@ def main() -> None:
     parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these")
     parser.add_argument("--data-dir", type=Path, default=Path("var/bench"), help="built models and adapters go here")
     args = parser.parse_args()
+    keep_freed_memory_for_reuse()  # as every service does: baselines in this process get the same allocator
     logging.basicConfig(level=logging.WARNING)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({torch.get_num_threads()} threads)"
     print(f"# ModelWorks benchmarks on {platform.node()}: {device}, torch {torch.__version__}\n")

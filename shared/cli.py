@@ -8,6 +8,7 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from shared.allocator import keep_freed_memory_for_reuse
 from shared.logs import configure_logging
 from shared.serving import ServerOptions
 from shared.settings import Settings, load_settings
@@ -29,6 +30,7 @@ def run_service(
     parser.add_argument("--ready-file", type=Path, help="write the bound ports here as JSON once serving")
     args = parser.parse_args(argv)
 
+    keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging(name, settings.log_level, settings.log_format)
     section = getattr(settings, name)

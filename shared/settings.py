@@ -126,6 +126,12 @@ class FinetuneSettings(_Section):
         7 * 24 * 3600, ge=1, description="Celery's redelivery bound; longer than any job (leases recover crashes)"
     )
     max_bad_steps: int = Field(10, ge=1, description="NaN/Inf-loss steps skipped before a job fails")
+    max_attempts: int = Field(
+        5, ge=1, description="times a job may start (resumes after a lost worker count) before it is failed"
+    )
+    progress_interval_s: float = Field(
+        0.5, ge=0, description="progress events are written at most this often (0: every step); cancel checks too"
+    )
     devices: int = Field(1, ge=1, description="GPUs one worker trains on (DDP over them when more than one)")
 
     @model_validator(mode="after")

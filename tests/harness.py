@@ -156,6 +156,7 @@ class WorkerProcess:
     process: subprocess.Popen
     name: str
     log_path: Path
+    metrics_port: int
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -199,4 +200,4 @@ def spawn_worker(workdir: Path, config: dict, name: str, env: dict[str, str] | N
         raise
     if process.poll() is not None:
         raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{log_path.read_text()}")
-    return WorkerProcess(process, name, log_path)
+    return WorkerProcess(process, name, log_path, json.loads(ready.read_text())["metrics_port"])

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import grpc
 import redis
@@ -35,9 +36,10 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def test_stack_starts_redis_llm_and_diffusion_and_stops_cleanly(data_dir, tmp_path):
+def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, tmp_path):
     llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     diffusion_port, diffusion_metrics_port = free_port(), free_port()
+    finetune_port, finetune_metrics_port, worker_metrics_port = free_port(), free_port(), free_port()
     env = {
         **os.environ,
         "MODELWORKS_CONFIG": str(REPO_ROOT / "config" / "modelworks.yaml"),
@@ -46,6 +48,9 @@ def test_stack_starts_redis_llm_and_diffusion_and_stops_cleanly(data_dir, tmp_pa
         "MODELWORKS_LLM__METRICS_PORT": str(metrics_port),
         "MODELWORKS_DIFFUSION__PORT": str(diffusion_port),
         "MODELWORKS_DIFFUSION__METRICS_PORT": str(diffusion_metrics_port),
+        "MODELWORKS_FINETUNE__PORT": str(finetune_port),
+        "MODELWORKS_FINETUNE__METRICS_PORT": str(finetune_metrics_port),
+        "MODELWORKS_FINETUNE__WORKER_METRICS_PORT": str(worker_metrics_port),
         "MODELWORKS_EMBEDDED_REDIS_PORT": str(redis_port),
         "MODELWORKS_SHUTDOWN_GRACE_S": "2",
     }
@@ -58,7 +63,7 @@ def test_stack_starts_redis_llm_and_diffusion_and_stops_cleanly(data_dir, tmp_pa
         stderr=subprocess.STDOUT,
     )
     try:
-        for port in (llm_port, diffusion_port):
+        for port in (llm_port, diffusion_port, finetune_port):
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
                 health = health_pb2_grpc.HealthStub(channel)
 
@@ -70,9 +75,13 @@ def test_stack_starts_redis_llm_and_diffusion_and_stops_cleanly(data_dir, tmp_pa
                         return False
 
                 wait_for(serving, 120, f"the service on port {port}", interval=0.2)
-        assert redis.Redis(port=redis_port).ping()
+        client = redis.Redis(port=redis_port)
+        assert client.ping() and client.config_get("appendonly")["appendonly"] == "yes"
+        wait_for(lambda: list(client.scan_iter("modelworks:worker:*")), 120, "the worker to register")
+        worker_metrics = f"http://127.0.0.1:{worker_metrics_port}/metrics"
+        assert b"modelworks_finetune_jobs_running" in urllib.request.urlopen(worker_metrics, timeout=5).read()
         children = children_of(stack.pid)
-        assert len(children) == 3
+        assert len(children) == 5
         stack.send_signal(signal.SIGINT)
         assert stack.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "the stack left processes behind"

@@ -16,7 +16,7 @@ from services.finetune import hyperparams
 from services.finetune.datasets import DatasetRecord, DatasetStore
 from services.finetune.hyperparams import Hyperparameters, TrainingData
 from services.finetune.jobs import JobRecord, JobState, JobStore
-from services.finetune.queue import enqueue
+from services.finetune.queue import dispatch
 from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
 from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from shared.locations import TRAINING_DEFAULTS_FILE, prepared_folder, read_json
@@ -125,6 +125,7 @@ class FineTuneAPI:
             record_type=dataset.record_type,
             cuda_workers=self._cuda_workers(),
             max_steps_limit=self.settings.finetune.max_steps_limit,
+            devices=self.settings.finetune.devices,
             **self._profile(entry),
         )
         resolved, total_steps = hyperparams.resolve(hp, data)
@@ -139,7 +140,7 @@ class FineTuneAPI:
         )
         self.jobs.create(record)
         try:
-            enqueue(self.celery, self.settings.finetune.queue, record.id, record.attempt)
+            dispatch(self.celery, self.settings.finetune.queue, self.jobs, record.id, record.attempt)
         except Exception as exc:
             log.warning("could not enqueue a job", extra={"job": record.id, "error": repr(exc)})
             self.jobs.delete(record.id)

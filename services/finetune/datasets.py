@@ -35,6 +35,7 @@ FORMATS = {"jsonl": "data.jsonl", "imagefolder_zip": "data.zip"}
 METADATA_FILE = "dataset.json"
 ZIP_METADATA = "metadata.jsonl"
 IMAGE_FORMATS = {"PNG", "JPEG", "WEBP", "BMP", "GIF"}
+MAX_ASPECT_RATIO = 8  # a 1,000,000×64 strip is few pixels, but resized to a 512 short side it is 8 gigapixels
 ROLES = {"system", "user", "assistant"}
 DATASET_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
 MAX_NAME = 128
@@ -171,6 +172,10 @@ def _check_image(name: str, data: bytes, max_pixels: int) -> None:
                 if image.format not in IMAGE_FORMATS:
                     raise InvalidArgument(f"{name!r} is a {image.format} image; use PNG, JPEG, WEBP, BMP or GIF")
                 width, height = image.size
+                if max(width, height) > MAX_ASPECT_RATIO * max(1, min(width, height)):
+                    raise InvalidArgument(
+                        f"{name!r} is {width}x{height}; sides may differ at most {MAX_ASPECT_RATIO}-fold"
+                    )
                 if width * height > max_pixels:
                     raise InvalidArgument(
                         f"{name!r} is {width}x{height}; the limit is {max_pixels} pixels (finetune.max_image_pixels)"
@@ -180,6 +185,19 @@ def _check_image(name: str, data: bytes, max_pixels: int) -> None:
         raise
     except Exception:
         raise InvalidArgument(f"{name!r} is not a readable image") from None
+
+
+def _ignored(name: str) -> bool:
+    return name.startswith("__MACOSX/") or Path(name).name == ".DS_Store" or name.endswith("/")
+
+
+def metadata_member(names: list[str]) -> tuple[str, str]:
+    """The zip's `metadata.jsonl` and the folder prefix its file names are relative to ("" at the top)."""
+    found = [n for n in names if not _ignored(n) and Path(n).name == ZIP_METADATA]
+    if len(found) != 1:
+        raise InvalidArgument(f"the zip needs exactly one {ZIP_METADATA} (found {len(found)})")
+    root = str(Path(found[0]).parent)
+    return found[0], "" if root == "." else root + "/"
 
 
 def read_imagefolder_zip(path: Path, limits: FinetuneSettings) -> list[dict]:
@@ -201,15 +219,10 @@ def read_imagefolder_zip(path: Path, limits: FinetuneSettings) -> list[dict]:
                 raise InvalidArgument(f"zip member {name!r} is a symbolic link; links are not allowed")
             if info.flag_bits & 0x1:
                 raise InvalidArgument(f"zip member {name!r} is encrypted")
-            if name.startswith("__MACOSX/") or Path(name).name == ".DS_Store":
+            if _ignored(name):
                 continue  # archivers' droppings, not data
             by_name[name] = info
-        metadata_names = [n for n in by_name if Path(n).name == ZIP_METADATA]
-        if len(metadata_names) != 1:
-            raise InvalidArgument(f"the zip needs exactly one {ZIP_METADATA} (found {len(metadata_names)})")
-        metadata_name = metadata_names[0]
-        root = str(Path(metadata_name).parent)
-        root = "" if root == "." else root + "/"
+        metadata_name, root = metadata_member(list(by_name))
         budget = [limits.max_unzipped_bytes]
         raw = _read_member(archive, by_name[metadata_name], limits.max_image_bytes, budget)
         records = _image_records(raw, root, by_name, limits)

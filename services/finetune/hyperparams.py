@@ -94,6 +94,7 @@ class TrainingData:
     model_defaults: dict = field(default_factory=dict)  # the model folder's own fine-tuning defaults
     cuda_workers: bool | None = None  # None: no worker has said yet
     max_steps_limit: int = 1_000_000
+    devices: int = 1  # DDP ranks per worker: the batch must split evenly across them
     targets: tuple[list[str], list[str] | None] = field(default=UNET_TARGETS)
 
 
@@ -176,9 +177,12 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
     max_seq_length = resolution = 0
     if is_llm:
         max_seq_length = hp.max_seq_length or min(512, data.context_length or 512)
-        if data.context_length and max_seq_length > data.context_length:
+        virtual = (hp.num_virtual_tokens or 20) if method == "p_tuning" else 0
+        if data.context_length and max_seq_length + virtual > data.context_length:
             raise InvalidArgument(
-                f"hyperparameters.max_seq_length {max_seq_length} exceeds the model's context of {data.context_length}"
+                f"hyperparameters.max_seq_length {max_seq_length}"
+                + (f" plus {virtual} virtual tokens" if virtual else "")
+                + f" exceeds the model's context of {data.context_length}"
             )
         if hp.resolution:
             raise InvalidArgument("hyperparameters.resolution applies to diffusion jobs only")
@@ -203,7 +207,12 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         raise InvalidArgument("hyperparameters.early_stopping_patience needs a validation split (validation_fraction)")
 
     suggested = {**data.model_defaults, **data.model_defaults.get(method, {})}
-    batch_size = hp.batch_size or (4 if is_llm else 1)
+    batch_size = hp.batch_size or math.lcm(4 if is_llm else 1, data.devices)
+    if batch_size % data.devices:
+        raise InvalidArgument(
+            f"hyperparameters.batch_size {batch_size} must be a multiple of the {data.devices} GPUs each worker "
+            "trains on (finetune.devices)"
+        )
     accumulation = hp.gradient_accumulation_steps or 1
     epochs = hp.epochs or int(suggested.get("epochs", 3))
     steps_per_epoch = optimizer_steps_per_epoch(train_records, batch_size, accumulation)
@@ -224,7 +233,7 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         max_grad_norm=hp.max_grad_norm or 1.0,
         mixed_precision=mixed_precision,
         validation_fraction=validation_fraction,
-        seed=42 if hp.seed is None else hp.seed,
+        seed=42 if hp.seed is None else hp.seed % 2**63,  # room for seed + epoch in a torch seed
         max_seq_length=max_seq_length,
         resolution=resolution,
         save_steps=hp.save_steps or max(1, min(100, total_steps // 4)),

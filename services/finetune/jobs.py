@@ -19,6 +19,7 @@ Torch-free: the API and the worker both use it.
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ import redis
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 
 PREFIX = "modelworks"
+JOB_ID_RE = re.compile(r"^ftjob-[0-9a-f]{16}$")
 
 
 class JobState(StrEnum):
@@ -69,6 +71,8 @@ class JobRecord:
     resumed_from_step: int = 0
     skipped_steps: int = 0
     cancel_requested: bool = False
+    queued_at: float = 0.0  # when it last became QUEUED
+    dispatched_attempt: int = 0  # the attempt whose Celery message was sent
 
     def to_hash(self) -> dict[str, str]:
         data = asdict(self)
@@ -181,7 +185,7 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: job, lease, events. ARGV: token, n hash values, hash..., event...
+# KEYS: job, lease, events. ARGV: token, n hash values, hash..., then per event: n fields, fields...
 _REPORT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, 0} end
 local n = tonumber(ARGV[2])
@@ -190,10 +194,13 @@ if n > 0 then
   for i = 1, n do hash[i] = ARGV[2 + i] end
   redis.call('HSET', KEYS[1], unpack(hash))
 end
-if #ARGV > 2 + n then
+local i = 3 + n
+while i <= #ARGV do
+  local count = tonumber(ARGV[i])
   local event = {}
-  for i = 3 + n, #ARGV do event[#event + 1] = ARGV[i] end
+  for j = 1, count do event[j] = ARGV[i + j] end
   redis.call('XADD', KEYS[3], '*', unpack(event))
+  i = i + count + 1
 end
 return {1, redis.call('HGET', KEYS[1], 'cancel_requested') == '1' and 1 or 0}
 """
@@ -242,19 +249,26 @@ _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'attempt')) >= tonumber(ARGV[3]) then return -2 end
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'queued_at', ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'type', 'state', 'state', 'queued', 'time', ARGV[1], 'message', ARGV[2])
 return attempt
 """
 
 
-# KEYS: job, lease, events. ARGV: token, now, message
+# KEYS: job, lease, events. ARGV: token, now, message, max attempts. Idempotent: a retry after a lost reply
+# returns the attempt the first call made.
 _RELEASE = """
+if redis.call('HGET', KEYS[1], 'released_by') == ARGV[1] then
+  return tonumber(redis.call('HGET', KEYS[1], 'attempt'))
+end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return false end
+if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'attempt')) >= tonumber(ARGV[4]) then return -2 end
 redis.call('DEL', KEYS[2])
 local attempt = redis.call('HINCRBY', KEYS[1], 'attempt', 1)
-redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '')
+redis.call('HSET', KEYS[1], 'state', 'queued', 'worker', '', 'queued_at', ARGV[2], 'released_by', ARGV[1])
 redis.call('XADD', KEYS[3], '*', 'type', 'state', 'state', 'queued', 'time', ARGV[2], 'message', ARGV[3])
 return attempt
 """
@@ -311,6 +325,7 @@ class JobStore:
     def create(self, record: JobRecord) -> JobRecord:
         """Store a QUEUED job, reserving its adapter name; ALREADY_EXISTS if a live job has that name."""
         record.created_at = record.created_at or time.time()
+        record.queued_at = record.created_at
         hash_fields = _flatten(record.to_hash())
         event = JobEvent(
             "state", state="queued", total_steps=record.total_steps, message="queued", time=record.created_at
@@ -347,7 +362,7 @@ class JobStore:
         pipe.execute()
 
     def get(self, job_id: str) -> JobRecord:
-        raw = self.redis.hgetall(self.job_key(job_id)) if job_id else {}
+        raw = self.redis.hgetall(self.job_key(job_id)) if JOB_ID_RE.match(job_id or "") else {}
         if not raw:
             raise NotFound(f"job {job_id!r} not found")
         return JobRecord.from_hash(raw)
@@ -371,6 +386,7 @@ class JobStore:
         return records[:limit]
 
     def cancel(self, job_id: str) -> JobRecord:
+        self.get(job_id)  # NOT_FOUND for unknown or malformed ids before any key is built from them
         outcome = self._cancel(
             keys=[self.job_key(job_id), self.events_key(job_id), self.active_key, self._claim_key_of(job_id)],
             args=[time.time()],
@@ -403,13 +419,17 @@ class JobStore:
     def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[token, int(ttl_s * 1000)]))
 
-    def report(self, job_id: str, token: str, fields_: dict, event: JobEvent | None = None) -> Report:
-        """Write progress while holding the lease; tells the worker if it lost the job or should stop."""
+    def report(self, job_id: str, token: str, fields_: dict, events: list[JobEvent] = ()) -> Report:
+        """Write progress while holding the lease, in one atomic step; tells the worker if it lost the job
+        or should stop."""
         values = _flatten({k: str(v) for k, v in fields_.items()})
-        event_fields = _flatten(event.to_fields()) if event else []
+        event_args: list = []
+        for event in events:
+            flat = _flatten(event.to_fields())
+            event_args += [len(flat), *flat]
         owned, cancel = self._report(
             keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
-            args=[token, len(values), *values, *event_fields],
+            args=[token, len(values), *values, *event_args],
         )
         return Report(bool(owned), bool(cancel))
 
@@ -440,29 +460,63 @@ class JobStore:
             )
         )
 
-    def release(self, job_id: str, token: str, message: str) -> int | None:
+    def release(self, job_id: str, token: str, message: str, max_attempts: int) -> int | None:
         """Hand a running job back to the queue at the next attempt (its worker is stopping); the caller
-        sends the message. None if the lease was already lost."""
+        sends the message. None if the lease was already lost; a job being cancelled ends CANCELLED and
+        one out of attempts ends FAILED instead."""
         attempt = self._release(
             keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
-            args=[token, time.time(), message],
+            args=[token, time.time(), message, max_attempts],
         )
-        return int(attempt) if attempt else None
+        return self._settle(job_id, token, attempt, max_attempts)
 
-    def requeue_expired(self) -> list[tuple[str, int]]:
+    def requeue_expired(self, max_attempts: int) -> list[tuple[str, int]]:
         """RUNNING jobs whose lease lapsed become QUEUED at the next attempt; returns (job id, attempt) to send."""
         requeued = []
         for raw_id in self.redis.smembers(self.active_key):
             job_id = raw_id.decode()
             attempt = self._requeue(
                 keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
-                args=[time.time(), "its worker stopped renewing the lease; queued again to resume from the checkpoint"],
+                args=[
+                    time.time(),
+                    "its worker stopped renewing the lease; queued again to resume from the checkpoint",
+                    max_attempts,
+                ],
             )
-            if attempt == -1:  # it was being cancelled when its worker was lost
-                self.finish(job_id, None, JobState.CANCELLED, {}, "cancelled (its worker was lost while stopping)")
-            elif attempt:
-                requeued.append((job_id, int(attempt)))
+            if (settled := self._settle(job_id, None, attempt, max_attempts)) is not None:
+                requeued.append((job_id, settled))
         return requeued
+
+    def _settle(self, job_id: str, token: str | None, attempt, max_attempts: int) -> int | None:
+        """Act on what a requeue or release script answered: an attempt to send, or the job's end."""
+        if attempt == -1:  # it was being cancelled when its worker stopped
+            self.finish(job_id, token, JobState.CANCELLED, {}, "cancelled (its worker stopped while it was)")
+            return None
+        if attempt == -2:
+            message = (
+                f"the job stopped its worker {max_attempts} times (finetune.max_attempts); "
+                "it is failed so it cannot take down every worker in turn: check its data and hyperparameters"
+            )
+            self.finish(job_id, token, JobState.FAILED, {"error": message}, message)
+            return None
+        return int(attempt) if attempt else None
+
+    def mark_dispatched(self, job_id: str, attempt: int) -> None:
+        self.redis.hset(self.job_key(job_id), "dispatched_attempt", attempt)
+
+    def undispatched(self, older_than_s: float) -> list[tuple[str, int]]:
+        """QUEUED jobs whose current attempt's message was never sent (a crash or a broker error between
+        the state change and the send): (job id, attempt) to send again. Duplicates are harmless."""
+        found = []
+        for raw_id in self.redis.smembers(self.active_key):
+            raw = self.redis.hgetall(self.job_key(raw_id.decode()))
+            if not raw:
+                continue
+            job = JobRecord.from_hash(raw)
+            stale = time.time() - job.queued_at > older_than_s
+            if job.state == JobState.QUEUED and job.dispatched_attempt != job.attempt and stale:
+                found.append((job.id, job.attempt))
+        return found
 
     def register_worker(self, name: str, info: dict, ttl_s: float) -> None:
         self.redis.set(self.workers_key(name), json.dumps(info), px=int(ttl_s * 1000))

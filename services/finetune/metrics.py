@@ -15,3 +15,16 @@ STEP_SECONDS = Histogram(
 TRAIN_LOSS = Gauge("modelworks_finetune_train_loss", "Training loss of the latest step", ["kind"])
 THROUGHPUT = Gauge("modelworks_finetune_throughput", "Items trained per second (tokens or images)", ["kind", "unit"])
 REQUEUED = Counter("modelworks_finetune_requeued", "Jobs this worker's sweeper requeued after their lease lapsed")
+
+
+def export_every_series() -> None:
+    """Create each labelled series at zero, so dashboards and rate() see them before the first job."""
+    for kind, unit in (("llm", "tokens"), ("diffusion", "images")):
+        STEPS.labels(kind)
+        STEP_SECONDS.labels(kind)
+        TRAIN_LOSS.labels(kind)
+        THROUGHPUT.labels(kind, unit)
+        for state in ("succeeded", "failed", "cancelled"):
+            JOBS.labels(kind, state)
+    for state in ("queued", "running"):
+        JOBS_BY_STATE.labels(state)

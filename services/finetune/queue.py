@@ -39,3 +39,10 @@ def make_celery(settings: Settings) -> Celery:
 
 def enqueue(app: Celery, queue: str, job_id: str, attempt: int) -> None:
     app.send_task(TRAIN_TASK, args=[job_id, attempt], queue=queue, task_id=f"{job_id}-{attempt}")
+
+
+def dispatch(app: Celery, queue: str, store, job_id: str, attempt: int) -> None:
+    """Send the message for attempt `attempt` and record that it went out; the sweeper re-sends any
+    attempt left unsent (so a crash between a state change and the send loses no job)."""
+    enqueue(app, queue, job_id, attempt)
+    store.mark_dispatched(job_id, attempt)

@@ -25,9 +25,10 @@ from services.finetune.datasets import DatasetStore
 from services.finetune.hyperparams import Hyperparameters
 from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
 from services.finetune.training.loop import StepReport, StopReason, TooManyBadSteps, TrainingStopped
+from services.finetune.training.recipe import TrainingInputError
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.devices import is_fatal_device_error
-from shared.errors import AlreadyExists
+from shared.errors import AlreadyExists, ServiceError
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,13 @@ class LeaseKeeper:
 
 class JobHooks:
     """The training loop's hooks for one job: progress into the job store (events, the record), TensorBoard
-    and Prometheus; and the answer to "go on?" (cancelled, worker stopping, lease lost)."""
+    and Prometheus; and the answer to "go on?" (cancelled, worker stopping, lease lost).
+
+    Progress is written at most every `finetune.progress_interval_s` (and always at the first and last
+    step), with every step's event in it: a tiny model's steps take milliseconds, and a round trip to
+    Redis and a wake-up of every watcher per step would cost more than the step. Evaluations,
+    checkpoints and warnings are written at once. Cancellation is seen at the next write.
+    """
 
     def __init__(self, context: WorkerContext, job: JobRecord, token: str, lease: LeaseKeeper, tensorboard: Path):
         from torch.utils.tensorboard import SummaryWriter
@@ -102,32 +109,52 @@ class JobHooks:
         self.context, self.job, self.token, self.lease = context, job, token, lease
         self.writer = SummaryWriter(str(tensorboard))
         self.unit = "tokens" if job.kind == "llm" else "images"
-        self.skipped = 0
-        self.last: StepReport | None = None
+        self.interval = context.settings.finetune.progress_interval_s
+        self._fields: dict = {}
+        self._events: list[JobEvent] = []
+        self._last_write = 0.0
+        self._stop: StopReason | None = None  # what any write learned; the next step returns it
 
-    def _report(self, fields: dict, event: JobEvent | None) -> StopReason | None:
+    def _write(self, fields: dict, event: JobEvent | None) -> StopReason | None:
+        """Queue `fields` and `event` and write everything pending now."""
+        self._queue(fields, event)
+        return self.flush()
+
+    def _queue(self, fields: dict, event: JobEvent | None) -> None:
+        self._fields.update(fields)
+        if event is not None:
+            self._events.append(event)
+
+    def flush(self) -> StopReason | None:
         store, job_id = self.context.store, self.job.id
+        fields, events = self._fields, self._events
+        self._fields, self._events, self._last_write = {}, [], time.monotonic()
         try:
-            report = with_redis_retry(lambda: store.report(job_id, self.token, fields, event))
+            report = with_redis_retry(lambda: store.report(job_id, self.token, fields, events))
         except REDIS_ERRORS:
-            return StopReason.LEASE_LOST
-        if not report.owned or self.lease.lost.is_set():
-            return StopReason.LEASE_LOST
-        if report.cancel_requested:
-            return StopReason.CANCELLED
-        if self.context.preempt.is_set():
-            return StopReason.PREEMPTED
-        return None
+            self._stop = StopReason.LEASE_LOST
+        else:
+            if not report.owned:
+                self._stop = StopReason.LEASE_LOST
+            elif report.cancel_requested:
+                self._stop = self._stop or StopReason.CANCELLED
+        return self._local_stop()
+
+    def _local_stop(self) -> StopReason | None:
+        if self._stop is None and self.lease.lost.is_set():
+            self._stop = StopReason.LEASE_LOST
+        if self._stop is None and self.context.preempt.is_set():
+            self._stop = StopReason.PREEMPTED
+        return self._stop
 
     def started(self, resumed_from_step: int, total_steps: int) -> None:
         message = f"resumed from the checkpoint at step {resumed_from_step}" if resumed_from_step else "training"
-        self._report(
+        self._write(
             {"resumed_from_step": resumed_from_step, "step": resumed_from_step},
             JobEvent("log", state="running", step=resumed_from_step, total_steps=total_steps, message=message),
         )
 
     def step(self, report: StepReport) -> StopReason | None:
-        self.last = report
         metrics.STEPS.labels(self.job.kind).inc()
         metrics.STEP_SECONDS.labels(self.job.kind).observe(report.step_seconds)
         metrics.TRAIN_LOSS.labels(self.job.kind).set(report.train_loss)
@@ -141,6 +168,7 @@ class JobHooks:
             "learning_rate": report.learning_rate,
             "throughput": report.throughput,
             "eta_seconds": report.eta_seconds,
+            "skipped_steps": report.skipped_steps,
         }
         event = JobEvent(
             "progress",
@@ -152,12 +180,16 @@ class JobHooks:
             throughput=report.throughput,
             eta_seconds=report.eta_seconds,
         )
-        return self._report(fields, event)
+        self._queue(fields, event)
+        due = time.monotonic() - self._last_write >= self.interval
+        if due or report.step in (1, report.total_steps):
+            return self.flush()
+        return self._local_stop()
 
     def evaluated(self, step: int, val_loss: float, improved: bool) -> None:
         self.writer.add_scalar("val/loss", val_loss, step)
         note = "best so far" if improved else "no improvement"
-        self._report(
+        self._write(
             {"val_loss": val_loss},
             JobEvent(
                 "eval",
@@ -170,7 +202,7 @@ class JobHooks:
         )
 
     def checkpointed(self, step: int) -> None:
-        self._report(
+        self._write(
             {},
             JobEvent(
                 "checkpoint",
@@ -182,9 +214,7 @@ class JobHooks:
         )
 
     def warning(self, message: str) -> None:
-        self.skipped += 1
-        event = JobEvent("warning", state="running", total_steps=self.job.total_steps, message=message)
-        self._report({"skipped_steps": self.skipped}, event)
+        self._write({}, JobEvent("warning", state="running", total_steps=self.job.total_steps, message=message))
 
     def close(self) -> None:
         self.writer.close()
@@ -198,24 +228,32 @@ def run_job(job_id: str, attempt: int, context: WorkerContext) -> str:
     if outcome != "claimed":
         log.info("message dropped", extra={"job": job_id, "attempt": attempt, "reason": outcome})
         return f"dropped ({outcome})"
-    job = store.get(job_id)
     context.current_job = job_id
     metrics.JOBS_RUNNING.inc()
-    log.info("job started", extra={"job": job_id, "attempt": attempt, "kind": job.kind})
+    log.info("job started", extra={"job": job_id, "attempt": attempt})
     try:
         with LeaseKeeper(store, job_id, token, options.lease_ttl_s, options.lease_renew_s) as lease:
-            return _attempt(job, token, lease, context)
+            return _attempt(job_id, token, lease, context)
     finally:
         metrics.JOBS_RUNNING.dec()
         context.current_job = ""
 
 
-def _attempt(job: JobRecord, token: str, lease: LeaseKeeper, context: WorkerContext) -> str:
+def _attempt(job_id: str, token: str, lease: LeaseKeeper, context: WorkerContext) -> str:
+    """Everything after the claim; whatever goes wrong ends the job (or hands it back), never leaves it hanging."""
     settings = context.settings
+    job = with_redis_retry(lambda: context.store.get(job_id))
     job_dir = settings.jobs_dir / job.id
-    hooks = JobHooks(context, job, token, lease, job_dir / "tensorboard")
+    adapters = AdapterStore(settings.adapters_dir)
+    hooks: JobHooks | None = None
     try:
+        if _published_by(adapters, job):  # an earlier attempt wrote the adapter, then died before finishing
+            return _succeed(context, job, token, job_dir, adapters.get(job.adapter_name).metrics, "adapter ready")
+        hooks = JobHooks(context, job, token, lease, job_dir / "tensorboard")
         result, adapter_dir = train(job, job_dir, settings, hooks)
+        last_word = hooks.flush()  # the last steps' events come before the final state; a late cancel counts
+        if last_word is StopReason.CANCELLED or last_word is StopReason.LEASE_LOST:
+            raise TrainingStopped(last_word, result.steps)
         info = AdapterInfo(
             name=job.adapter_name,
             kind=job.kind,
@@ -224,17 +262,16 @@ def _attempt(job: JobRecord, token: str, lease: LeaseKeeper, context: WorkerCont
             job_id=job.id,
             metrics=_metrics_of(result),
         )
-        AdapterStore(settings.adapters_dir).save(info, lambda folder: _copy_into(adapter_dir, folder))
-        fields = {"step": result.steps, "train_loss": result.train_loss, "eta_seconds": 0}
-        if result.val_loss is not None:
-            fields["val_loss"] = result.best_val_loss
-        message = f"adapter {job.adapter_name!r} is ready" + (" (stopped early)" if result.stopped_early else "")
-        _finish(context, job, token, JobState.SUCCEEDED, fields, message)
-        _remove_checkpoints(job_dir)
-        return "succeeded"
+        adapters.save(info, lambda folder: _copy_into(adapter_dir, folder))
+        note = " (stopped early)" if result.stopped_early else ""
+        return _succeed(context, job, token, job_dir, info.metrics, f"adapter {job.adapter_name!r} is ready{note}")
     except TrainingStopped as stopped:
+        if hooks is not None and stopped.reason is not StopReason.LEASE_LOST:
+            hooks.flush()
         return _stopped(context, job, token, job_dir, stopped)
     except AlreadyExists:
+        if _published_by(adapters, job):
+            return _succeed(context, job, token, job_dir, adapters.get(job.adapter_name).metrics, "adapter ready")
         _fail(context, job, token, f"adapter {job.adapter_name!r} was created by someone else while this job ran")
         return "failed"
     except TooManyBadSteps as exc:
@@ -245,11 +282,27 @@ def _attempt(job: JobRecord, token: str, lease: LeaseKeeper, context: WorkerCont
             log.exception("fatal device error; handing the job back and stopping the worker", extra={"job": job.id})
             _hand_back(context, job, token, "its worker's accelerator failed; queued again to resume elsewhere")
             raise
-        _fail(context, job, token, _describe(exc))
         log.exception("job failed", extra={"job": job.id})
+        _fail(context, job, token, _describe(exc))
         return "failed"
     finally:
-        hooks.close()
+        if hooks is not None:
+            hooks.close()
+
+
+def _published_by(adapters: AdapterStore, job: JobRecord) -> bool:
+    try:
+        return adapters.get(job.adapter_name).job_id == job.id
+    except ServiceError:
+        return False
+
+
+def _succeed(context: WorkerContext, job: JobRecord, token: str, job_dir: Path, values: dict, message: str) -> str:
+    fields = {"step": int(values.get("steps", job.total_steps)), "train_loss": values.get("train_loss", 0.0)}
+    fields |= {"eta_seconds": 0} | ({"val_loss": values["val_loss"]} if "val_loss" in values else {})
+    _finish(context, job, token, JobState.SUCCEEDED, fields, message)
+    _remove_checkpoints(job_dir)
+    return "succeeded"
 
 
 def train(job: JobRecord, job_dir: Path, settings: Settings, hooks: JobHooks):
@@ -259,7 +312,7 @@ def train(job: JobRecord, job_dir: Path, settings: Settings, hooks: JobHooks):
 
     entry = next((e for e in settings.models if e.name == job.base_model), None)
     if entry is None:
-        raise LookupError(f"base model {job.base_model!r} is not configured on this worker")
+        raise TrainingInputError(f"base model {job.base_model!r} is not configured on this worker")
     dataset = DatasetStore(settings.datasets_dir, settings.finetune)
     spec = TrainingSpec(
         job_id=job.id,
@@ -306,7 +359,8 @@ def _stopped(context: WorkerContext, job: JobRecord, token: str, job_dir: Path, 
 
 
 def _hand_back(context: WorkerContext, job: JobRecord, token: str, message: str) -> None:
-    attempt = with_redis_retry(lambda: context.store.release(job.id, token, message))
+    max_attempts = context.settings.finetune.max_attempts
+    attempt = with_redis_retry(lambda: context.store.release(job.id, token, message, max_attempts))
     if attempt is not None:
         context.enqueue(job.id, attempt)
 
@@ -329,8 +383,8 @@ def _describe(exc: Exception) -> str:
 
     if isinstance(exc, torch.OutOfMemoryError):
         return "out of accelerator memory: lower batch_size, max_seq_length or resolution, or use mixed_precision"
-    if isinstance(exc, LookupError | ValueError):
-        return f"training could not start: {str(exc).splitlines()[0][:300]}"
+    if isinstance(exc, TrainingInputError):  # written for users: it says what to change
+        return str(exc)
     return f"training failed with an internal error ({type(exc).__name__}); the worker's log has the details"
 
 

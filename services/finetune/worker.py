@@ -25,8 +25,10 @@ from celery import signals
 
 from services.finetune import metrics
 from services.finetune.jobs import JobState, JobStore
-from services.finetune.queue import TRAIN_TASK, enqueue, make_celery
+from services.finetune.queue import TRAIN_TASK, dispatch, make_celery
 from services.finetune.runner import REDIS_ERRORS, WorkerContext, run_job
+from services.finetune.training.recipe import RECIPES, load_recipe
+from shared.allocator import keep_freed_memory_for_reuse
 from shared.devices import is_fatal_device_error
 from shared.logs import configure_logging
 from shared.metrics import start_metrics_server
@@ -74,9 +76,13 @@ class Maintenance(threading.Thread):
             self.stopping.wait(min(options.lease_renew_s, options.sweep_interval_s))
 
     def sweep(self) -> None:
-        for job_id, attempt in self.context.store.requeue_expired():
+        options = self.context.settings.finetune
+        for job_id, attempt in self.context.store.requeue_expired(options.max_attempts):
             log.warning("requeued a job whose worker was lost", extra={"job": job_id, "attempt": attempt})
             metrics.REQUEUED.inc()
+            self.context.enqueue(job_id, attempt)
+        for job_id, attempt in self.context.store.undispatched(older_than_s=2 * options.sweep_interval_s):
+            log.warning("sent a job's message that was never sent", extra={"job": job_id, "attempt": attempt})
             self.context.enqueue(job_id, attempt)
         active = [self.context.store.get(j) for j in self._active_ids()]
         for state in (JobState.QUEUED, JobState.RUNNING):
@@ -92,7 +98,7 @@ def build(settings: Settings, name: str):
     app = make_celery(settings)
     store = JobStore(redis.Redis.from_url(settings.redis_address, health_check_interval=10))
     queue = settings.finetune.queue
-    context = WorkerContext(settings, store, name, lambda job_id, attempt: enqueue(app, queue, job_id, attempt))
+    context = WorkerContext(settings, store, name, lambda job_id, attempt: dispatch(app, queue, store, job_id, attempt))
 
     @app.task(name=TRAIN_TASK, acks_late=True, reject_on_worker_lost=True, ignore_result=True)
     def train(job_id: str, attempt: int) -> str:
@@ -117,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables)")
     parser.add_argument("--ready-file", type=Path, help="write the worker's name and metrics port here once ready")
     args = parser.parse_args(argv)
+    keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging("finetune-worker", settings.log_level, settings.log_format)
     app, context = build(settings, args.name)
+    for kind in RECIPES:  # import the recipes (transformers, peft, diffusers: seconds) before the first job
+        load_recipe(kind)
     port = settings.finetune.worker_metrics_port if args.metrics_port is None else args.metrics_port
+    metrics.export_every_series()
     metrics_port = start_metrics_server(port)
     maintenance = Maintenance(context, device_info() | {"name": args.name, "pid": os.getpid()})
     maintenance.start()

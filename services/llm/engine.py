@@ -200,19 +200,22 @@ class LLMEngine:
         with waiting.cond:
             while waiting.items and len(self._running) + len(admitted) < self._max_batch:
                 seq = waiting.items[0]
-                if seq.cancelled or len(seq.prompt_ids) > self._max_prefill_tokens:
+                cost = len(seq.prompt_ids) + seq.virtual_tokens
+                if seq.cancelled or cost > self._max_prefill_tokens:
                     waiting.items.popleft()
                     unfit.append(seq)
                     continue
-                if len(seq.prompt_ids) > budget:
+                if cost > budget:
                     break  # the next step's prefill
                 waiting.items.popleft()
-                budget -= len(seq.prompt_ids)
+                budget -= cost
                 admitted.append(seq)
             waiting.publish()
         for seq in unfit:  # validation refuses such prompts; a caller that skipped it gets told here
             if not seq.cancelled:
-                self._finish(seq, error=prompt_too_long(len(seq.prompt_ids), self._max_prefill_tokens))
+                self._finish(
+                    seq, error=prompt_too_long(len(seq.prompt_ids) + seq.virtual_tokens, self._max_prefill_tokens)
+                )
         ready = []
         for seq in admitted:
             if seq.adapter and self.adapters is not None:

@@ -117,7 +117,9 @@ class ServedLLM:
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
         if len(prompt_ids) + virtual_tokens > self.max_prefill_tokens:
             raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prefill_tokens)
-        return Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
+        seq = Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
+        seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
+        return seq
 
     def start(self, on_death=None) -> None:
         self.engine.start(on_death)

@@ -145,6 +145,12 @@ BAD_UPLOADS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "'notes.txt' is not listed",
     ),
+    "a sliver of an image": (
+        "imagefolder_zip",
+        zipped({"a.png": png(200, 16), "metadata.jsonl": metadata("a.png")}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "200x16; sides may differ at most 8-fold",
+    ),
     "metadata naming a missing file": (
         "imagefolder_zip",
         zipped({"a.png": png(), "metadata.jsonl": metadata("a.png", "b.png")}),
@@ -285,6 +291,11 @@ BAD_JOBS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "exceeds the model's context of 131072",
     ),
+    "virtual tokens past the context": (
+        job_request("llm", "p_tuning", "x", max_seq_length=131060),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "131060 plus 20 virtual tokens exceeds the model's context of 131072",
+    ),
     "resolution not a multiple of 8": (
         job_request("diffusion", "lora", "x", resolution=60),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -326,6 +337,23 @@ def test_an_adapter_name_held_by_an_unfinished_job_is_taken(finetune_stub):
         assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS and first.id in caught.value.details()
     finally:
         finetune_stub.CancelJob(pb.CancelJobRequest(id=first.id))
+
+
+def test_any_seed_is_accepted(finetune_stub):
+    job = finetune_stub.CreateJob(job_request("llm", "lora", "seeded", max_steps=100_000, seed=2**64 - 1))
+    finetune_stub.CancelJob(pb.CancelJobRequest(id=job.id))
+    assert job.hyperparameters.seed < 2**63
+
+
+def test_batches_must_split_evenly_over_a_workers_gpus():
+    from services.finetune.hyperparams import Hyperparameters, TrainingData, resolve
+    from shared.errors import InvalidArgument
+
+    data = TrainingData(kind="diffusion", num_records=16, architecture="unet", native_resolution=64, devices=2)
+    resolved, _ = resolve(Hyperparameters(), data)
+    assert resolved.batch_size == 2
+    with pytest.raises(InvalidArgument, match="multiple of the 2 GPUs"):
+        resolve(Hyperparameters(batch_size=3), data)
 
 
 @pytest.mark.parametrize("call", ["GetJob", "CancelJob", "WatchJob"])

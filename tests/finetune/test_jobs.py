@@ -104,6 +104,19 @@ def test_delete_adapter_stops_it_being_served(finetune_stub, worker, llm_stub):
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_the_worker_exports_its_metrics(finetune_stub, worker):
+    from tests.scrape import metric_value
+
+    steps = metric_value(worker, "modelworks_finetune_steps_total", kind="llm")
+    done = metric_value(worker, "modelworks_finetune_jobs_total", kind="llm", state="succeeded")
+    job = finetune_stub.CreateJob(job_request("llm", "lora", "metered", max_steps=4))
+    watch(finetune_stub, job.id)
+    assert metric_value(worker, "modelworks_finetune_steps_total", kind="llm") == steps + 4
+    assert metric_value(worker, "modelworks_finetune_jobs_total", kind="llm", state="succeeded") == done + 1
+    assert metric_value(worker, "modelworks_finetune_step_seconds_count", kind="llm") >= 4
+    assert metric_value(worker, "modelworks_finetune_throughput", kind="llm", unit="tokens") > 0
+
+
 def test_list_jobs_is_newest_first_and_filters_by_state(finetune_stub, worker):
     job = finetune_stub.CreateJob(job_request("llm", "lora", "listed-job", max_steps=2))
     watch(finetune_stub, job.id)

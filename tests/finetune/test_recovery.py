@@ -15,13 +15,15 @@ from tests.harness import spawn_service, spawn_worker, start_redis
 
 
 @pytest.fixture
-def system(data_dir, tmp_path):
-    """A private Redis and fine-tune API; `system.worker(name)` starts workers on its queue."""
+def system(data_dir, tmp_path, request):
+    """A private Redis and fine-tune API; `system.worker(name)` starts workers on its queue. Parametrize
+    indirectly with a dict to override finetune settings."""
+    overrides = getattr(request, "param", {})
 
     class System:
         def __init__(self):
             self.redis = start_redis(tmp_path / "redis")
-            self.config = finetune_config(data_dir, self.redis.url, queue=f"q-{tmp_path.name}")
+            self.config = finetune_config(data_dir, self.redis.url, queue=f"q-{tmp_path.name}", **overrides)
             self.api = spawn_service("finetune", tmp_path / "api", self.config)
             self.channel = grpc.insecure_channel(self.api.address)
             self.stub = finetune_pb2_grpc.FineTuneServiceStub(self.channel)
@@ -88,11 +90,57 @@ def test_duplicate_messages_for_a_running_job_are_dropped_never_run_twice(system
 def test_a_redis_restart_mid_job_loses_no_job_and_no_event(system):
     system.worker("steady")
     job = system.stub.CreateJob(job_request("llm", "lora", "through-restart", max_steps=150, save_steps=50))
-    wait_for_event(system.stub, job.id, lambda e: e.type == "progress" and e.step >= 10)
+    before = []
+    for event in system.stub.WatchJob(pb.WatchJobRequest(id=job.id)):
+        before.append(event)
+        if event.type == "progress" and event.step >= 10:
+            break
     system.redis.restart()  # AOF with fsync always: every acknowledged write is on disk
     events = watch(system.stub, job.id)
     final = system.stub.GetJob(pb.GetJobRequest(id=job.id))
     assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert events[: len(before)] == before, "every event read before the restart is still there, in order"
     steps = [e.step for e in events if e.type == "progress"]
-    assert set(steps) == set(range(1, 151)), "no step's event was lost"
+    assert steps == list(range(1, 151)), "and none written after it was lost or doubled"
     assert "through-restart" in {a.name for a in system.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
+
+
+@pytest.mark.parametrize("system", [{"progress_interval_s": 0.5}], indirect=True)
+def test_progress_is_written_in_batches_with_every_step_and_cancel_still_lands(system):
+    system.worker("batched")
+    job = system.stub.CreateJob(job_request("llm", "lora", "batched", max_steps=150))
+    events = watch(system.stub, job.id)
+    assert system.stub.GetJob(pb.GetJobRequest(id=job.id)).state == pb.JOB_STATE_SUCCEEDED
+    assert [e.step for e in events if e.type == "progress"] == list(range(1, 151)), "every step, in order"
+    written_at = {int(e.event_id.split("-")[0]) // 10 for e in events if e.type == "progress"}  # stream ids, 10 ms
+    assert len(written_at) < 50, f"steps share writes ({len(written_at)} distinct write times for 150 steps)"
+    long = system.stub.CreateJob(job_request("llm", "lora", "batched-cancel", max_steps=100_000))
+    wait_for_event(system.stub, long.id, lambda e: e.type == "progress")
+    system.stub.CancelJob(pb.CancelJobRequest(id=long.id))
+    watch(system.stub, long.id)
+    assert system.stub.GetJob(pb.GetJobRequest(id=long.id)).state == pb.JOB_STATE_CANCELLED
+
+
+def test_a_job_whose_message_was_lost_is_sent_again_by_the_sweeper(system):
+    import redis
+
+    job = system.stub.CreateJob(job_request("llm", "lora", "resent", max_steps=3))
+    client = redis.Redis.from_url(system.redis.url)
+    queue = system.config["finetune"]["queue"]
+    assert client.delete(queue) == 1, "the message was in the queue"
+    client.hset(f"modelworks:job:{job.id}", "dispatched_attempt", 0)  # as if the send never happened
+    system.worker("sweeper")
+    watch(system.stub, job.id)
+    assert system.stub.GetJob(pb.GetJobRequest(id=job.id)).state == pb.JOB_STATE_SUCCEEDED
+
+
+@pytest.mark.parametrize("system", [{"max_attempts": 1}], indirect=True)
+def test_a_job_that_keeps_killing_its_workers_is_failed_not_retried_forever(system):
+    first = system.worker("victim")
+    job = system.stub.CreateJob(job_request("llm", "lora", "poison", max_steps=100_000))
+    wait_for_event(system.stub, job.id, lambda e: e.type == "progress")
+    first.kill()
+    system.worker("next")
+    watch(system.stub, job.id)
+    final = system.stub.GetJob(pb.GetJobRequest(id=job.id))
+    assert final.state == pb.JOB_STATE_FAILED and "finetune.max_attempts" in final.error

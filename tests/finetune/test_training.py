@@ -154,6 +154,37 @@ def test_a_stopped_run_resumes_from_its_checkpoint_exactly(settings, dataset, tm
     shutil.rmtree(job_dir)
 
 
+@pytest.mark.parametrize(
+    "device",
+    [
+        pytest.param("cpu", id="cpu-bf16"),
+        pytest.param(
+            "cuda",
+            marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+        ),
+    ],
+)
+def test_bf16_autocast_trains_and_keeps_the_adapter_in_float32(settings, dataset, tmp_path, device):
+    spec = spec_for(dataset, tmp_path, max_steps=8, mixed_precision="bf16", validation_fraction=0.0)
+    recipe = load_recipe("llm")(replace(_context(spec, settings, None), device=torch.device(device)))
+    recipe.setup()
+    result = recipe.train()
+    assert result.losses[-1] < result.losses[0]
+    trainable = [p for p in recipe.model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp16_on_cuda_trains_with_a_gradient_scaler(settings, dataset, tmp_path):
+    spec = spec_for(dataset, tmp_path, max_steps=8, mixed_precision="fp16", validation_fraction=0.0)
+    recipe = load_recipe("llm")(replace(_context(spec, settings, None), device=torch.device("cuda")))
+    recipe.setup()
+    result = recipe.train()
+    assert recipe.trainer.scaler is not None and result.losses[-1] < result.losses[0]
+    assert next(recipe.model.get_base_model().parameters()).dtype == torch.float16, "frozen base in half precision"
+
+
 def test_profile_steps_write_a_trace(settings, dataset, tmp_path):
     train_here(spec_for(dataset, tmp_path, max_steps=3, profile_steps=2), settings, None, None, CPU)
     assert list((tmp_path / "profile").glob("trace-step1.json"))

@@ -56,3 +56,12 @@ def test_a_failed_write_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(NotFound):
         store.get("x")
+
+
+def test_an_adapter_with_broken_metadata_does_not_break_the_listing(tmp_path):
+    store = AdapterStore(tmp_path)
+    store.save(AdapterInfo("good", "llm", "m"), write_dummy)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "modelworks.json").write_text("{not json")
+    assert [a.name for a in store.list()] == ["good"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from services.finetune.datasets import read_imagefolder_zip
+from services.finetune.datasets import metadata_member, read_imagefolder_zip
 from services.finetune.training.loop import Trainer, TrainingResult
 from services.finetune.training.recipe import RecipeContext, split_records
 from shared.locations import pretrained_location
@@ -82,9 +82,9 @@ class DiffusionRecipe:
         resolution = self.hp.resolution
         images = {}
         with zipfile.ZipFile(path) as archive:
-            root = next(n for n in archive.namelist() if Path(n).name == "metadata.jsonl").rpartition("/")[0]
+            _, root = metadata_member(archive.namelist())
             for record in records:
-                name = f"{root}/{record['file_name']}" if root else record["file_name"]
+                name = root + record["file_name"]
                 with Image.open(io.BytesIO(archive.read(name))) as image:
                     image = image.convert("RGB")
                     scale = resolution / min(image.size)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from services.finetune.datasets import read_jsonl
 from services.finetune.training.loop import Trainer, TrainingResult
-from services.finetune.training.recipe import RecipeContext, split_records
+from services.finetune.training.recipe import RecipeContext, TrainingInputError, split_records
 from shared.locations import pretrained_location
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,10 @@ def _chat_example(tokenizer, messages: list[dict]) -> Example:
         before = render(messages[:k], generation_prompt=True)  # up to and with the assistant header
         through = render(messages[: k + 1])
         if full[: len(through)] != through or through[: len(before)] != before:
-            raise ValueError("the chat template is not prefix-stable; assistant turns cannot be located")
+            raise TrainingInputError(
+                "the model's chat template renders a conversation differently as it grows, so its assistant "
+                "turns cannot be located; use prompt/completion records for this model"
+            )
         labels[len(before) : len(through)] = full[len(before) : len(through)]
     return Example(full, labels)
 
@@ -130,7 +133,7 @@ class LLMRecipe:
                 f"{dropped} records had nothing to learn within max_seq_length {limit} and were left out"
             )
         if not examples:
-            raise ValueError(f"no record has label tokens within max_seq_length {limit}; raise it")
+            raise TrainingInputError(f"no record has anything to learn within max_seq_length {limit}; raise it")
         return examples
 
     def count_items(self, examples: list[Example]) -> int:

@@ -31,7 +31,7 @@ class StepBatches:
         """This rank's record indices of each micro-batch of optimizer step `step` (0-based, from the start)."""
         epoch, index = divmod(step, self.steps_per_epoch)
         if epoch != self._epoch:
-            generator = torch.Generator().manual_seed(self.seed + epoch)
+            generator = torch.Generator().manual_seed((self.seed + epoch) % 2**63)
             self._epoch, self._order = epoch, torch.randperm(self.num_records, generator=generator)
         records = self._order[index * self.step_size : (index + 1) * self.step_size]
         micro = [records[i : i + self.batch_size] for i in range(0, len(records), self.batch_size)]

@@ -3,14 +3,16 @@
 A checkpoint is a folder `checkpoint-<step>/` in the job's folder with the trainable weights
 (`trainable.safetensors`; the best-so-far weights in `best.safetensors` when validation tracks them) and
 `state.pt`: optimizer, LR scheduler, gradient scaler, RNG states, the step and the early-stopping state.
-The micro-batch position follows from the step. A `latest` file names the newest complete checkpoint;
-it is replaced atomically after the folder is written, so a crash mid-save leaves the previous one in
-force. Loading uses `weights_only=True`: nothing in a checkpoint can run code.
+The data position follows from the step. Files and folder are fsynced, then a `latest` file naming the
+new checkpoint replaces the old one atomically; the previous checkpoint is kept until the next one is in
+place, and a checkpoint that cannot be read (a host crash mid-write) falls back to the one before.
+Loading uses `weights_only=True`: nothing in a checkpoint can run code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import shutil
@@ -20,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
 
 LATEST = "latest"
 
@@ -70,6 +74,14 @@ def load_trainable(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
             params[name].copy_(tensor.to(params[name].device, params[name].dtype))
 
 
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save(
     job_dir: Path, model, optimizer, scheduler, scaler, state: LoopState, best: dict[str, torch.Tensor] | None
 ) -> Path:
@@ -90,23 +102,45 @@ def save(
         },
         staging / "state.pt",
     )
-    shutil.rmtree(folder, ignore_errors=True)
+    for item in staging.iterdir():
+        _fsync(item)
+    _fsync(staging)
+    if folder.exists():  # the same step saved before (a resumed run): it is not the one `latest` names
+        shutil.rmtree(folder)
     os.rename(staging, folder)
     pointer = job_dir / f".{LATEST}.tmp"
     pointer.write_text(folder.name)
+    _fsync(pointer)
+    previous = _named(job_dir)
     os.replace(pointer, job_dir / LATEST)  # the switch to the new checkpoint is this one atomic rename
+    _fsync(job_dir)
+    keep = {folder.name, previous.name if previous else ""}
     for old in job_dir.glob("checkpoint-*"):
-        if old.name != folder.name:
+        if old.name not in keep:
             shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
-def latest(job_dir: Path) -> Path | None:
+def _named(job_dir: Path) -> Path | None:
     pointer = job_dir / LATEST
-    if not pointer.is_file():
-        return None
-    folder = job_dir / pointer.read_text().strip()
-    return folder if (folder / "state.pt").is_file() else None
+    return job_dir / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def restore_latest(job_dir: Path, model, optimizer, scheduler, scaler):
+    """Restore the newest readable checkpoint: (loop state, best weights), or None when there is none."""
+    newest = _named(job_dir)
+    candidates = sorted(job_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
+    if newest is not None and newest in candidates:
+        candidates.remove(newest)
+        candidates.insert(0, newest)
+    for folder in candidates:
+        try:
+            return restore(folder, model, optimizer, scheduler, scaler)
+        except Exception as exc:  # a torn write: try the one before
+            log.warning(
+                "checkpoint unreadable; trying an older one", extra={"checkpoint": folder.name, "error": repr(exc)}
+            )
+    return None
 
 
 def restore(folder: Path, model, optimizer, scheduler, scaler) -> tuple[LoopState, dict[str, torch.Tensor] | None]:

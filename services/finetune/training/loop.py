@@ -58,6 +58,7 @@ class StepReport:
     throughput: float  # items (tokens or images) per second
     eta_seconds: float
     step_seconds: float
+    skipped_steps: int = 0  # NaN/Inf steps so far, in this job (a resumed run included)
 
 
 class TrainingHooks(Protocol):
@@ -220,6 +221,7 @@ class Trainer:
                     throughput=throughput,
                     eta_seconds=eta,
                     step_seconds=time.perf_counter() - step_started,
+                    skipped_steps=self.state.skipped_steps,
                 )
             )
             if reason is not None:
@@ -356,12 +358,14 @@ class Trainer:
             dist.barrier()
 
     def _resume(self) -> int:
-        folder = checkpoint.latest(self.job_dir)
-        if folder is None:
-            torch.manual_seed(self.config.seed)
+        restored = checkpoint.restore_latest(self.job_dir, self.model, self.optimizer, self.scheduler, self.scaler)
+        if restored is None:
+            torch.manual_seed(self.config.seed + self.rank)  # DDP ranks draw their own noise and dropout
             return 0
-        self.state, self.best = checkpoint.restore(folder, self.model, self.optimizer, self.scheduler, self.scaler)
-        log.info("resumed from a checkpoint", extra={"step": self.state.step, "checkpoint": folder.name})
+        self.state, self.best = restored
+        if self.rank:  # the checkpoint holds rank 0's random state: the other ranks derive their own
+            torch.manual_seed(self.config.seed + self.rank * 1_000_003 + self.state.step)
+        log.info("resumed from a checkpoint", extra={"step": self.state.step})
         return self.state.step
 
     def _profiler(self, first_step: int):

@@ -61,6 +61,11 @@ class RecipeContext:
         return torch.bfloat16 if self.hyperparameters.mixed_precision == "bf16" else torch.float16
 
 
+class TrainingInputError(ValueError):
+    """Something about the job's data or model that only shows once training starts; its message is written
+    for the user (what is wrong, what to change) and becomes the job's error as is."""
+
+
 class Recipe(Protocol):
     def __init__(self, context: RecipeContext) -> None: ...
 
