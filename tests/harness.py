@@ -52,40 +52,36 @@ class ServiceProcess:
         return self.process.returncode
 
 
-def spawn_service(
-    service: str, workdir: Path, config: dict, env: dict[str, str] | None = None, timeout: float = 300
-) -> ServiceProcess:
-    """Run `python -m services.<service>` with `config` as its YAML config, on free loopback ports."""
+def _start(
+    module: str, args: list[str], name: str, workdir: Path, config: dict, env: dict[str, str] | None, timeout: float
+) -> tuple[subprocess.Popen, dict, Path]:
+    """Run `python -m <module>` with `config` as its YAML config until it writes its ready file (JSON)."""
     workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / "config.yaml"
+    config_path = workdir / f"{name}.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    ready = workdir / "ready.json"
+    ready = workdir / f"{name}.ready"
     ready.unlink(missing_ok=True)
-    log_path = workdir / f"{service}.log"
+    log_path = workdir / f"{name}.log"
     full_env = {**os.environ, "MODELWORKS_CONFIG": str(config_path), **(env or {})}
-    argv = [
-        sys.executable,
-        "-m",
-        f"services.{service}",
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-port",
-        "0",
-        "--ready-file",
-        str(ready),
-    ]
+    argv = [sys.executable, "-m", module, *args, "--ready-file", str(ready)]
     with log_path.open("wb") as log_file:
         process = subprocess.Popen(argv, cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: ready.exists() or process.poll() is not None, timeout, f"the {service} service to start")
+        wait_for(lambda: ready.exists() or process.poll() is not None, timeout, f"{name} to start")
     except BaseException:
         process.kill()
         raise
     if process.poll() is not None:
-        raise RuntimeError(f"the {service} service exited with {process.returncode}:\n{log_path.read_text()}")
-    ports = json.loads(ready.read_text())
+        raise RuntimeError(f"{name} exited with {process.returncode}:\n{log_path.read_text()}")
+    return process, json.loads(ready.read_text()), log_path
+
+
+def spawn_service(
+    service: str, workdir: Path, config: dict, env: dict[str, str] | None = None, timeout: float = 300
+) -> ServiceProcess:
+    """Run `python -m services.<service>` with `config` as its YAML config, on free loopback ports."""
+    args = ["--bind", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    process, ports, log_path = _start(f"services.{service}", args, service, workdir, config, env, timeout)
     return ServiceProcess(process, f"127.0.0.1:{ports['port']}", ports["metrics_port"], log_path)
 
 
@@ -181,23 +177,6 @@ class WorkerProcess:
 
 def spawn_worker(workdir: Path, config: dict, name: str, env: dict[str, str] | None = None, timeout: float = 180):
     """Run `python -m services.finetune.worker` with `config` until Celery says it is ready."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    config_path = workdir / f"{name}.yaml"
-    config_path.write_text(yaml.safe_dump(config))
-    ready = workdir / f"{name}.ready"
-    ready.unlink(missing_ok=True)
-    log_path = workdir / f"{name}.log"
-    full_env = {**os.environ, "MODELWORKS_CONFIG": str(config_path), **(env or {})}
-    argv = [sys.executable, "-m", "services.finetune.worker", "--name", name, "--metrics-port", "0"]
-    with log_path.open("wb") as log_file:
-        process = subprocess.Popen(
-            [*argv, "--ready-file", str(ready)], cwd=REPO_ROOT, env=full_env, stdout=log_file, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_for(lambda: ready.exists() or process.poll() is not None, timeout, f"worker {name} to start")
-    except BaseException:
-        process.kill()
-        raise
-    if process.poll() is not None:
-        raise RuntimeError(f"worker {name} exited with {process.returncode}:\n{log_path.read_text()}")
-    return WorkerProcess(process, name, log_path, json.loads(ready.read_text())["metrics_port"])
+    args = ["--name", name, "--metrics-port", "0"]
+    process, ready, log_path = _start("services.finetune.worker", args, name, workdir, config, env, timeout)
+    return WorkerProcess(process, name, log_path, ready["metrics_port"])

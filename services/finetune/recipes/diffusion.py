@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from services.finetune.datasets import metadata_member, read_imagefolder_zip
-from services.finetune.training.loop import Trainer, TrainingResult
+from services.finetune.training.loop import TrainingResult
 from services.finetune.training.recipe import RecipeContext, split_records
 from shared.locations import pretrained_location
 
@@ -148,17 +148,8 @@ class DiffusionRecipe:
         return per_image.sum(), len(records)
 
     def train(self) -> TrainingResult:
-        ctx = self.context
-        self.trainer = Trainer(
-            self.unet,
-            self.train_records,
-            self.val_records,
-            self.loss_sum,
-            self.count_items,
-            ctx.loop_config(),
-            ctx.job_dir,
-            ctx.hooks,
-            ctx.device,
+        self.trainer = self.context.trainer(
+            self.unet, self.train_records, self.val_records, self.loss_sum, self.count_items
         )
         return self.trainer.run()
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from services.finetune.datasets import read_jsonl
-from services.finetune.training.loop import Trainer, TrainingResult
+from services.finetune.training.loop import TrainingResult
 from services.finetune.training.recipe import RecipeContext, TrainingInputError, split_records
 from shared.locations import pretrained_location
 
@@ -162,17 +162,8 @@ class LLMRecipe:
         return loss, int((labels[:, 1:] != IGNORE).sum())
 
     def train(self) -> TrainingResult:
-        ctx = self.context
-        self.trainer = Trainer(
-            self.model,
-            self.train_examples,
-            self.val_examples,
-            self.loss_sum,
-            self.count_items,
-            ctx.loop_config(),
-            ctx.job_dir,
-            ctx.hooks,
-            ctx.device,
+        self.trainer = self.context.trainer(
+            self.model, self.train_examples, self.val_examples, self.loss_sum, self.count_items
         )
         return self.trainer.run()
 

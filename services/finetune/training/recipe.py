@@ -14,7 +14,7 @@ from typing import Protocol
 import torch
 
 from services.finetune.hyperparams import Hyperparameters
-from services.finetune.training.loop import LoopConfig, TrainingHooks, TrainingResult
+from services.finetune.training.loop import CountFn, LoopConfig, LossFn, Trainer, TrainingHooks, TrainingResult
 from shared.settings import ModelEntry, Settings
 
 RECIPES = {
@@ -52,6 +52,12 @@ class RecipeContext:
             save_steps=hp.save_steps,
             profile_steps=hp.profile_steps,
             max_bad_steps=self.settings.finetune.max_bad_steps,
+        )
+
+    def trainer(self, model: torch.nn.Module, train: list, validation: list, loss_sum: LossFn, count: CountFn):
+        """The training loop for a recipe's model and records, configured from the job."""
+        return Trainer(
+            model, train, validation, loss_sum, count, self.loop_config(), self.job_dir, self.hooks, self.device
         )
 
     def base_dtype(self) -> torch.dtype:
