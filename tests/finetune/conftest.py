@@ -1,6 +1,6 @@
 """The fine-tune service for real: a `redis-server` with AOF, the API process, and Celery worker processes.
 
-Leases are short here (4 s, renewed every second, swept every second) so that recovery from a killed
+Leases are short here (8 s, renewed every second, swept every second) so that recovery from a killed
 worker takes seconds, not the minute the defaults allow; and every step's progress is written at once
 (progress_interval_s 0), so tests can check each step's event. `test_recovery` checks the default, batched
 writing too.
@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import TEST_SERVER_CONFIG
 from tests.harness import RedisProcess, WorkerProcess, spawn_service, spawn_worker, start_redis
 
-FAST_LEASES = {"lease_ttl_s": 4, "lease_renew_s": 1, "sweep_interval_s": 1, "progress_interval_s": 0}
+FAST_LEASES = {"lease_ttl_s": 8, "lease_renew_s": 1, "sweep_interval_s": 1, "progress_interval_s": 0}
 
 
 def finetune_config(data_dir, redis_url: str, **finetune) -> dict:
