@@ -1,4 +1,4 @@
-"""`python -m bench [--only NAME ...] [--data-dir DIR]`: run the benchmarks (llm, diffusion, finetune, robustness)."""
+"""`python -m bench [--only NAME ...] [--data-dir DIR]`: run the benchmarks and print their tables."""
 
 from __future__ import annotations
 
@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, finetune, llm, robustness
+from bench import diffusion, finetune, llm, realmodel, robustness
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
 
 BENCHMARKS = {
     "llm": ("LLM service", llm),
+    "realmodel": ("The default chat model (SmolLM2-135M-Instruct)", realmodel),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),
     "robustness": ("Robustness: fuzzing and load", robustness),

@@ -80,7 +80,12 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
 
 
 def prepare(entry: ModelEntry, settings: Settings) -> str:
-    """Make an entry's weights available locally: build a built-in, or download an hf: snapshot."""
+    """Make an entry's weights available locally: build a built-in, download an hf: snapshot, or convert a
+    GGUF checkpoint."""
+    from shared import gguf
+
+    if gguf.is_gguf(entry):
+        return str(gguf.prepare(entry, settings))
     source = parse_source(entry.source)
     if source.kind == "hf":
         from huggingface_hub import snapshot_download

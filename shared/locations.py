@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared import gguf
 from shared.builtin import builtin_dir, ensure_builtin
 from shared.errors import FailedPrecondition
 from shared.registry import parse_source
@@ -25,6 +26,8 @@ def pretrained_location(entry: ModelEntry, settings: Settings) -> tuple[str, dic
     """Where `from_pretrained` reads the entry's weights, with the keyword arguments that go with it."""
     source = parse_source(entry.source)
     kwargs: dict[str, Any] = {"trust_remote_code": entry.trust_remote_code}
+    if gguf.is_gguf(entry):  # converted by the prepare step; serving never converts
+        return str(gguf.converted_folder(entry, settings)), kwargs
     if source.kind == "builtin":
         return str(ensure_builtin(source.ref, settings.models_dir)), kwargs
     if source.kind == "local":
@@ -39,7 +42,9 @@ def pretrained_location(entry: ModelEntry, settings: Settings) -> tuple[str, dic
 def prepared_folder(entry: ModelEntry, settings: Settings) -> Path:
     """The local folder of an already prepared model; FailedPrecondition if it is not there yet."""
     source = parse_source(entry.source)
-    if source.kind == "builtin":
+    if gguf.is_gguf(entry):
+        folder = gguf.converted_folder(entry, settings)
+    elif source.kind == "builtin":
         folder = builtin_dir(source.ref, settings.models_dir)
     elif source.kind == "local":
         folder = Path(source.ref)

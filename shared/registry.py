@@ -9,18 +9,19 @@ from typing import Literal
 from shared.errors import InvalidArgument, NotFound
 from shared.settings import ModelEntry, ModelKind
 
-SourceKind = Literal["hf", "local", "builtin"]
+SourceKind = Literal["hf", "local", "builtin", "gguf"]
 
 
 @dataclass(frozen=True)
 class ModelSource:
     kind: SourceKind
-    ref: str  # a hub repo id, a directory, or a built-in name
+    ref: str  # a hub repo id, a directory, a built-in name, or a GGUF file (gguf: sources)
     revision: str | None = None
 
 
 def parse_source(source: str) -> ModelSource:
-    """`hf:<repo id>[@revision]`, `builtin:<name>`, or a path to a local Hugging Face folder."""
+    """`hf:<repo id>[@revision]`, `builtin:<name>`, `gguf:<file>` / `gguf:package:<package>/<file>`, or a path
+    to a local Hugging Face folder."""
     if source.startswith("hf:"):
         repo, _, revision = source[3:].partition("@")
         if not repo or repo.count("/") > 1:
@@ -28,6 +29,10 @@ def parse_source(source: str) -> ModelSource:
         return ModelSource("hf", repo, revision or None)
     if source.startswith("builtin:"):
         return ModelSource("builtin", source[len("builtin:") :])
+    if source.startswith("gguf:"):
+        if not source[len("gguf:") :]:
+            raise InvalidArgument(f"bad source {source!r}: expected gguf:<file> or gguf:package:<package>/<file>")
+        return ModelSource("gguf", source[len("gguf:") :])
     if not source:
         raise InvalidArgument("a model source is empty")
     return ModelSource("local", str(Path(source).expanduser()))

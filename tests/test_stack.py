@@ -36,7 +36,7 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, tmp_path):
+def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, smollm2, tmp_path):
     llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     diffusion_port, diffusion_metrics_port = free_port(), free_port()
     finetune_port, finetune_metrics_port, worker_metrics_port = free_port(), free_port(), free_port()

@@ -55,7 +55,7 @@ class Hyperparameters:
     lr_scheduler: str = ""
     max_grad_norm: float = 0.0
     mixed_precision: str = ""
-    validation_fraction: float = 0.0
+    validation_fraction: float | None = None  # None: the default; 0: no validation
     early_stopping_patience: int = 0
     seed: int | None = None
     max_seq_length: int = 0
@@ -143,7 +143,8 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
     _in_range("lora_dropout", hp.lora_dropout, 0.0, 0.9)
     _in_range("warmup_ratio", hp.warmup_ratio, 0.0, 0.9)
     _in_range("max_grad_norm", hp.max_grad_norm, 0.0, 1e4)
-    _in_range("validation_fraction", hp.validation_fraction, 0.0, 0.5)
+    if hp.validation_fraction is not None:
+        _in_range("validation_fraction", hp.validation_fraction, 0.0, 0.5)
     lr_scheduler = hp.lr_scheduler or "cosine"
     if lr_scheduler not in LR_SCHEDULERS:
         raise InvalidArgument(f"hyperparameters.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
@@ -193,7 +194,9 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         if hp.max_seq_length:
             raise InvalidArgument("hyperparameters.max_seq_length applies to LLM jobs only")
 
-    validation_fraction = hp.validation_fraction or (0.1 if data.num_records >= 20 else 0.0)
+    validation_fraction = hp.validation_fraction
+    if validation_fraction is None:
+        validation_fraction = 0.1 if data.num_records >= 20 else 0.0
     validation_records = math.floor(data.num_records * validation_fraction)
     if validation_fraction and validation_records < 1:
         raise InvalidArgument(

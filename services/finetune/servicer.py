@@ -31,8 +31,8 @@ STATES_BY_ENUM = {v: k for k, v in STATES.items()}
 def hyperparameters_from_proto(message: pb.Hyperparameters) -> Hyperparameters:
     values = {}
     for field in Hyperparameters.__dataclass_fields__:
-        if field == "seed":
-            values["seed"] = message.seed if message.HasField("seed") else None
+        if field in ("seed", "validation_fraction"):  # optional: unset is the default, 0 means 0
+            values[field] = getattr(message, field) if message.HasField(field) else None
         elif field == "target_modules":
             values[field] = tuple(message.target_modules)
         else:

@@ -14,15 +14,17 @@ from collections.abc import Iterator
 import grpc
 import pytest
 
-from tests.conftest import TEST_SERVER_CONFIG
+from tests.conftest import SMOLLM2, TEST_SERVER_CONFIG
 from tests.harness import RedisProcess, WorkerProcess, spawn_service, spawn_worker, start_redis
 
 FAST_LEASES = {"lease_ttl_s": 8, "lease_renew_s": 1, "sweep_interval_s": 1, "progress_interval_s": 0}
 
 
 def finetune_config(data_dir, redis_url: str, **finetune) -> dict:
+    """The test models plus the real SmolLM2 (converted by the `smollm2` fixture, which the servers need)."""
     return {
         **TEST_SERVER_CONFIG,
+        "models": [*TEST_SERVER_CONFIG["models"], SMOLLM2],
         "data_dir": str(data_dir),
         "redis_url": redis_url,
         "finetune": FAST_LEASES | finetune,
@@ -37,7 +39,7 @@ def redis_server(tmp_path_factory) -> Iterator[RedisProcess]:
 
 
 @pytest.fixture(scope="session")
-def finetune_server(data_dir, redis_server, tmp_path_factory):
+def finetune_server(data_dir, smollm2, redis_server, tmp_path_factory):
     config = finetune_config(data_dir, redis_server.url)
     server = spawn_service("finetune", tmp_path_factory.mktemp("finetune-api"), config, timeout=120)
     yield server
@@ -53,7 +55,7 @@ def finetune_stub(finetune_server):
 
 
 @pytest.fixture(scope="session")
-def worker(data_dir, redis_server, tmp_path_factory) -> Iterator[WorkerProcess]:
+def worker(data_dir, smollm2, redis_server, tmp_path_factory) -> Iterator[WorkerProcess]:
     process = spawn_worker(tmp_path_factory.mktemp("worker"), finetune_config(data_dir, redis_server.url), "worker-a")
     yield process
     process.stop()

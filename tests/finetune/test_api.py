@@ -171,7 +171,7 @@ def test_a_bad_upload_is_refused_saying_where_and_why(finetune_stub, finetune_se
 
 
 @pytest.fixture(scope="module")
-def small_limits_stub(data_dir, redis_server, tmp_path_factory):
+def small_limits_stub(data_dir, smollm2, redis_server, tmp_path_factory):
     """An API with tiny upload limits, to hit them with small files."""
     config = finetune_config(
         data_dir, redis_server.url, max_upload_bytes=20_000, max_image_bytes=5_000, max_image_pixels=1_000
@@ -219,7 +219,7 @@ BAD_JOBS = {
     "unknown base model": (
         pb.CreateJobRequest(kind=pb.JOB_KIND_LLM, base_model="gpt-9", dataset_id="sample-llm-lighthouse"),
         grpc.StatusCode.NOT_FOUND,
-        "base model 'gpt-9' not found; configured models: tiny-llm, tiny-sd",
+        "base model 'gpt-9' not found; configured models: tiny-llm, tiny-sd, smollm2-135m-instruct",
     ),
     "base model of the other kind": (
         pb.CreateJobRequest(kind=pb.JOB_KIND_LLM, base_model="tiny-sd", dataset_id="sample-llm-lighthouse"),

@@ -15,7 +15,7 @@ from tests.harness import spawn_service, spawn_worker, start_redis
 
 
 @pytest.fixture
-def system(data_dir, tmp_path, request):
+def system(data_dir, smollm2, tmp_path, request):
     """A private Redis and fine-tune API; `system.worker(name)` starts workers on its queue. Parametrize
     indirectly with a dict to override finetune settings."""
     overrides = getattr(request, "param", {})
@@ -105,15 +105,24 @@ def test_a_redis_restart_mid_job_loses_no_job_and_no_event(system):
     assert "through-restart" in {a.name for a in system.stub.ListAdapters(pb.ListAdaptersRequest()).adapters}
 
 
-@pytest.mark.parametrize("system", [{"progress_interval_s": 0.5}], indirect=True)
-def test_progress_is_written_in_batches_with_every_step_and_cancel_still_lands(system):
+@pytest.mark.parametrize("system", [{"progress_interval_s": 3600}], indirect=True)
+def test_progress_is_written_in_batches_that_hold_every_step(system):
+    """With no evaluation or checkpoint in between, progress is written at the first step and the last."""
     system.worker("batched")
-    job = system.stub.CreateJob(job_request("llm", "lora", "batched", max_steps=150))
+    job = system.stub.CreateJob(
+        job_request("llm", "lora", "batched", max_steps=150, validation_fraction=0.0, save_steps=1000)
+    )
     events = watch(system.stub, job.id)
     assert system.stub.GetJob(pb.GetJobRequest(id=job.id)).state == pb.JOB_STATE_SUCCEEDED
-    assert [e.step for e in events if e.type == "progress"] == list(range(1, 151)), "every step, in order"
-    written_at = {int(e.event_id.split("-")[0]) // 10 for e in events if e.type == "progress"}  # stream ids, 10 ms
-    assert len(written_at) < 50, f"steps share writes ({len(written_at)} distinct write times for 150 steps)"
+    progress = [e for e in events if e.type == "progress"]
+    assert [e.step for e in progress] == list(range(1, 151)), "every step, in order"
+    written_ms = int(progress[1].event_id.split("-")[0])  # a stream id's time part: when Redis took it
+    assert written_ms >= int(progress[-1].time * 1000), "step 2 went to Redis with the last step, in one write"
+
+
+@pytest.mark.parametrize("system", [{"progress_interval_s": 0.5}], indirect=True)
+def test_a_cancel_lands_at_the_next_batched_write(system):
+    system.worker("batched")
     long = system.stub.CreateJob(job_request("llm", "lora", "batched-cancel", max_steps=100_000))
     wait_for_event(system.stub, long.id, lambda e: e.type == "progress")
     system.stub.CancelJob(pb.CancelJobRequest(id=long.id))

