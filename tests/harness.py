@@ -85,6 +85,15 @@ def spawn_service(
     return ServiceProcess(process, f"127.0.0.1:{ports['port']}", ports["metrics_port"], log_path)
 
 
+def spawn_gateway(workdir: Path, env: dict[str, str], timeout: float = 120) -> ServiceProcess:
+    """Run `python -m services.gateway` on free loopback ports; `env` names the services it talks to.
+
+    Its `address` is the base URL of the web app."""
+    args = ["--bind", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    process, ports, log_path = _start("services.gateway", args, "gateway", workdir, {}, env, timeout)
+    return ServiceProcess(process, f"http://127.0.0.1:{ports['port']}", ports["metrics_port"], log_path)
+
+
 def free_port() -> int:
     import socket
 

@@ -76,3 +76,20 @@ def test_library_code_never_imports_a_recipe():
         if m.startswith("services.finetune.recipes")
     }
     assert not offenders
+
+
+def test_the_gateway_never_imports_torch_or_loads_a_model():
+    """The web app is a client of the services' gRPC APIs only: no torch, transformers or diffusers."""
+    loaded = _imports_torch("services.gateway.__main__", "services.gateway.app")
+    assert loaded == "", f"the gateway imports {loaded}"
+
+
+def test_the_gateway_reaches_modelworks_only_through_the_generated_stubs():
+    allowed_shared = {"shared.adapters", "shared.logs"}  # the adapter-name rule and log format, both torch-free
+    offenders = {
+        f"{p.relative_to(REPO_ROOT)}: {m}"
+        for p in python_files("services/gateway")
+        for m in imported_modules(p)
+        if m.split(".")[0] == "shared" and m not in allowed_shared
+    }
+    assert not offenders

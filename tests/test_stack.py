@@ -36,10 +36,18 @@ def alive(pid: int) -> bool:
     return bool(state) and not state.startswith("Z")
 
 
-def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, smollm2, tmp_path):
+def _get(url: str) -> bytes | None:
+    try:
+        return urllib.request.urlopen(url, timeout=5).read()
+    except OSError:
+        return None
+
+
+def test_stack_starts_every_service_a_worker_and_the_web_app_and_stops_cleanly(data_dir, smollm2, tmp_path):
     llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     diffusion_port, diffusion_metrics_port = free_port(), free_port()
     finetune_port, finetune_metrics_port, worker_metrics_port = free_port(), free_port(), free_port()
+    gateway_port, gateway_metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "MODELWORKS_CONFIG": str(REPO_ROOT / "config" / "modelworks.yaml"),
@@ -52,6 +60,8 @@ def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, smo
         "MODELWORKS_FINETUNE__METRICS_PORT": str(finetune_metrics_port),
         "MODELWORKS_FINETUNE__WORKER_METRICS_PORT": str(worker_metrics_port),
         "MODELWORKS_EMBEDDED_REDIS_PORT": str(redis_port),
+        "MODELWORKS_GATEWAY_PORT": str(gateway_port),
+        "MODELWORKS_GATEWAY_METRICS_PORT": str(gateway_metrics_port),
         "MODELWORKS_SHUTDOWN_GRACE_S": "2",
     }
     env.pop("MODELWORKS_REDIS_URL", None)
@@ -80,8 +90,14 @@ def test_stack_starts_every_service_and_a_worker_and_stops_cleanly(data_dir, smo
         wait_for(lambda: list(client.scan_iter("modelworks:worker:*")), 120, "the worker to register")
         worker_metrics = f"http://127.0.0.1:{worker_metrics_port}/metrics"
         assert b"modelworks_finetune_jobs_running" in urllib.request.urlopen(worker_metrics, timeout=5).read()
+        page = wait_for(lambda: _get(f"http://127.0.0.1:{gateway_port}/"), 120, "the web app", interval=0.5)
+        assert b"ModelWorks" in page
+        assert (
+            b"modelworks_gateway_calls"
+            in urllib.request.urlopen(f"http://127.0.0.1:{gateway_metrics_port}/metrics", timeout=5).read()
+        )
         children = children_of(stack.pid)
-        assert len(children) == 5
+        assert len(children) == 6
         stack.send_signal(signal.SIGINT)
         assert stack.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "the stack left processes behind"

@@ -1,0 +1,66 @@
+"""The gateway's settings: where the services are, who may log in, and how much load it lets through.
+
+Read from the environment (the variables ARCHITECTURE.md names), validated by pydantic. The gateway does
+not read the services' YAML: it is a client and may run on another host.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+
+ENV = {
+    "llm_target": "MODELWORKS_LLM_TARGET",
+    "diffusion_target": "MODELWORKS_DIFFUSION_TARGET",
+    "finetune_target": "MODELWORKS_FINETUNE_TARGET",
+    "llm_metrics_url": "MODELWORKS_LLM_METRICS_URL",
+    "diffusion_metrics_url": "MODELWORKS_DIFFUSION_METRICS_URL",
+    "finetune_metrics_url": "MODELWORKS_FINETUNE_METRICS_URL",
+    "worker_metrics_url": "MODELWORKS_WORKER_METRICS_URL",
+    "api_key": "MODELWORKS_API_KEY",
+    "auth": "MODELWORKS_GATEWAY_AUTH",
+    "port": "MODELWORKS_GATEWAY_PORT",
+    "concurrency_limit": "MODELWORKS_GATEWAY_CONCURRENCY_LIMIT",
+    "max_queue_size": "MODELWORKS_GATEWAY_MAX_QUEUE_SIZE",
+    "metrics_port": "MODELWORKS_GATEWAY_METRICS_PORT",
+}
+
+
+class GatewayConfig(BaseModel):
+    llm_target: str = "127.0.0.1:50051"
+    diffusion_target: str = "127.0.0.1:50052"
+    finetune_target: str = "127.0.0.1:50053"
+    # shown as links on the System tab (what a browser can reach, which may differ from the targets)
+    llm_metrics_url: str = "http://127.0.0.1:9101/metrics"
+    diffusion_metrics_url: str = "http://127.0.0.1:9102/metrics"
+    finetune_metrics_url: str = "http://127.0.0.1:9103/metrics"
+    worker_metrics_url: str = "http://127.0.0.1:9104/metrics"
+    api_key: SecretStr | None = None
+    auth: SecretStr | None = Field(None, description="user:password for the login page; unset: no login")
+    port: int = Field(7860, ge=0, le=65535, description="HTTP port of the web app")
+    concurrency_limit: int = Field(8, ge=1, description="calls per action running at once; more wait in line")
+    max_queue_size: int = Field(64, ge=1, description="calls waiting in line; past it a user is asked to retry")
+    metrics_port: int = Field(9105, ge=-1, description="Prometheus port of the gateway; -1 disables")
+
+    @field_validator("auth")
+    @classmethod
+    def _user_and_password(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            user, _, password = value.get_secret_value().partition(":")
+            if not user or not password:
+                raise ValueError("MODELWORKS_GATEWAY_AUTH must be user:password")
+        return value
+
+    @property
+    def credentials(self) -> tuple[str, str] | None:
+        if self.auth is None:
+            return None
+        user, _, password = self.auth.get_secret_value().partition(":")
+        return user, password
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+        environ = os.environ if environ is None else environ
+        return cls.model_validate({field: environ[var] for field, var in ENV.items() if environ.get(var, "").strip()})

@@ -1,0 +1,71 @@
+"""Checks on what a person typed, before any call: each failure is a `gr.Error` that says what to change.
+
+The services check everything again (the gateway is one client of many); checking here first saves a
+round trip and words the message for the form rather than for the API.
+"""
+
+from __future__ import annotations
+
+import math
+
+import gradio as gr
+
+from shared.adapters import ADAPTER_NAME_RE, ADAPTER_NAME_RULE
+
+MAX_SEED = 2**64 - 1
+
+
+def required_text(value: str | None, what: str) -> str:
+    text = (value or "").strip()
+    if not text:
+        raise gr.Error(f"{what} is empty: type something first.", print_exception=False)
+    return text
+
+
+def number_in_range(value: float | None, low: float, high: float, what: str) -> float:
+    if value is None or not math.isfinite(float(value)):
+        raise gr.Error(f"{what} must be a number between {low:g} and {high:g}.", print_exception=False)
+    if not low <= float(value) <= high:
+        raise gr.Error(f"{what} must be between {low:g} and {high:g}; it is {float(value):g}.", print_exception=False)
+    return float(value)
+
+
+def whole_number(value: float | None, low: int, high: int, what: str) -> int:
+    number = number_in_range(value, low, high, what)
+    if number != int(number):
+        raise gr.Error(f"{what} must be a whole number; it is {number:g}.", print_exception=False)
+    return int(number)
+
+
+def optional_seed(value: float | None) -> int | None:
+    """-1 (or blank) means "draw one", as in AUTOMATIC1111; the reply says which, to reproduce it."""
+    if value is None or value == "" or value == -1:
+        return None
+    if value != int(value) or not 0 <= value <= MAX_SEED:
+        raise gr.Error(f"Seed must be -1 (draw one) or a whole number from 0 to {MAX_SEED}.", print_exception=False)
+    return int(value)
+
+
+def image_side(value: float | None, what: str, low: int = 64, high: int = 2048) -> int:
+    side = whole_number(value, low, high, what)
+    if side % 8:
+        raise gr.Error(
+            f"{what} must be a multiple of 8 (the model works in 8-pixel blocks); it is {side}.", print_exception=False
+        )
+    return side
+
+
+def stop_strings(text: str | None) -> list[str]:
+    """One stop string a line; `\\n` in a line stands for a newline."""
+    lines = [line.replace("\\n", "\n") for line in (text or "").splitlines()]
+    stops = [line for line in lines if line]
+    if len(stops) > 16:
+        raise gr.Error("At most 16 stop strings.", print_exception=False)
+    return stops
+
+
+def adapter_name(value: str | None) -> str:
+    name = required_text(value, "Adapter name")
+    if not ADAPTER_NAME_RE.match(name) or ".." in name:
+        raise gr.Error(f"Adapter name {name!r} is not allowed: use {ADAPTER_NAME_RULE}.", print_exception=False)
+    return name

@@ -1,0 +1,230 @@
+"""The gateway's API (what `gradio_client` and the browser both call) against the real services."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import pytest
+from PIL import Image
+
+from modelworks.diffusion.v1 import diffusion_pb2
+from modelworks.finetune.v1 import finetune_pb2 as ft
+from modelworks.llm.v1 import llm_pb2
+from tests.conftest import HELD_TOKENS
+from tests.gateway.conftest import gateway_env
+from tests.harness import spawn_gateway, wait_for
+from tests.scrape import metric_value
+
+# chat(message, system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+#      stop, seed, ignore_eos) — the history lives in the client's session
+GREEDY = {"temperature": 0, "top_p": 1, "top_k": 0, "repetition_penalty": 1, "stop": "", "seed": 7}
+
+
+def chat(client, message, adapter="(base model)", max_new_tokens=12, **overrides):
+    params = {**GREEDY, "ignore_eos": True, **overrides}
+    return client.predict(
+        message, "", "tiny-llm", adapter, max_new_tokens, params["temperature"], params["top_p"], params["top_k"],
+        params["repetition_penalty"], params["stop"], params["seed"], params["ignore_eos"], api_name="/chat",
+    )  # fmt: skip
+
+
+def direct_chat(llm_stub, messages, adapter="", max_new_tokens=12) -> str:
+    request = llm_pb2.GenerateRequest(
+        model="tiny-llm",
+        adapter=adapter,
+        messages=[llm_pb2.ChatMessage(role=r, content=c) for r, c in messages],
+        sampling=llm_pb2.SamplingParams(max_new_tokens=max_new_tokens, temperature=0, seed=7, ignore_eos=True),
+    )
+    return llm_stub.Generate(request, timeout=60).text
+
+
+def error_text(excinfo) -> str:
+    return str(excinfo.value)
+
+
+def test_the_api_names_programs_can_call(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/chat", "/generate_images", "/create_job", "/list_jobs"} <= names
+
+
+def test_chat_streams_the_services_answer_and_keeps_history(client, llm_stub):
+    job = client.submit(
+        "Hello there", "", "tiny-llm", "(base model)", 24, 0, 1, 0, 1, "", 7, True, api_name="/chat"
+    )  # fmt: skip
+    reply, note = job.result(timeout=120)
+    partials = [output[0] for output in job.outputs()]
+    assert len(set(partials)) > 2, "the reply arrived in one piece, not streamed"
+    assert all(reply.startswith(p) for p in partials)
+    assert reply == direct_chat(llm_stub, [("user", "Hello there")], max_new_tokens=24)
+    assert "token limit" in note and "seed 7" in note
+
+    second, _ = chat(client, "And again")
+    expected = direct_chat(llm_stub, [("user", "Hello there"), ("assistant", reply), ("user", "And again")])
+    assert second == expected
+
+
+def test_chat_serves_a_named_adapter(client, llm_stub, adapters):
+    with_adapter, _ = chat(client, "Hi", adapter=adapters[0])
+    assert with_adapter == direct_chat(llm_stub, [("user", "Hi")], adapter=adapters[0])
+    assert with_adapter != direct_chat(llm_stub, [("user", "Hi")])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message", "expected"),
+    [
+        ({}, "   ", "message is empty"),
+        ({"temperature": 9}, "hi", "greater than maximum value 2"),
+        ({"seed": -2}, "hi", "Seed must be -1 (draw one) or a whole number"),
+        ({"max_new_tokens": 0}, "hi", "Max new tokens must be between 1"),
+        ({"adapter": "no-such-adapter"}, "hi", "no-such-adapter"),
+    ],
+)
+def test_bad_chat_input_gets_a_readable_message(client, overrides, message, expected):
+    from gradio_client.exceptions import AppError
+
+    adapter = overrides.pop("adapter", "(base model)")
+    max_new_tokens = overrides.pop("max_new_tokens", 12)
+    with pytest.raises(AppError) as excinfo:
+        chat(client, message, adapter=adapter, max_new_tokens=max_new_tokens, **overrides)
+    assert expected in error_text(excinfo)
+    assert "Traceback" not in error_text(excinfo) and "grpc" not in error_text(excinfo).lower()
+
+
+def running_requests(llm_server) -> float:
+    return metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm")
+
+
+def test_stopping_a_chat_frees_the_services_slot(client, llm_server):
+    wait_for(lambda: running_requests(llm_server) == 0, 60, "earlier tests' requests to end")
+    job = client.submit(
+        "Go on forever", "", "tiny-llm", "(base model)", HELD_TOKENS, 0, 1, 0, 1, "", 7, True, api_name="/chat"
+    )  # fmt: skip
+    wait_for(lambda: job.outputs() and job.outputs()[-1][0], 120, "the first streamed text")
+    assert running_requests(llm_server) == 1, "the request runs until stopped (100,000 tokens, EOS ignored)"
+    job.cancel()
+    wait_for(lambda: running_requests(llm_server) == 0, 60, "the LLM service to free the cancelled request's slot")
+
+
+def images(client, prompt="a red square", seed=42, num_images=2, **overrides):
+    form = {
+        "negative_prompt": "", "model": "tiny-sd", "scheduler": "(model default)", "steps": 4, "guidance": 7.5,
+        "width": 64, "height": 64, "seed": seed, "num_images": num_images, "adapter": "(base model)",
+        "adapter_scale": 1.0, "init_image": None, "strength": 0.75, **overrides,
+    }  # fmt: skip
+    return client.predict(prompt, *form.values(), api_name="/generate_images")
+
+
+def test_images_come_back_with_their_seeds_and_keep_their_png_metadata(client, diffusion_stub):
+    _, note, gallery = images(client)
+    assert [item["caption"].split(" · ")[0] for item in gallery] == ["seed 42", "seed 43"]
+    assert "seed(s) 42, 43" in note
+    direct = diffusion_stub.GenerateImages(
+        diffusion_pb2.GenerateImagesRequest(
+            model="tiny-sd", prompt="a red square", steps=4, guidance_scale=7.5, width=64, height=64, seed=42,
+            num_images=2,
+        ),
+        timeout=120,
+    )  # fmt: skip
+    for item, image in zip(gallery, direct.images, strict=True):
+        path = item["image"]["path"] if isinstance(item["image"], dict) else item["image"]
+        with open(path, "rb") as file:
+            data = file.read()
+        assert data == image.png, "the downloaded PNG differs from the service's"
+        assert "Seed: " in Image.open(io.BytesIO(data)).info["parameters"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "prompt", "expected"),
+    [
+        ({}, "", "prompt is empty"),
+        ({"width": 100}, "x", "Width must be a multiple of 8"),
+        ({"steps": 0}, "x", "less than minimum value 1"),
+        ({"seed": 2**64}, "x", "Seed must be -1 (draw one) or a whole number"),
+        ({"scheduler": "no-such-scheduler"}, "x", "no-such-scheduler"),
+    ],
+)
+def test_bad_image_input_gets_a_readable_message(client, overrides, prompt, expected):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as excinfo:
+        images(client, prompt=prompt, **overrides)
+    assert expected in error_text(excinfo)
+
+
+def create_job(client, adapter_name, dataset="sample-llm-lighthouse", kind="LLM", base_model="tiny-llm", **hyper):
+    form = {
+        "method": "lora", "epochs": 0, "max_steps": 0, "learning_rate": 0, "batch_size": 0,
+        "gradient_accumulation_steps": 0, "lora_r": 0, "lora_alpha": 0, "lora_dropout": 0, "target_modules": "",
+        "warmup_ratio": 0, "lr_scheduler": "cosine", "max_grad_norm": 0, "mixed_precision": "no",
+        "validation_fraction": -1, "early_stopping_patience": 0, "seed": 3, "max_seq_length": 0, "resolution": 0,
+        "save_steps": 0, "eval_steps": 0, "num_virtual_tokens": 0, "random_crop": False, "random_flip": False,
+        **hyper,
+    }  # fmt: skip
+    return client.predict(dataset, kind, base_model, adapter_name, *form.values(), api_name="/create_job")
+
+
+def test_a_job_created_through_the_gateway_is_listed_trains_and_is_served(client, gateway_finetune, llm_stub):
+    import grpc
+
+    created = create_job(client, "gw-lighthouse")[0]
+    job_id = re.search(r"`([^`]+)`", created).group(1)
+    table = client.predict(api_name="/list_jobs")
+    assert job_id in [row[0] for row in table["data"]]
+
+    with grpc.insecure_channel(gateway_finetune.address) as channel:
+        from modelworks.finetune.v1 import finetune_pb2_grpc
+
+        stub = finetune_pb2_grpc.FineTuneServiceStub(channel)
+        final = wait_for(
+            lambda: (
+                (j := stub.GetJob(ft.GetJobRequest(id=job_id), timeout=10)).state
+                in (ft.JOB_STATE_SUCCEEDED, ft.JOB_STATE_FAILED, ft.JOB_STATE_CANCELLED)
+                and j
+            ),
+            600,
+            "the job to end",
+            interval=0.5,
+        )
+    assert final.state == ft.JOB_STATE_SUCCEEDED, final.error
+    question = [("user", "Who keeps the Zephyr lighthouse?")]
+    answer, _ = chat(client, question[0][1], adapter="gw-lighthouse")
+    assert answer == direct_chat(llm_stub, question, adapter="gw-lighthouse") != direct_chat(llm_stub, question)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [
+        ("adapter_name", "../escape", "is not allowed"),
+        ("dataset", "no-such-dataset", "no-such-dataset"),
+        ("learning_rate", 5, "Learning rate must be between 0 and 1"),
+    ],
+)
+def test_bad_job_input_gets_a_readable_message(client, field, value, expected):
+    from gradio_client.exceptions import AppError
+
+    args = {"adapter_name": "fine-name", "dataset": "sample-llm-lighthouse"}
+    hyper = {}
+    (args if field in args else hyper)[field] = value
+    with pytest.raises(AppError) as excinfo:
+        create_job(client, args["adapter_name"], dataset=args["dataset"], **hyper)
+    assert expected in error_text(excinfo)
+
+
+def test_a_stopped_service_gets_a_clear_message_and_the_others_keep_working(
+    diffusion_server, gateway_finetune, unreachable_target, tmp_path
+):
+    from gradio_client import Client
+    from gradio_client.exceptions import AppError
+
+    env = gateway_env(unreachable_target, diffusion_server.address, gateway_finetune.address)
+    gateway = spawn_gateway(tmp_path, env)
+    try:
+        client = Client(gateway.address, verbose=False)
+        with pytest.raises(AppError) as excinfo:
+            chat(client, "hello")
+        assert f"The LLM service at {unreachable_target} is not reachable" in error_text(excinfo)
+        _, _, gallery = images(client, num_images=1)
+        assert len(gallery) == 1
+    finally:
+        assert gateway.stop() == 0
