@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, finetune, llm, realmodel, robustness
+from bench import diffusion, finetune, gateway, llm, realmodel, robustness
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
 
@@ -18,6 +18,7 @@ BENCHMARKS = {
     "realmodel": ("The default chat model (SmolLM2-135M-Instruct)", realmodel),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),
+    "gateway": ("The web app (gateway) over the LLM service", gateway),
     "robustness": ("Robustness: fuzzing and load", robustness),
 }
 

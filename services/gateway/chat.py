@@ -6,6 +6,7 @@ Stop closes the generator, which cancels the stream, so the LLM service frees th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -20,6 +21,7 @@ from services.gateway.errors import call_or_warn, user_errors
 from services.gateway.streams import follow
 
 NO_ADAPTER = "(base model)"
+REDRAW_S = 0.05  # at most 20 updates a second per chat: each one re-sends the reply to the browser
 DEFAULT_MAX_NEW_TOKENS = 256
 FINISH_WORDS = {
     llm_pb2.FINISH_REASON_EOS: "the model ended its answer",
@@ -94,13 +96,16 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
                 max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos
             ),
         )
-        reply, note = "", "Generating…"
+        reply, note, sent = "", "Generating…", 0.0
         with user_errors(llm, "chat"):
             for event in follow(clients.llm.GenerateStream(request)):
                 if event is not None:
                     reply += event.text
                     if event.finish_reason:
                         note = finish_note(event)
+                    elif time.monotonic() - sent < REDRAW_S:
+                        continue  # tokens arriving faster than a person reads are sent together
+                sent = time.monotonic()
                 yield reply, note
 
     def refresh(current_model: str | None, current_adapter: str | None):

@@ -54,8 +54,7 @@ def test_chat_streams_the_services_answer_and_keeps_history(client, llm_stub):
     )  # fmt: skip
     reply, note = job.result(timeout=120)
     partials = [output[0] for output in job.outputs()]
-    assert len(set(partials)) > 2, "the reply arrived in one piece, not streamed"
-    assert all(reply.startswith(p) for p in partials)
+    assert all(reply.startswith(p) for p in partials)  # (that text arrives mid-generation: the Stop test)
     assert reply == direct_chat(llm_stub, [("user", "Hello there")], max_new_tokens=24)
     assert "token limit" in note and "seed 7" in note
 
@@ -101,6 +100,7 @@ def test_stopping_a_chat_frees_the_services_slot(client, llm_server):
         "Go on forever", "", "tiny-llm", "(base model)", HELD_TOKENS, 0, 1, 0, 1, "", 7, True, api_name="/chat"
     )  # fmt: skip
     wait_for(lambda: job.outputs() and job.outputs()[-1][0], 120, "the first streamed text")
+    # text has arrived while the request is still running: the reply streams
     assert running_requests(llm_server) == 1, "the request runs until stopped (100,000 tokens, EOS ignored)"
     job.cancel()
     wait_for(lambda: running_requests(llm_server) == 0, 60, "the LLM service to free the cancelled request's slot")
