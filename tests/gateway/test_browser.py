@@ -83,6 +83,13 @@ def fill_text(page, elem_id: str, text: str) -> None:
     page.locator(f"#{elem_id} textarea, #{elem_id} input").first.fill(text)
 
 
+def choose(page, elem_id: str, option: str) -> None:
+    """Pick the dropdown option whose label contains `option`."""
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=re.compile(re.escape(option))).first.click()
+    wait_for(lambda: option in page.locator(f"#{elem_id} input").input_value(), 60, f"{option!r} to be picked")
+
+
 def send_chat(page, text: str) -> None:
     box = page.locator("#chat-input textarea")
     box.fill(text)
@@ -166,8 +173,8 @@ def create_job_in_form(page, adapter: str, max_steps: int) -> None:
 
 def test_a_fine_tune_job_shows_its_loss_curve_grow_and_can_be_cancelled(page):
     open_tab(page, "Fine-tune")
-    wait_for(lambda: "lighthouse" in page.locator("#ft-dataset input").input_value(), 120, "the bundled datasets")
-    wait_for(lambda: page.locator("#ft-base-model input").input_value() == "tiny-llm", 60, "the base models")
+    wait_for(lambda: page.locator("#ft-base-model input").input_value() == "tiny-llm", 120, "the base models")
+    choose(page, "ft-dataset", "Zephyr lighthouse facts")  # other tests upload datasets too
     page.get_by_text("Hyperparameters (0 or blank").click()
     create_job_in_form(page, "browser-endless", 100_000)  # far more steps than the test waits for
     first = wait_for(lambda: plotted(page), 300, "the first loss points")
@@ -181,6 +188,7 @@ def test_a_fine_tune_job_shows_its_loss_curve_grow_and_can_be_cancelled(page):
 def test_a_finished_fine_tune_job_opens_chat_with_its_adapter(page):
     open_tab(page, "Fine-tune")
     wait_for(lambda: page.locator("#ft-base-model input").input_value() == "tiny-llm", 120, "the base models")
+    choose(page, "ft-dataset", "Zephyr lighthouse facts")
     page.get_by_text("Hyperparameters (0 or blank").click()
     create_job_in_form(page, "browser-lighthouse", 60)
     page.locator("#ft-use-in-chat").wait_for(state="visible", timeout=WAIT_MS * 2)
