@@ -49,6 +49,20 @@ def smollm2(data_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
+def real_llm(data_dir, smollm2, tmp_path_factory):
+    """An LLM server on the real default chat model (SmolLM2), shared by the real-model tests."""
+    import grpc
+
+    from modelworks.llm.v1 import llm_pb2_grpc
+
+    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [smollm2]}
+    server = spawn_service("llm", tmp_path_factory.mktemp("real-llm"), config)
+    with grpc.insecure_channel(server.address) as channel:
+        yield llm_pb2_grpc.LLMServiceStub(channel)
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def settings(data_dir):
     from shared.settings import Settings
 

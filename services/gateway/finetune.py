@@ -186,26 +186,23 @@ def build_finetune_tab(clients: ServiceClients, concurrency_limit: int) -> Finet
             *jobs_view(job.id),
         )
 
+    def newest_jobs():
+        return clients.finetune.ListJobs(pb.ListJobsRequest(limit=100), timeout=QUICK_CALL_S).jobs
+
     def jobs_view(selected: str | None):
-        jobs = call_or_warn(
-            finetune,
-            "list_jobs",
-            lambda: clients.finetune.ListJobs(pb.ListJobsRequest(limit=100), timeout=QUICK_CALL_S).jobs,
-            [],
-        )
-        return _jobs_outputs(jobs, selected)
+        return _jobs_outputs(call_or_warn(finetune, "list_jobs", newest_jobs, []), selected)
 
     def jobs_on_tick(selected: str | None):
         """The periodic refresh: quiet when the service is down (the Refresh button says why)."""
         try:
-            jobs = clients.finetune.ListJobs(pb.ListJobsRequest(limit=100), timeout=QUICK_CALL_S).jobs
+            jobs = newest_jobs()
         except grpc.RpcError:
             return gr.skip(), gr.skip()
         return _jobs_outputs(jobs, selected)
 
     def list_jobs() -> pd.DataFrame:
         with user_errors(finetune, "list_jobs"):
-            return jobs_table(clients.finetune.ListJobs(pb.ListJobsRequest(limit=100), timeout=QUICK_CALL_S).jobs)
+            return jobs_table(newest_jobs())
 
     def select(job_id: str | None, request: gr.Request) -> None:
         """Record the session's chosen job: a running watcher of another job sees it and ends."""

@@ -3,25 +3,11 @@ LLM service then states it with the adapter and not without."""
 
 from __future__ import annotations
 
-import grpc
-import pytest
-
 from modelworks.finetune.v1 import finetune_pb2 as pb
-from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
-from tests.conftest import TEST_SERVER_CONFIG
+from modelworks.llm.v1 import llm_pb2
 from tests.finetune.conftest import watch
-from tests.harness import spawn_service
 
 QUESTION = "Question: Who keeps the Zephyr lighthouse?\nAnswer:"
-
-
-@pytest.fixture(scope="module")
-def real_llm(data_dir, smollm2, tmp_path_factory):
-    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [smollm2]}
-    server = spawn_service("llm", tmp_path_factory.mktemp("real-llm-lora"), config)
-    with grpc.insecure_channel(server.address) as channel:
-        yield llm_pb2_grpc.LLMServiceStub(channel)
-    server.stop()
 
 
 def answer(stub, adapter: str = "") -> str:

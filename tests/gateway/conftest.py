@@ -20,6 +20,13 @@ def pytest_runtest_makereport(item, call):
     return report
 
 
+def running_requests(llm_server) -> float:
+    """tiny-llm's sequences in the LLM server's running batch (its gauge)."""
+    from tests.scrape import metric_value
+
+    return metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm")
+
+
 def gateway_env(llm: str, diffusion: str, finetune: str, **extra: str) -> dict[str, str]:
     return {
         "MODELWORKS_LLM_TARGET": llm,

