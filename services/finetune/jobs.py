@@ -162,10 +162,12 @@ redis.call('ZADD', KEYS[5], ARGV[#ARGV], ARGV[1])
 return false
 """
 
-# KEYS: job, lease, events. ARGV: attempt, worker, token, ttl ms, now
+# KEYS: job, lease, events. ARGV: attempt, worker, token, ttl ms, now. Idempotent: a retry after a lost
+# reply finds its own lease and is told 'claimed' again.
 _CLAIM = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
+if state == 'running' and redis.call('GET', KEYS[2]) == ARGV[3] then return 'claimed' end
 if state ~= 'queued' then return 'stale' end
 if redis.call('HGET', KEYS[1], 'attempt') ~= ARGV[1] then return 'stale' end
 if redis.call('HGET', KEYS[1], 'cancel_requested') == '1' then return 'stale' end
@@ -185,16 +187,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: job, lease, events. ARGV: token, n hash values, hash..., then per event: n fields, fields...
+# KEYS: job, lease, events. ARGV: token, report id, n hash values, hash..., then per event: n fields,
+# fields... Idempotent: a retry after a lost reply (Redis restarting after it ran the script) finds its
+# report id already written and adds nothing twice.
 _REPORT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, 0} end
-local n = tonumber(ARGV[2])
-if n > 0 then
-  local hash = {}
-  for i = 1, n do hash[i] = ARGV[2 + i] end
-  redis.call('HSET', KEYS[1], unpack(hash))
-end
-local i = 3 + n
+local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') == '1' and 1 or 0
+if redis.call('HGET', KEYS[1], 'last_report') == ARGV[2] then return {1, cancel} end
+local n = tonumber(ARGV[3])
+local hash = {'last_report', ARGV[2]}
+for i = 1, n do hash[2 + i] = ARGV[3 + i] end
+redis.call('HSET', KEYS[1], unpack(hash))
+local i = 4 + n
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   local event = {}
@@ -202,12 +206,15 @@ while i <= #ARGV do
   redis.call('XADD', KEYS[3], '*', unpack(event))
   i = i + count + 1
 end
-return {1, redis.call('HGET', KEYS[1], 'cancel_requested') == '1' and 1 or 0}
+return {1, cancel}
 """
 
 # KEYS: job, lease, events, active, adapter claim. ARGV: token (or '' to skip the lease check), hash..., event...
+# Idempotent: a retry after a lost reply finds the job ended by the same token and returns 1 again.
 _FINISH = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'finished_by') == ARGV[1] then return 1 end
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'finished_by', ARGV[1])
 local n = tonumber(ARGV[2])
 local hash = {}
 for i = 1, n do hash[i] = ARGV[2 + i] end
@@ -419,9 +426,11 @@ class JobStore:
     def renew(self, job_id: str, token: str, ttl_s: float) -> bool:
         return bool(self._renew(keys=[self.lease_key(job_id)], args=[token, int(ttl_s * 1000)]))
 
-    def report(self, job_id: str, token: str, fields_: dict, events: list[JobEvent] = ()) -> Report:
+    def report(
+        self, job_id: str, token: str, fields_: dict, events: list[JobEvent] = (), report_id: str | None = None
+    ) -> Report:
         """Write progress while holding the lease, in one atomic step; tells the worker if it lost the job
-        or should stop."""
+        or should stop. Retrying with the same `report_id` writes nothing twice."""
         values = _flatten({k: str(v) for k, v in fields_.items()})
         event_args: list = []
         for event in events:
@@ -429,7 +438,7 @@ class JobStore:
             event_args += [len(flat), *flat]
         owned, cancel = self._report(
             keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
-            args=[token, len(values), *values, *event_args],
+            args=[token, report_id or secrets.token_hex(8), len(values), *values, *event_args],
         )
         return Report(bool(owned), bool(cancel))
 

@@ -113,6 +113,7 @@ class JobHooks:
         self._fields: dict = {}
         self._events: list[JobEvent] = []
         self._last_write = 0.0
+        self._reports = 0
         self._stop: StopReason | None = None  # what any write learned; the next step returns it
 
     def _write(self, fields: dict, event: JobEvent | None) -> StopReason | None:
@@ -129,8 +130,10 @@ class JobHooks:
         store, job_id = self.context.store, self.job.id
         fields, events = self._fields, self._events
         self._fields, self._events, self._last_write = {}, [], time.monotonic()
+        self._reports += 1
+        report_id = f"{self.token}:{self._reports}"  # the same id on every retry of this one write
         try:
-            report = with_redis_retry(lambda: store.report(job_id, self.token, fields, events))
+            report = with_redis_retry(lambda: store.report(job_id, self.token, fields, events, report_id))
         except REDIS_ERRORS:
             self._stop = StopReason.LEASE_LOST
         else:

@@ -7,7 +7,7 @@ import time
 import pytest
 import redis
 
-from services.finetune.jobs import JobRecord, JobState, JobStore
+from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound
 
 
@@ -54,6 +54,23 @@ def test_a_release_is_idempotent_and_a_cancelled_job_is_not_released_but_ends(st
     store.cancel(other.id)  # requested while running...
     assert store.release(other.id, "t2", "stopping", max_attempts=5) is None  # ...so it ends, not requeued
     assert store.get(other.id).state == JobState.CANCELLED
+
+
+def test_every_worker_write_retried_after_a_lost_reply_takes_effect_once(store):
+    """Redis can run a script and restart before its reply arrives; the worker then retries the same
+    call. The retry must neither double an event nor make the worker think it lost the job."""
+    job = new_job(store)
+    event = JobEvent("progress", state="running", step=1, total_steps=10, message="step 1")
+    assert store.claim(job.id, 1, "w", "t", 30) == "claimed"
+    assert store.claim(job.id, 1, "w", "t", 30) == "claimed", "a retried claim finds its own lease"
+    for _ in range(2):
+        assert store.report(job.id, "t", {"step": 1}, [event], report_id="t:1").owned
+    store.report(job.id, "t", {"step": 2}, [event], report_id="t:2")
+    assert [e.type for e in store.all_events(job.id)].count("progress") == 2
+    for _ in range(2):
+        assert store.finish(job.id, "t", JobState.SUCCEEDED, {"step": 10}, "done"), "a retried finish still owns it"
+    assert states(store, job.id) == ["queued", "running", "succeeded"]
+    assert store.finish(job.id, "other", JobState.FAILED, {}, "late") is False
 
 
 def test_a_lapsed_lease_is_requeued_until_the_attempts_run_out(store):
