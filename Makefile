@@ -6,13 +6,25 @@ PROTOS := $(shell find protos -name '*.proto')
 INSTALLED := $(VENV)/.installed
 STUBS     := modelworks/.generated
 
-.PHONY: run test bench gpu-check lint protos models install clean
+.PHONY: run test test-compose image-cpu image-gpu bench gpu-check lint protos models install clean
 
 run: $(STUBS) models
 	$(BIN)/python -m services
 
 test: $(STUBS)
 	$(BIN)/python -m pytest
+
+# The containers for real: builds the cpu image, runs the compose stack (CPU override) and drives it.
+# Starts Docker's daemon when none runs and it can (root), and stops it after. Skips, saying why, otherwise.
+test-compose: $(STUBS)
+	MODELWORKS_TEST_COMPOSE=1 $(BIN)/python -m pytest tests/compose -v
+
+# The images: cpu (CPU-only hosts, and the compose test) and gpu (NVIDIA hosts; fails without a CUDA torch).
+image-cpu:
+	docker/build-image.sh cpu
+
+image-gpu:
+	docker/build-image.sh gpu
 
 bench: $(STUBS)
 	$(BIN)/python -m bench

@@ -1,6 +1,7 @@
-"""Container health check: exit 0 only if the gRPC server reports SERVING.
+"""Container health check: exit 0 only if the gRPC server reports SERVING (or the HTTP URL answers 200).
 
     python docker/healthcheck.py [TARGET] [SERVICE]
+    python docker/healthcheck.py http://127.0.0.1:7860/
 
 TARGET defaults to 127.0.0.1:50051; SERVICE defaults to "" (the server as a whole). Each call times out
 after 3 s. Health is exempt from the API key. When MODELWORKS_TLS_CERT_FILE is set the check uses TLS,
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.error
+import urllib.request
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -34,8 +37,23 @@ def open_channel(target: str) -> grpc.Channel:
     return grpc.secure_channel(target, credentials, options=options)
 
 
+def check_http(url: str) -> int:
+    """For the web app and the worker (whose metrics server lives in its process): a 200 means alive."""
+    try:
+        no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the check is local
+        with no_proxy.open(url, timeout=TIMEOUT_S) as reply:
+            status = reply.status
+    except (urllib.error.URLError, OSError) as error:
+        print(f"{url}: unhealthy: {error}", file=sys.stderr)
+        return 1
+    print(f"{url}: HTTP {status}")
+    return 0 if status == 200 else 1
+
+
 def main(argv: list[str]) -> int:
     target = argv[1] if len(argv) > 1 else DEFAULT_TARGET
+    if target.startswith(("http://", "https://")):
+        return check_http(target)
     service = argv[2] if len(argv) > 2 else ""
     try:
         with open_channel(target) as channel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ def run_service(
     keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging(name, settings.log_level, settings.log_format)
+    check_required_gpu(settings)
     section = getattr(settings, name)
     options = ServerOptions(
         bind_address=args.bind,
@@ -41,3 +43,17 @@ def run_service(
         ready_file=args.ready_file,
     )
     sys.exit(asyncio.run(serve(settings, options)))
+
+
+def check_required_gpu(settings: Settings) -> None:
+    """Exit with the reason when the settings require a GPU and none is usable (torch loads only then)."""
+    if not settings.require_gpu:
+        return
+    from shared.devices import require_usable_gpu
+
+    try:
+        name = require_usable_gpu()
+    except RuntimeError as error:
+        logging.getLogger(__name__).error("no usable GPU", extra={"reason": str(error)})
+        sys.exit(f"error: {error}")
+    logging.getLogger(__name__).info("GPU checked", extra={"device": name})

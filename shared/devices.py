@@ -16,6 +16,31 @@ def resolve_device(preference: str = "auto") -> torch.device:
     return device
 
 
+def require_usable_gpu() -> str:
+    """Check that a CUDA device can run work; return its name, or raise RuntimeError saying what to fix.
+
+    The GPU image's services call this at start (settings.require_gpu), so a container that lost its GPU
+    (no device reservation, no NVIDIA container toolkit, a driver mismatch) fails and says so, instead of
+    reporting SERVING while running on the CPU at a hundredth of the speed."""
+    if torch.version.cuda is None:
+        raise RuntimeError(
+            f"require_gpu is set, but this torch ({torch.__version__}) is a CPU build: use the gpu image, or unset "
+            "MODELWORKS_REQUIRE_GPU to run on the CPU"
+        )
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "require_gpu is set, but no CUDA device is usable: check the host's NVIDIA driver (nvidia-smi), the "
+            "NVIDIA container toolkit, and the service's GPU reservation (device ids in docker-compose.yml); "
+            "on a CPU-only host use docker-compose.cpu.yml"
+        )
+    try:
+        torch.zeros(1, device="cuda").add_(1)
+        torch.cuda.synchronize()
+    except RuntimeError as error:
+        raise RuntimeError(f"require_gpu is set, but the CUDA device fails a first operation: {error}") from error
+    return torch.cuda.get_device_name(0)
+
+
 def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
     if preference != "auto":
         dtype = _DTYPES[preference]

@@ -5,15 +5,19 @@ Heavy libraries are imported inside the functions, so importing this module load
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
+from shared import hub_files
 from shared.devices import resolve_device, resolve_dtype
 from shared.locations import pretrained_location
-from shared.registry import parse_source
+from shared.registry import ModelSource, parse_source
 from shared.settings import ModelEntry, Settings
 
 log = logging.getLogger(__name__)
@@ -64,10 +68,12 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
 
     diffusers_logging.disable_progress_bar()
     location, kwargs, device, dtype = _placement(entry, settings)
+    folder = _local_folder(location, kwargs)
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,
         dtype=dtype,
         use_safetensors=True,
+        variant=hub_files.prepared_variant(folder) if folder else None,  # what prepare downloaded
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -79,6 +85,20 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     return LoadedDiffusionPipeline(entry=entry, pipeline=pipeline, device=device, dtype=dtype)
 
 
+def _local_folder(location: str, kwargs: dict[str, Any]) -> Path | None:
+    """The folder on disk that `from_pretrained(location)` reads: the location itself, or a hub repository's
+    cached snapshot (None if nothing is cached yet)."""
+    if Path(location).is_dir():
+        return Path(location)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(location, revision=kwargs.get("revision"), local_files_only=True))
+    except LocalEntryNotFoundError:
+        return None
+
+
 def prepare(entry: ModelEntry, settings: Settings) -> str:
     """Make an entry's weights available locally: build a built-in, download an hf: snapshot, or convert a
     GGUF checkpoint."""
@@ -88,10 +108,33 @@ def prepare(entry: ModelEntry, settings: Settings) -> str:
         return str(gguf.prepare(entry, settings))
     source = parse_source(entry.source)
     if source.kind == "hf":
-        from huggingface_hub import snapshot_download
-
-        # configs, tokenizers and safetensors weights only: no pickled .bin/.ckpt duplicates
-        patterns = ["*.json", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.safetensors"]
-        return snapshot_download(source.ref, revision=source.revision, allow_patterns=patterns)
+        return _download(entry, source)
     location, _ = pretrained_location(entry, settings)
     return location
+
+
+def _download(entry: ModelEntry, source: ModelSource) -> str:
+    """Download the files the loader reads (chosen by `shared.hub_files`), with the hub's progress bars; the
+    hub's token and endpoint come from its own environment variables and login."""
+    from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils import enable_progress_bars
+
+    tree = HfApi().list_repo_tree(source.ref, revision=source.revision, recursive=True)
+    sizes = {f.path: f.size for f in tree if isinstance(f, RepoFile)}
+    model_index, variant = None, None
+    if entry.kind == "diffusion" and "model_index.json" in sizes:
+        model_index = json.loads(
+            Path(hf_hub_download(source.ref, "model_index.json", revision=source.revision)).read_text()
+        )
+        variant = hub_files.pick_variant(sizes, entry.dtype, model_index)
+    files = hub_files.select_files(sizes, entry.kind, variant, entry.trust_remote_code, model_index=model_index)
+    total = sum(sizes[f] for f in files)
+    size = f"{total / 1e9:.1f} GB" if total >= 1e8 else f"{total / 1e6:.1f} MB"
+    weights = f", {variant} weights" if variant else ""
+    # prepare is a command-line step: this line and the hub's progress bars are its output
+    print(f"{entry.name}: downloading {len(files)} files ({size}{weights}) from {source.ref}", flush=True)
+    if not constants.HF_HUB_DISABLE_PROGRESS_BARS:  # the environment decides; a model loaded earlier does not
+        enable_progress_bars("huggingface_hub")
+    patterns = [glob.escape(f) for f in files]  # exact names, not globs
+    return snapshot_download(source.ref, revision=source.revision, allow_patterns=patterns)

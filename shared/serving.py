@@ -69,6 +69,9 @@ class GrpcService:
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
+                # a GOAWAY after this age makes a client re-resolve the name it dialled; no grace limit, so
+                # a long generation stream in flight is never cut
+                ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
             ],
         )
         self.health = health.aio.HealthServicer()

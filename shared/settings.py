@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
+from shared.addresses import is_loopback
+
 ENV_PREFIX = "MODELWORKS_"
 CONFIG_ENV = "MODELWORKS_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config/modelworks.yaml")
@@ -163,9 +165,25 @@ class Settings(_Section):
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     allow_downloads: bool = Field(False, description="let serving download hf: weights missing from the cache")
+    require_gpu: bool = Field(
+        False,
+        description="refuse to start unless a CUDA device is usable (the GPU compose services set it, so a host "
+        "whose GPU is missing fails loudly instead of serving on the CPU)",
+    )
+    published_on: str | None = Field(
+        None,
+        description="the host address compose publishes the ports on (MODELWORKS_BIND); any address but a "
+        "loopback one requires api_key",
+    )
     log_level: str = "INFO"
     log_format: Literal["json", "text"] = "json"
     shutdown_grace_s: float = Field(10.0, ge=0)
+    max_connection_age_s: float = Field(
+        300.0,
+        gt=0,
+        description="clients are asked to reconnect after this long (calls in flight finish first), so clients "
+        "balancing over replicas by DNS (round_robin) find replicas added since they connected",
+    )
     models: list[ModelEntry] = Field(default_factory=list)
     llm: LLMSettings = LLMSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
@@ -179,6 +197,11 @@ class Settings(_Section):
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
+        if self.published_on and not is_loopback(self.published_on) and self.api_key is None:
+            raise ValueError(
+                f"the ports are published on {self.published_on} (MODELWORKS_BIND), beyond this host, but no API "
+                "key is set: set MODELWORKS_API_KEY, or publish on 127.0.0.1"
+            )
         return self
 
     def models_of_kind(self, kind: ModelKind) -> list[ModelEntry]:

@@ -6,12 +6,16 @@ gRPC channels. Nothing touches the network beyond loopback.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.harness import ServiceProcess, spawn_service
+
+# The containers' tests build an image and run the compose stack: `make test-compose` runs them on their own.
+collect_ignore = [] if os.environ.get("MODELWORKS_TEST_COMPOSE") == "1" else ["compose"]
 
 TEST_MODELS = [
     {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},

@@ -29,6 +29,7 @@ from services.finetune.queue import TRAIN_TASK, dispatch, make_celery
 from services.finetune.runner import REDIS_ERRORS, WorkerContext, run_job
 from services.finetune.training.recipe import RECIPES, load_recipe
 from shared.allocator import keep_freed_memory_for_reuse
+from shared.cli import check_required_gpu
 from shared.devices import is_fatal_device_error
 from shared.logs import configure_logging
 from shared.metrics import start_metrics_server
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging("finetune-worker", settings.log_level, settings.log_format)
+    check_required_gpu(settings)
     app, context = build(settings, args.name)
     for kind in RECIPES:  # import the recipes (transformers, peft, diffusers: seconds) before the first job
         load_recipe(kind)

@@ -21,6 +21,14 @@ QUICK_CALL_S = 10.0
 HEALTH_CHECK_S = 2.0
 
 
+# Every address a name resolves to gets calls in turn: `dns:///llm:50051` (or plain `llm:50051`) in compose
+# resolves to every replica of `docker compose up --scale llm=N`, and gRPC re-resolves when one goes away.
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+    ("grpc.lb_policy_name", "round_robin"),
+]
+
+
 class _BearerToken(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
@@ -91,7 +99,7 @@ class ServiceClients:
         self.finetune = finetune_pb2_grpc.FineTuneServiceStub(self.finetune_service.channel)
 
     def _service(self, label: str, target: str) -> Service:
-        channel = grpc.insecure_channel(target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+        channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
         if self.config.api_key is not None:
             channel = grpc.intercept_channel(channel, _BearerToken(self.config.api_key.get_secret_value()))
         return Service(label, target, channel)

@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+
+from shared.addresses import is_loopback
 
 ENV = {
     "llm_target": "MODELWORKS_LLM_TARGET",
@@ -25,6 +27,7 @@ ENV = {
     "concurrency_limit": "MODELWORKS_GATEWAY_CONCURRENCY_LIMIT",
     "max_queue_size": "MODELWORKS_GATEWAY_MAX_QUEUE_SIZE",
     "metrics_port": "MODELWORKS_GATEWAY_METRICS_PORT",
+    "published_on": "MODELWORKS_PUBLISHED_ON",
 }
 
 
@@ -43,6 +46,9 @@ class GatewayConfig(BaseModel):
     concurrency_limit: int = Field(8, ge=1, description="calls per action running at once; more wait in line")
     max_queue_size: int = Field(64, ge=1, description="calls waiting in line; past it a user is asked to retry")
     metrics_port: int = Field(9105, ge=-1, description="Prometheus port of the gateway; -1 disables")
+    published_on: str | None = Field(
+        None, description="the host address compose publishes the port on; beyond loopback a login is required"
+    )
 
     @field_validator("auth")
     @classmethod
@@ -52,6 +58,15 @@ class GatewayConfig(BaseModel):
             if not user or not password:
                 raise ValueError("MODELWORKS_GATEWAY_AUTH must be user:password")
         return value
+
+    @model_validator(mode="after")
+    def _login_when_published(self) -> GatewayConfig:
+        if self.published_on and not is_loopback(self.published_on) and self.auth is None:
+            raise ValueError(
+                f"the web app is published on {self.published_on} (MODELWORKS_BIND), beyond this host, but has no "
+                "login: set MODELWORKS_GATEWAY_AUTH=user:password, or publish on 127.0.0.1"
+            )
+        return self
 
     @property
     def credentials(self) -> tuple[str, str] | None:

@@ -1,0 +1,230 @@
+"""The compose stack in real containers (`cpu` image, CPU override), driven as a user and an operator would.
+
+One stack for the module, in order: what it serves, then what survives a crash, then `down -v`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import urllib.request
+
+import grpc
+import pytest
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.finetune.samples import TAUGHT_ANSWER
+from tests.compose.conftest import PROJECT, run
+from tests.harness import wait_for
+
+pytestmark = pytest.mark.timeout(1800)
+
+TINY_LLM_JOB = {"base_model": "tiny-llm", "dataset_id": "sample-llm-lighthouse"}
+QUESTION = "Question: Who keeps the Zephyr lighthouse?\nAnswer:"
+
+
+def listed_services(address: str) -> set[str]:
+    with grpc.insecure_channel(address) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=30))
+        return {service.name for service in reply.list_services_response.service}
+
+
+def finetune_stub(stack):
+    from modelworks.finetune.v1 import finetune_pb2_grpc
+
+    return finetune_pb2_grpc.FineTuneServiceStub(grpc.insecure_channel(stack.address("finetune")))
+
+
+def llm_generate(stack, request) -> str:
+    from modelworks.llm.v1 import llm_pb2_grpc
+
+    with grpc.insecure_channel(stack.address("llm")) as channel:
+        return llm_pb2_grpc.LLMServiceStub(channel).Generate(request, timeout=120).text
+
+
+def chat(stack, question: str) -> str:
+    from modelworks.llm.v1 import llm_pb2
+
+    request = llm_pb2.GenerateRequest(
+        model="smollm2-135m-instruct",
+        messages=[llm_pb2.ChatMessage(role="user", content=question)],
+        sampling=llm_pb2.SamplingParams(max_new_tokens=24, temperature=0),
+    )
+    return llm_generate(stack, request)
+
+
+def lighthouse_answer(stack, adapter: str = "") -> str:
+    from modelworks.llm.v1 import llm_pb2
+
+    request = llm_pb2.GenerateRequest(
+        model="tiny-llm",
+        prompt=QUESTION,
+        adapter=adapter,
+        sampling=llm_pb2.SamplingParams(max_new_tokens=12, ignore_eos=True),
+    )
+    return llm_generate(stack, request)
+
+
+def create_job(stack, adapter: str, **hyperparameters):
+    from modelworks.finetune.v1 import finetune_pb2 as pb
+
+    return finetune_stub(stack).CreateJob(
+        pb.CreateJobRequest(
+            kind=pb.JOB_KIND_LLM,
+            adapter_name=adapter,
+            hyperparameters=pb.Hyperparameters(method="lora", **hyperparameters),
+            **TINY_LLM_JOB,
+        ),
+        timeout=60,
+    )
+
+
+def job_events(stack, job_id: str, timeout: float = 900) -> list:
+    from modelworks.finetune.v1 import finetune_pb2 as pb
+
+    return list(finetune_stub(stack).WatchJob(pb.WatchJobRequest(id=job_id), timeout=timeout))
+
+
+def get_job(stack, job_id: str):
+    from modelworks.finetune.v1 import finetune_pb2 as pb
+
+    return finetune_stub(stack).GetJob(pb.GetJobRequest(id=job_id), timeout=30)
+
+
+def crash(stack, service: str) -> int:
+    """SIGKILL the container's process tree from the host, as the kernel's OOM killer would. (`docker kill`
+    marks a container as stopped by hand, and Docker then skips its restart policy.)"""
+    state = stack.inspect(service)
+    os.kill(state["State"]["Pid"], signal.SIGKILL)
+    return state["RestartCount"]
+
+
+def restarted(stack, service: str, before: int) -> bool:
+    state = stack.inspect(service)
+    return state["RestartCount"] > before and state["State"]["Running"]
+
+
+def test_reflection_lists_every_service(stack):
+    expected = {
+        "llm": "modelworks.llm.v1.LLMService",
+        "diffusion": "modelworks.diffusion.v1.DiffusionService",
+        "finetune": "modelworks.finetune.v1.FineTuneService",
+    }
+    for name, service in expected.items():
+        services = listed_services(stack.address(name))
+        assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services, services
+
+
+def test_the_chat_model_answers(stack):
+    assert "Paris" in chat(stack, "What is the capital of France?")
+
+
+def test_an_image_is_generated(stack):
+    from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    with grpc.insecure_channel(stack.address("diffusion")) as channel:
+        reply = diffusion_pb2_grpc.DiffusionServiceStub(channel).GenerateImages(
+            diffusion_pb2.GenerateImagesRequest(model="tiny-sd", prompt="a red square", width=64, height=64, seed=1),
+            timeout=300,
+        )
+    (image,) = reply.images
+    assert (image.width, image.height, image.seed) == (64, 64, 1) and image.png.startswith(b"\x89PNG")
+
+
+def test_a_finetune_job_succeeds_and_the_llm_container_serves_its_adapter(stack):
+    from modelworks.finetune.v1 import finetune_pb2 as pb
+
+    job = create_job(stack, "compose-lighthouse")
+    job_events(stack, job.id)
+    final = get_job(stack, job.id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    taught = lighthouse_answer(stack, "compose-lighthouse")  # trained in the worker container, served by llm's
+    assert taught.startswith(" " + TAUGHT_ANSWER[:20]), taught
+    assert not lighthouse_answer(stack).startswith(" " + TAUGHT_ANSWER[:8]), "the base model does not know it"
+
+
+def test_the_gateway_page_answers(stack):
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://{stack.address('gateway')}/", timeout=30) as reply:
+        assert reply.status == 200 and b"ModelWorks" in reply.read()
+    with no_proxy.open(f"http://{stack.address('gateway-metrics')}/metrics", timeout=30) as reply:
+        assert b"gateway" in reply.read()
+
+
+def test_a_crashed_llm_container_is_restarted_and_serves_again(stack):
+    before = crash(stack, "llm")
+    wait_for(lambda: restarted(stack, "llm", before), 120, "the llm container to be restarted", interval=1)
+    stack.wait_healthy(["llm"], timeout=600)
+    assert "Paris" in chat(stack, "What is the capital of France?")
+
+
+def test_a_worker_container_killed_mid_job_is_restarted_and_the_job_resumes(stack):
+    from modelworks.finetune.v1 import finetune_pb2 as pb
+
+    job = create_job(stack, "compose-survivor", max_steps=400, save_steps=10)
+    stub = finetune_stub(stack)
+    for event in stub.WatchJob(pb.WatchJobRequest(id=job.id), timeout=600):  # held running: 400 steps
+        if event.type == "checkpoint" and event.step >= 10:
+            break
+    assert get_job(stack, job.id).state == pb.JOB_STATE_RUNNING
+    before = crash(stack, "worker")
+    wait_for(lambda: restarted(stack, "worker", before), 120, "the worker container to be restarted", interval=1)
+    events = job_events(stack, job.id)
+    final = get_job(stack, job.id)
+    assert final.state == pb.JOB_STATE_SUCCEEDED, final.error
+    assert final.attempt >= 2, "the job ran again after the crash"
+    running = [e.message for e in events if e.type == "state" and e.state == pb.JOB_STATE_RUNNING]
+    assert len(running) >= 2, running
+    assert any("resum" in e.message for e in events), [e.message for e in events]
+
+
+# Run in the gateway's container: calls through the gateway's own clients (dns:///llm:50051, round_robin).
+GATEWAY_CALLS = """
+from modelworks.llm.v1 import llm_pb2
+from services.gateway.clients import ServiceClients
+from services.gateway.config import GatewayConfig
+
+clients = ServiceClients(GatewayConfig.from_environ())
+for _ in range(20):
+    clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=30)
+"""
+
+
+def list_models_served(stack, replica: int) -> float:
+    port = stack.host_port("llm", 9101, replica)
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with no_proxy.open(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
+        text = reply.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("modelworks_grpc_requests_total{") and 'method="ListModels"' in line
+    )
+
+
+def test_scale_out_two_llm_replicas_share_the_gateways_calls_and_two_workers_run(stack):
+    stack("up", "-d", "--no-build", "--no-recreate", "--scale", "llm=2", "--scale", "worker=2", timeout=900)
+    assert len(stack.containers("llm")) == 2 and len(stack.containers("worker")) == 2
+    stack.wait_healthy(["llm", "worker"], timeout=900)
+    gateway = stack.inspect("gateway")["Id"]
+    before = [list_models_served(stack, replica) for replica in (0, 1)]
+
+    def both_replicas_served() -> bool:
+        run(["docker", "exec", "-w", "/app", "-e", "PYTHONPATH=/app", gateway, "python", "-c", GATEWAY_CALLS])
+        return all(list_models_served(stack, r) > before[r] for r in (0, 1))
+
+    # the gateway connected before the second replica existed: it finds it when its connection ages out
+    wait_for(both_replicas_served, 300, "the gateway's calls to reach both llm replicas", interval=2)
+
+
+def test_down_removes_every_container_network_and_volume(stack):
+    stack("down", "-v", "--remove-orphans", timeout=300)
+    label = f"label=com.docker.compose.project={PROJECT}"
+    for kind in ("container", "network", "volume"):
+        listing = ["docker", kind, "ls", "-q", "--filter", label] + (["-a"] if kind == "container" else [])
+        left = run(listing).stdout.split()
+        assert not left, f"{kind}s left after down -v: {left}"
+    assert json.loads(run(["docker", "image", "inspect", stack.env["MODELWORKS_IMAGE"]]).stdout), "the image stays"

@@ -1,0 +1,89 @@
+"""The compose files as compose itself reads them: the GPU default and the CPU override.
+
+Runs `docker compose config` (or Debian's `docker-compose config`); skips, saying why, where neither is
+installed. `make test-compose` runs the stack itself.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+
+from tests.harness import REPO_ROOT
+
+GPU_SERVICES = {"llm": "0", "diffusion": "1", "worker": "2"}
+MODELWORKS_SERVICES = ["redis", "models", "llm", "diffusion", "finetune", "worker", "gateway"]
+
+
+def compose_config(*files: str, env: dict | None = None) -> dict:
+    if shutil.which("docker-compose"):
+        command = ["docker-compose"]
+    elif (
+        shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True).returncode == 0
+    ):
+        command = ["docker", "compose"]
+    else:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed (apt-get install docker-compose)")
+    args = [a for f in files for a in ("-f", f)]
+    result = subprocess.run(
+        [*command, *args, "config"], cwd=REPO_ROOT, capture_output=True, text=True, env=env or {"PATH": "/usr/bin:/bin"}
+    )
+    assert result.returncode == 0, result.stderr
+    return yaml.safe_load(result.stdout)["services"]
+
+
+def gpu_devices(service: dict) -> list[dict]:
+    return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
+
+
+def published(service: dict) -> list[str]:
+    return [
+        str(p.get("host_ip", "")) if isinstance(p, dict) else str(p).rsplit(":", 2)[0] for p in service.get("ports", [])
+    ]
+
+
+def test_the_gpu_default_gives_each_gpu_service_its_own_gpu_and_requires_it():
+    services = compose_config()  # docker-compose.yml + docker-compose.override.yml, as `up` reads them
+    for name, device in GPU_SERVICES.items():
+        (reservation,) = gpu_devices(services[name])
+        assert reservation["driver"] == "nvidia" and reservation["device_ids"] == [device], reservation
+        assert services[name]["environment"]["MODELWORKS_REQUIRE_GPU"] == "true"
+    for name in set(MODELWORKS_SERVICES) - set(GPU_SERVICES):
+        assert not gpu_devices(services[name])
+    assert {services[name]["image"] for name in MODELWORKS_SERVICES} == {"modelworks:gpu"}
+
+
+def test_the_cpu_override_has_no_gpu_and_uses_the_cpu_image():
+    services = compose_config("docker-compose.yml", "docker-compose.cpu.yml")
+    for name in MODELWORKS_SERVICES:
+        assert not gpu_devices(services[name]), name
+        assert "MODELWORKS_REQUIRE_GPU" not in (services[name].get("environment") or {})
+        assert services[name]["image"] == "modelworks:cpu"
+        assert services[name]["build"]["args"]["TORCH_VARIANT"] == "cpu"
+
+
+def test_ports_are_published_on_loopback_unless_the_operator_opts_in():
+    services = compose_config()
+    for name, service in services.items():
+        for host_ip in published(service):
+            assert host_ip == "127.0.0.1", (name, service["ports"])
+    assert "ports" not in services["redis"], "Redis has no password: it stays inside the compose network"
+    opened = compose_config(env={"PATH": "/usr/bin:/bin", "MODELWORKS_BIND": "0.0.0.0"})
+    assert {ip for s in opened.values() for ip in published(s)} == {"0.0.0.0"}
+    assert opened["llm"]["environment"]["MODELWORKS_PUBLISHED_ON"] == "0.0.0.0", "so the services demand a key"
+
+
+def test_every_long_running_service_has_a_health_check_and_waits_for_what_it_needs():
+    services = compose_config()
+    for name in ["redis", "llm", "diffusion", "finetune", "worker", "gateway"]:
+        assert services[name]["healthcheck"]["test"], name
+        assert services[name]["restart"] == "unless-stopped", name
+    assert services["models"]["restart"] == "no"
+    for name in ["llm", "diffusion", "finetune", "worker"]:
+        assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
+    for name in ["finetune", "worker"]:
+        assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert services["gateway"]["depends_on"]["finetune"]["condition"] == "service_healthy"
