@@ -30,7 +30,7 @@ def require_usable_gpu() -> str:
     if not torch.cuda.is_available():
         raise RuntimeError(
             "require_gpu is set, but no CUDA device is usable: check the host's NVIDIA driver (nvidia-smi), the "
-            "NVIDIA container toolkit, and the service's GPU reservation (device ids in docker-compose.yml); "
+            "NVIDIA container toolkit, and the service's GPU reservation (device ids in docker-compose.override.yml); "
             "on a CPU-only host use docker-compose.cpu.yml"
         )
     try:

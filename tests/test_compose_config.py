@@ -45,6 +45,16 @@ def published(service: dict) -> list[str]:
     ]
 
 
+def opened_on(service: dict, container_port: int) -> str:
+    """The host address a container port is published on."""
+    for port in service["ports"]:
+        if isinstance(port, dict) and int(port["target"]) == container_port:
+            return str(port.get("host_ip", ""))
+        if isinstance(port, str) and port.split("/")[0].endswith(f":{container_port}"):
+            return port.rsplit(":", 2)[0]
+    raise AssertionError(f"port {container_port} is not published: {service['ports']}")
+
+
 def test_the_gpu_default_gives_each_gpu_service_its_own_gpu_and_requires_it():
     services = compose_config()  # docker-compose.yml + docker-compose.override.yml, as `up` reads them
     for name, device in GPU_SERVICES.items():
@@ -72,7 +82,10 @@ def test_ports_are_published_on_loopback_unless_the_operator_opts_in():
             assert host_ip == "127.0.0.1", (name, service["ports"])
     assert "ports" not in services["redis"], "Redis has no password: it stays inside the compose network"
     opened = compose_config(env={"PATH": "/usr/bin:/bin", "MODELWORKS_BIND": "0.0.0.0"})
-    assert {ip for s in opened.values() for ip in published(s)} == {"0.0.0.0"}
+    for name, port in [("llm", 50051), ("diffusion", 50052), ("finetune", 50053), ("gateway", 7860)]:
+        assert opened_on(opened[name], port) == "0.0.0.0", name
+    for name, port in [("llm", 9101), ("worker", 9104), ("gateway", 9105), ("prometheus", 9090), ("grafana", 3000)]:
+        assert opened_on(opened[name], port) == "127.0.0.1", f"{name}:{port} has no login: it stays on loopback"
     assert opened["llm"]["environment"]["MODELWORKS_PUBLISHED_ON"] == "0.0.0.0", "so the services demand a key"
 
 

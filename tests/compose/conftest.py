@@ -21,8 +21,8 @@ import pytest
 
 from tests.harness import REPO_ROOT, free_port, wait_for
 
-PROJECT = "mwtest"
-IMAGE = "modelworks:cpu"
+PROJECT = f"mwtest{os.getpid()}"  # one project per run: two runs never tear down each other's stack
+IMAGE = "modelworks:compose-test"  # not an operator's own modelworks:cpu
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "tests/compose/compose.test.yml"]
 SERVICES = ["redis", "llm", "diffusion", "finetune", "worker", "gateway"]
@@ -72,7 +72,6 @@ class DockerDaemon:
                 ["dockerd", "--storage-driver=overlay2", f"--mtu={default_mtu()}"],
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
             )
         daemon = cls(process)
         try:
@@ -125,7 +124,9 @@ class Stack:
     env: dict[str, str]
 
     def __call__(self, *args: str, timeout: float = 600, check: bool = True):
-        command = [*self.compose, "-p", PROJECT, *[a for f in COMPOSE_FILES for a in ("-f", f)], *args]
+        files = [a for f in COMPOSE_FILES for a in ("-f", f)]
+        env_file = "tests/compose/test.env"  # not an operator's .env next to the compose file
+        command = [*self.compose, "--env-file", env_file, "-p", PROJECT, *files, *args]
         return run(command, timeout=timeout, check=check, env=self.env)
 
     def address(self, name: str) -> str:
@@ -213,12 +214,11 @@ def stack(docker, image) -> Iterator[Stack]:
         "gateway-metrics": free_port(),
     }
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith(("MODELWORKS_", "COMPOSE_"))},
         "MODELWORKS_IMAGE": image,
         "MODELWORKS_BIND": "127.0.0.1",
         **{f"MODELWORKS_PORT_{name.upper().replace('-', '_')}": str(port) for name, port in ports.items()},
     }
-    env.pop("MODELWORKS_API_KEY", None)
     stack = Stack(compose_command(), env)
     stack("down", "-v", "--remove-orphans", check=False)  # what a crashed earlier run left
     try:

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import urllib.request
+from pathlib import Path
 
 import grpc
 import pytest
@@ -18,7 +19,7 @@ from services.finetune.samples import TAUGHT_ANSWER
 from tests.compose.conftest import PROJECT, run
 from tests.harness import wait_for
 
-pytestmark = pytest.mark.timeout(1800)
+pytestmark = pytest.mark.timeout(3600)  # the first test's setup builds the image
 
 TINY_LLM_JOB = {"base_model": "tiny-llm", "dataset_id": "sample-llm-lighthouse"}
 QUESTION = "Question: Who keeps the Zephyr lighthouse?\nAnswer:"
@@ -98,7 +99,14 @@ def crash(stack, service: str) -> int:
     """SIGKILL the container's process tree from the host, as the kernel's OOM killer would. (`docker kill`
     marks a container as stopped by hand, and Docker then skips its restart policy.)"""
     state = stack.inspect(service)
-    os.kill(state["State"]["Pid"], signal.SIGKILL)
+    pid = state["State"]["Pid"]
+    try:
+        cgroup = Path(f"/proc/{pid}/cgroup").read_text()
+    except OSError:
+        cgroup = ""
+    if state["Id"] not in cgroup:
+        pytest.skip("the Docker daemon is not local (its container pid is not this host's): cannot crash it")
+    os.kill(pid, signal.SIGKILL)
     return state["RestartCount"]
 
 
@@ -181,43 +189,32 @@ def test_a_worker_container_killed_mid_job_is_restarted_and_the_job_resumes(stac
     assert any("resum" in e.message for e in events), [e.message for e in events]
 
 
-# Run in the gateway's container: calls through the gateway's own clients (dns:///llm:50051, round_robin).
-GATEWAY_CALLS = """
-from modelworks.llm.v1 import llm_pb2
-from services.gateway.clients import ServiceClients
-from services.gateway.config import GatewayConfig
-
-clients = ServiceClients(GatewayConfig.from_environ())
-for _ in range(20):
-    clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=30)
-"""
-
-
-def list_models_served(stack, replica: int) -> float:
+def tokens_generated(stack, replica: int) -> float:
+    """tiny-llm tokens a given llm replica generated (from its metrics)."""
     port = stack.host_port("llm", 9101, replica)
     no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with no_proxy.open(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
         text = reply.read().decode()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("modelworks_grpc_requests_total{") and 'method="ListModels"' in line
-    )
+    prefix = 'modelworks_llm_generation_tokens_total{model="tiny-llm"}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
 
 
-def test_scale_out_two_llm_replicas_share_the_gateways_calls_and_two_workers_run(stack):
+def test_scale_out_two_llm_replicas_share_the_running_gateways_chats_and_two_workers_run(stack):
+    from gradio_client import Client
+
     stack("up", "-d", "--no-build", "--no-recreate", "--scale", "llm=2", "--scale", "worker=2", timeout=900)
     assert len(stack.containers("llm")) == 2 and len(stack.containers("worker")) == 2
     stack.wait_healthy(["llm", "worker"], timeout=900)
-    gateway = stack.inspect("gateway")["Id"]
-    before = [list_models_served(stack, replica) for replica in (0, 1)]
+    before = [tokens_generated(stack, replica) for replica in (0, 1)]
+    gateway = Client(f"http://{stack.address('gateway')}/", verbose=False)
 
-    def both_replicas_served() -> bool:
-        run(["docker", "exec", "-w", "/app", "-e", "PYTHONPATH=/app", gateway, "python", "-c", GATEWAY_CALLS])
-        return all(list_models_served(stack, r) > before[r] for r in (0, 1))
+    def both_replicas_chatted() -> bool:
+        gateway.predict("Hello", "", "tiny-llm", "(base model)", 4, 0, 1, 0, 1, "", 7, True, api_name="/chat")
+        return all(tokens_generated(stack, r) > before[r] for r in (0, 1))
 
-    # the gateway connected before the second replica existed: it finds it when its connection ages out
-    wait_for(both_replicas_served, 300, "the gateway's calls to reach both llm replicas", interval=2)
+    # The gateway has been connected since before the second replica existed: its connection to the first
+    # ages out (3 s here, llm.max_connection_age_s), it re-resolves `llm`, and round_robin takes in both.
+    wait_for(both_replicas_chatted, 300, "the running gateway's chats to reach both llm replicas", interval=1)
 
 
 def test_down_removes_every_container_network_and_volume(stack):
