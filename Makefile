@@ -6,7 +6,7 @@ PROTOS := $(shell find protos -name '*.proto')
 INSTALLED := $(VENV)/.installed
 STUBS     := modelworks/.generated
 
-.PHONY: run test test-compose image-cpu image-gpu bench gpu-check lint protos models install clean
+.PHONY: run test test-compose image-cpu image-gpu bench profile gpu-check lint protos models install clean
 
 run: $(STUBS) models
 	$(BIN)/python -m services
@@ -28,6 +28,10 @@ image-gpu:
 
 bench: $(STUBS)
 	$(BIN)/python -m bench
+
+# Where an LLM engine step's time goes: torch.profiler over steady decoding (--model, --streams, --steps).
+profile: $(STUBS)
+	$(BIN)/python -m bench.profile_step
 
 # On a GPU host: the GPU tests and a 0.5B-model throughput figure, in a few minutes.
 gpu-check: $(STUBS)

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, finetune, gateway, llm, realmodel, robustness
+from bench import diffusion, finetune, gateway, llm, prefill, realmodel, robustness
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
 
 BENCHMARKS = {
     "llm": ("LLM service", llm),
+    "prefill": ("LLM prefill: chunked and prefix-cached", prefill),
     "realmodel": ("The default chat model (SmolLM2-135M-Instruct)", realmodel),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),

@@ -81,9 +81,20 @@ class LLMSettings(_Section):
     metrics_port: int = 9101
     max_batch_size: int = Field(32, ge=1, description="sequences decoded together in one step")
     max_waiting_requests: int = Field(256, ge=1, description="queue bound; past it requests get RESOURCE_EXHAUSTED")
-    max_prefill_tokens: int = Field(
-        8192, ge=1, description="prompt tokens prefilled in one step; longer prompts are refused up front"
+    max_prefill_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="prompt tokens prefilled per engine step while other sequences decode: a longer prompt is "
+        "prefilled in chunks between their decode steps, so they never stall for a whole prompt (unset: "
+        "measured, a chunk takes about half a decode step)",
     )
+    max_prompt_tokens: int = Field(8192, ge=1, description="longer prompts are refused up front")
+    prefix_cache_bytes: int = Field(
+        256 * 1024 * 1024,
+        ge=0,
+        description="memory for the KV of prompt prefixes reused across requests (system prompts); 0 turns it off",
+    )
+    prefix_cache_block_tokens: int = Field(16, ge=1, description="prefixes are cached and matched in such blocks")
     max_prompt_chars: int = Field(
         1_000_000, ge=1, description="characters a prompt, conversation or Tokenize text may have (checked first)"
     )

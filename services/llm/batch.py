@@ -36,6 +36,23 @@ class KVBatch:
     def length(self) -> int:
         return self.attention_mask.shape[1]
 
+    @classmethod
+    def of_one_row(cls, model, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> KVBatch:
+        """A one-row batch holding `layers` ((1, H, n, D) keys and values per layer): a cached prefix."""
+        cache = DynamicCache(config=model.config)
+        for layer, (keys, values) in zip(cache.layers, layers, strict=True):
+            layer.update(keys, values)
+        length = layers[0][0].shape[2]
+        return cls(cache, torch.ones((1, length), dtype=torch.long, device=layers[0][0].device))
+
+    def row_layers(self, row: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Row `row`'s keys and values per layer, without its left padding: token i at column i (views)."""
+        start = int((self.attention_mask[row] == 0).sum())
+        return [
+            (layer.keys[row : row + 1, :, start:], layer.values[row : row + 1, :, start:])
+            for layer in self.cache.layers
+        ]
+
     def select(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order) and trim padding columns that every kept row has."""
         index = torch.tensor(rows, dtype=torch.long, device=self.attention_mask.device)
@@ -104,6 +121,17 @@ def prefill(
                     inputs_embeds[row, start : start + prefix.shape[0]] = prefix.to(inputs_embeds.dtype)
     logits = _forward(model, input_ids, attention_mask, position_ids, cache, inputs_embeds)
     return KVBatch(cache, attention_mask), logits
+
+
+def prefill_more(model, batch: KVBatch, tokens: list[int]) -> torch.Tensor:
+    """Prefill the next chunk of a one-row batch's prompt (after a cached prefix or an earlier chunk);
+    returns the logits of the chunk's last position (1, V)."""
+    device = batch.attention_mask.device
+    start = batch.length  # one row, no padding: its length is the next position
+    input_ids = torch.tensor([tokens], dtype=torch.long, device=device)
+    position_ids = torch.arange(start, start + len(tokens), device=device)[None, :]
+    batch.attention_mask = F.pad(batch.attention_mask, (0, len(tokens)), value=1)
+    return _forward(model, input_ids, batch.attention_mask, position_ids, batch.cache)
 
 
 def decode(model, batch: KVBatch, last_tokens: list[int], positions: list[int]) -> torch.Tensor:

@@ -33,6 +33,13 @@ BATCH_SIZE = Histogram(
 ADAPTER_LOADS = Counter("modelworks_llm_adapter_loads", "LoRA adapters loaded into memory", ["model"])
 ADAPTER_EVICTIONS = Counter("modelworks_llm_adapter_evictions", "LoRA adapters evicted from memory", ["model"])
 ADAPTERS_LOADED = Gauge("modelworks_llm_adapters_loaded", "LoRA adapters held in memory", ["model"])
+PREFIX_CACHE_QUERIES = Counter(
+    "modelworks_llm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache", ["model"]
+)
+PREFIX_CACHE_HITS = Counter(
+    "modelworks_llm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache (not prefilled)", ["model"]
+)
+PREFIX_CACHE_BYTES = Gauge("modelworks_llm_prefix_cache_bytes", "Memory held by the prefix cache", ["model"])
 
 
 class ModelMetrics:
@@ -46,3 +53,6 @@ class ModelMetrics:
         self.generation_tokens = GENERATION_TOKENS.labels(model)
         self.requests_running = REQUESTS_RUNNING.labels(model)
         self.batch_size = BATCH_SIZE.labels(model)
+        self.prefix_cache_queries = PREFIX_CACHE_QUERIES.labels(model)
+        self.prefix_cache_hits = PREFIX_CACHE_HITS.labels(model)
+        self.prefix_cache_bytes = PREFIX_CACHE_BYTES.labels(model)

@@ -11,6 +11,7 @@ from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import check_cache_support
 from services.llm.engine import LLMEngine, Sequence, eos_token_ids, prompt_too_long
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
+from services.llm.prefix_cache import PrefixCache
 from shared.adapters import AdapterStore, validate_adapter_name
 from shared.devices import dtype_name
 from shared.errors import InvalidArgument
@@ -50,7 +51,7 @@ class ServedLLM:
         self.adapters = LoraAdapterCache(
             loaded.model, store, settings.adapter_cache_size, self.entry.name, self.entry.source
         )
-        self.max_prefill_tokens = settings.max_prefill_tokens
+        self.max_prompt_tokens = settings.max_prompt_tokens
         self.max_prompt_chars = settings.max_prompt_chars
         self.engine = LLMEngine(
             loaded.model,
@@ -59,8 +60,10 @@ class ServedLLM:
             eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
             max_batch_size=settings.max_batch_size,
             max_waiting=settings.max_waiting_requests,
+            max_prompt_tokens=settings.max_prompt_tokens,
             max_prefill_tokens=settings.max_prefill_tokens,
             adapters=self.adapters,
+            prefix_cache=PrefixCache(settings.prefix_cache_block_tokens, settings.prefix_cache_bytes),
         )
         self._encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
 
@@ -115,8 +118,8 @@ class ServedLLM:
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
-        if len(prompt_ids) + virtual_tokens > self.max_prefill_tokens:
-            raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prefill_tokens)
+        if len(prompt_ids) + virtual_tokens > self.max_prompt_tokens:
+            raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prompt_tokens)
         seq = Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq

@@ -58,7 +58,7 @@ def make_engine(loaded, settings, **overrides):
     cache = LoraAdapterCache(
         loaded.model, AdapterStore(settings.adapters_dir), overrides.pop("capacity", 8), "tiny-llm", "builtin:tiny-llm"
     )
-    options = dict(max_batch_size=16, max_waiting=64, max_prefill_tokens=4096) | overrides
+    options = dict(max_batch_size=16, max_waiting=64, max_prompt_tokens=4096) | overrides
     return LLMEngine(
         loaded.model,
         loaded.tokenizer,

@@ -100,8 +100,8 @@ def test_a_fatal_device_error_stops_the_engine_and_fails_everything_with_unavail
         engine.shutdown()
 
 
-def test_a_prompt_over_the_prefill_budget_is_refused_and_blocks_nobody(loaded, settings):
-    engine = make_engine(loaded, settings, max_prefill_tokens=8)
+def test_a_prompt_over_the_prompt_limit_is_refused_and_blocks_nobody(loaded, settings):
+    engine = make_engine(loaded, settings, max_prompt_tokens=8)
     engine.start()
     try:
         long_prompt = encode(loaded, "word " * 30)

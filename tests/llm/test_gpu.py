@@ -46,7 +46,7 @@ def start_engine(loaded, settings) -> LLMEngine:
         eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
         max_batch_size=16,
         max_waiting=64,
-        max_prefill_tokens=4096,
+        max_prompt_tokens=4096,
         adapters=cache,
     )
     engine.start()

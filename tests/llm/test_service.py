@@ -143,7 +143,7 @@ BAD_REQUESTS = {
     "prompt over the prefill budget": (
         request("word " * 9000),
         grpc.StatusCode.INVALID_ARGUMENT,
-        r"prefills at most 8192 tokens per request \(llm.max_prefill_tokens\)",
+        r"prompts of at most 8192 tokens \(llm.max_prompt_tokens\)",
     ),
     "prompt over the character limit": (
         request("x" * 1_000_001),

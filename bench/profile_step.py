@@ -1,0 +1,70 @@
+"""Where an engine step's time goes: `make profile` (`python -m bench.profile_step [--model NAME] [--streams N]`).
+
+Runs the LLM engine in process on a built-in model, brings N streams to steady decoding, then records a
+few engine steps with torch.profiler and prints the operators that cost the most (self time on the CPU,
+and on the GPU when there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from services.llm.engine import LLMEngine, Sequence, eos_token_ids
+from services.llm.params import SamplingConfig
+from shared.loaders import load_causal_lm
+from shared.settings import Settings
+
+BUILTIN = {"tiny-llm": "builtin:tiny-llm", "llm-100m": "builtin:llm-100m"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile_step", description=__doc__)
+    parser.add_argument("--model", default="llm-100m", help="a built-in model (tiny-llm, llm-100m)")
+    parser.add_argument("--streams", type=int, default=16, help="sequences decoding together")
+    parser.add_argument("--steps", type=int, default=8, help="engine steps recorded")
+    parser.add_argument("--data-dir", type=Path, default=Path("var/bench"))
+    parser.add_argument("--top", type=int, default=15, help="operators listed")
+    args = parser.parse_args()
+
+    entry = {"name": args.model, "kind": "llm", "source": BUILTIN[args.model]}
+    settings = Settings.model_validate({"data_dir": str(args.data_dir.resolve()), "models": [entry]})
+    loaded = load_causal_lm(settings.models[0], settings)
+    engine = LLMEngine(
+        loaded.model,
+        loaded.tokenizer,
+        model_name=args.model,
+        eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+        max_batch_size=args.streams,
+        max_waiting=args.streams,
+        max_prompt_tokens=settings.llm.max_prompt_tokens,
+    )
+    prompt = loaded.tokenizer("def profile(step):")["input_ids"]
+    config = SamplingConfig(max_new_tokens=100_000, ignore_eos=True)
+    for _ in range(args.streams):
+        engine.submit(Sequence(prompt, config, lambda event: None))
+    # The steps run on this thread (the engine's own thread is not started): the profiler sees all of them.
+    for _ in range(20):  # admission and prefill behind: steady decoding from here
+        engine._step()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as profiler:
+        started = time.perf_counter()
+        for _ in range(args.steps):
+            with record_function("engine step"):
+                engine._step()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - started
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sort_by = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"# {args.model}, {args.streams} streams decoding on {device}: {elapsed / args.steps * 1000:.1f} ms a step")
+    print(profiler.key_averages().table(sort_by=sort_by, row_limit=args.top))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""How many prompt tokens one engine step may prefill while other sequences are decoding.
+
+A prompt prefilled in one piece stalls every running stream for the whole prompt (seconds for a long one
+on a CPU). Chunked prefill bounds that stall; the chunk size that bounds it depends on the hardware, the
+model and the batch. So the budget is measured, not guessed: the engine reports how long its decode steps
+take and how fast it prefills, and a step's chunk gets about `STALL_FRACTION` of a decode step's time.
+A running stream then waits at most about 1.5 decode steps between tokens.
+
+`fixed` (llm.max_prefill_tokens set) replaces the measured budget with that many tokens.
+"""
+
+from __future__ import annotations
+
+STALL_FRACTION = 0.5  # a chunk's time, as a fraction of one decode step's
+MIN_TOKENS = 8  # a chunk never shrinks below this: a long prompt still makes progress
+SMOOTHING = 0.2  # weight of the newest measurement in the running averages
+
+
+class PrefillBudget:
+    def __init__(self, max_tokens: int, fixed: int | None = None):
+        self.max_tokens = max_tokens  # a step never prefills more (the longest prompt accepted)
+        self.fixed = fixed
+        self.decode_s: float | None = None  # one decode step
+        self.token_s: float | None = None  # one prefilled token
+
+    def observe_decode(self, seconds: float) -> None:
+        self.decode_s = _average(self.decode_s, seconds)
+
+    def observe_prefill(self, tokens: int, seconds: float) -> None:
+        if tokens > 0:
+            self.token_s = _average(self.token_s, seconds / tokens)
+
+    def tokens(self, decoding: bool) -> int:
+        """This step's prefill budget: everything when no stream waits on it, else a chunk."""
+        if not decoding:
+            return self.max_tokens
+        if self.fixed is not None:
+            return self.fixed
+        if self.decode_s is None or self.token_s is None:
+            return MIN_TOKENS  # nothing measured yet: small steps until it is
+        return max(MIN_TOKENS, min(self.max_tokens, int(STALL_FRACTION * self.decode_s / self.token_s)))
+
+
+def _average(previous: float | None, value: float) -> float:
+    return value if previous is None else (1 - SMOOTHING) * previous + SMOOTHING * value
