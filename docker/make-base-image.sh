@@ -16,8 +16,9 @@ if [ "$(id -u)" != 0 ] || ! command -v debootstrap >/dev/null; then
   exit 1
 fi
 
-mirror=$( (grep -hs '^URIs:' /etc/apt/sources.list.d/*.sources | awk '{print $2}';
-           grep -hs '^deb ' /etc/apt/sources.list | awk '{print $2}') | grep -v security | head -n 1)
+# the first Debian mirror the host's apt sources name (deb822 or one-line format), security excluded
+mirror=$( (cat /etc/apt/sources.list.d/*.sources /etc/apt/sources.list 2>/dev/null || true) \
+  | awk '/^URIs:/ {print $2} /^deb / {print $2}' | grep -v security | head -n 1 || true)
 mirror="${mirror:-http://deb.debian.org/debian}"
 root=$(mktemp -d /tmp/modelworks-base.XXXXXX)
 trap 'rm -rf "$root"' EXIT
