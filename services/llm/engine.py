@@ -28,7 +28,7 @@ from services.llm.adapters import AdapterKey, LoraAdapterCache
 from services.llm.batch import KVBatch, decode, prefill, prefill_more
 from services.llm.detokenizer import IncrementalDetokenizer
 from services.llm.params import SamplingConfig
-from services.llm.prefill_budget import PrefillBudget
+from services.llm.prefill_budget import BURST_TOKENS, SHORT_PROMPT_TOKENS, PrefillBudget
 from services.llm.prefix_cache import PrefixCache
 from services.llm.sampling import RowSampler, next_tokens
 from services.llm.stop import StopStringMatcher
@@ -94,6 +94,7 @@ class Sequence:
         self.virtual_tokens = 0  # a p-tuning adapter's embeddings before the prompt
         self.kv: KVBatch | None = None  # its own KV while its prompt is prefilled over several steps
         self.prefilled = 0  # virtual and prompt tokens whose KV exists
+        self.cached = 0  # of which came from the prefix cache
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -254,23 +255,32 @@ class LLMEngine:
         try:
             cached, layers = self.prefix_cache.lookup(seq.adapter_key, seq.prompt_ids)
             if cached:
-                seq.kv, seq.prefilled = KVBatch.of_one_row(self._model, layers), cached
+                seq.kv, seq.prefilled, seq.cached = KVBatch.of_one_row(self._model, layers), cached, cached
         except Exception as exc:  # the cache only saves work: without it the prompt is prefilled in full
             if is_fatal_device_error(exc):
                 raise
             log.warning("prefix cache lookup failed; prefilling in full", exc_info=True)
-            seq.kv, seq.prefilled, cached = None, 0, 0
+            seq.kv, seq.prefilled, seq.cached, cached = None, 0, 0, 0
         self._metrics.prefix_cache_queries.inc(len(seq.prompt_ids))
         self._metrics.prefix_cache_hits.inc(cached)
 
     def _plan_prefill(self) -> list[tuple[Sequence, int]]:
-        """(sequence, tokens) to prefill this step, first come first served, within the step's budget."""
-        budget = self.prefill_budget.tokens(decoding=bool(self._running))
+        """(sequence, tokens) to prefill this step: short prompts (and short rests after a cached prefix) whole,
+        up to a burst; the others first come first served within the step's budget."""
+        decoding = bool(self._running)
+        budget = self.prefill_budget.tokens(decoding)
+        burst = BURST_TOKENS if decoding else 0  # with nothing decoding the budget takes everything anyway
         plan = []
         for seq in self._prefilling:
+            remaining = seq.prompt_cost - seq.prefilled
+            untouched = seq.prefilled == seq.cached  # a short prompt, or a short rest after its cached prefix
+            if untouched and remaining <= min(SHORT_PROMPT_TOKENS, burst):
+                plan.append((seq, remaining))
+                burst -= remaining
+                continue
             if budget <= 0:
-                break
-            tokens = min(seq.prompt_cost - seq.prefilled, budget)
+                continue
+            tokens = min(remaining, budget)
             if seq.prefilled == 0:
                 tokens = max(tokens, seq.virtual_tokens + 1)  # the virtual tokens go in with the first chunk
             plan.append((seq, tokens))

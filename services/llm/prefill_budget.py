@@ -6,7 +6,9 @@ model and the batch. So the budget is measured, not guessed: the engine reports 
 take and how fast it prefills, and a step's chunk gets about `STALL_FRACTION` of a decode step's time.
 A running stream then waits at most about 1.5 decode steps between tokens.
 
-`fixed` (llm.max_prefill_tokens set) replaces the measured budget with that many tokens.
+Short prompts (up to SHORT_PROMPT_TOKENS) are exempt: they are prefilled whole, together, up to
+BURST_TOKENS a step. `fixed` (llm.max_prefill_tokens set) replaces the measured budget with that many
+tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from __future__ import annotations
 STALL_FRACTION = 0.5  # a chunk's time, as a fraction of one decode step's
 MIN_TOKENS = 8  # a chunk never shrinks below this: a long prompt still makes progress
 SMOOTHING = 0.2  # weight of the newest measurement in the running averages
+# Short prompts are not chunked: below a few dozen tokens a forward's cost is mostly reading the weights,
+# so splitting one saves the running streams nothing, and holding them back would only delay a burst of
+# chat requests joining the batch. They are prefilled whole, together, up to BURST_TOKENS a step.
+SHORT_PROMPT_TOKENS = 64
+BURST_TOKENS = 512
 
 
 class PrefillBudget:

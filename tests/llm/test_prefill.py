@@ -184,3 +184,27 @@ def test_cancelling_a_sequence_mid_prefill_frees_its_slot(engine_factory, loaded
     _, done = run(engine, loaded, "y", max_new_tokens=3)  # the batch holds 2: the slot was freed
     assert done.error is None and done.completion_tokens == 3
     running.cancel()
+
+
+def test_a_burst_of_short_prompts_joins_the_running_batch_in_one_step(engine_factory, loaded):
+    """Chunking is for long prompts: short ones arriving together are prefilled together, whatever the budget."""
+    engine = engine_factory(max_prefill_tokens=8)
+    running, gate = hold_a_stream(engine, loaded)
+    joined_at: list[int] = []
+    collectors = []
+    for i in range(6):
+        collector = Collector()
+
+        def on_event(event, collector=collector):
+            if not collector.events:
+                joined_at.append(len(running.output_ids))
+            collector(event)
+
+        collectors.append(collector)
+        prompt = encode(loaded, f"def handler_{i}(request):")
+        engine.submit(Sequence(prompt, SamplingConfig(max_new_tokens=3, ignore_eos=True), on_event))
+    gate.release()
+    for collector in collectors:
+        assert collector.wait()[1].error is None
+    assert len(set(joined_at)) == 1, f"all six joined at the same step, not at {joined_at}"
+    running.cancel()
