@@ -99,13 +99,12 @@ def run(workdir: Path) -> list[Row]:
     chunked = spawn_service("llm", workdir / "prefill-chunked", base)
     one_shot = spawn_service("llm", workdir / "prefill-one-shot", base | {"llm": {"max_prefill_tokens": 8192}})
     try:
-        gap_pairs, ratios = [], []
+        gap_pairs = []  # (chunked, one-shot) max/median gap ratios, one pair a round
         cached_pairs = []
         for round_ in range(ROUNDS):
             mine = asyncio.run(gaps_around_a_long_prompt(chunked.address, llm_pb2, llm_pb2_grpc, round_))
             theirs = asyncio.run(gaps_around_a_long_prompt(one_shot.address, llm_pb2, llm_pb2_grpc, round_))
             gap_pairs.append((mine[0] / mine[1], theirs[0] / theirs[1]))
-            ratios.append(mine[0] / mine[1])
             seen = text_of(SYSTEM_TOKENS, 100 + round_)
             asyncio.run(ttft(chunked.address, llm_pb2, llm_pb2_grpc, seen, "warm the cache"))
             for question in ("when does the harbour open?", "who keeps the lamp?"):
@@ -124,7 +123,7 @@ def run(workdir: Path) -> list[Row]:
             f"(e) max / median token gap, {STREAMS} streams, a ~{LONG_PROMPT_TOKENS}-token prompt arriving",
             f"{mine:.2f}x (chunked)",
             f"{theirs:.2f}x (one-shot prefill)",
-            statistics.median(ratios),
+            mine,
         ),
         Row.of_pairs(
             MODEL["name"],

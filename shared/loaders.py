@@ -16,7 +16,8 @@ import torch
 
 from shared import hub_files
 from shared.devices import resolve_device, resolve_dtype
-from shared.locations import pretrained_location
+from shared.errors import FailedPrecondition
+from shared.locations import prepared_folder, pretrained_location
 from shared.registry import ModelSource, parse_source
 from shared.settings import ModelEntry, Settings
 
@@ -68,12 +69,11 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
 
     diffusers_logging.disable_progress_bar()
     location, kwargs, device, dtype = _placement(entry, settings)
-    folder = _local_folder(location, kwargs)
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,
         dtype=dtype,
         use_safetensors=True,
-        variant=hub_files.prepared_variant(folder) if folder else None,  # what prepare downloaded
+        variant=_downloaded_variant(entry, settings),  # what prepare downloaded
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -85,17 +85,11 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     return LoadedDiffusionPipeline(entry=entry, pipeline=pipeline, device=device, dtype=dtype)
 
 
-def _local_folder(location: str, kwargs: dict[str, Any]) -> Path | None:
-    """The folder on disk that `from_pretrained(location)` reads: the location itself, or a hub repository's
-    cached snapshot (None if nothing is cached yet)."""
-    if Path(location).is_dir():
-        return Path(location)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
+def _downloaded_variant(entry: ModelEntry, settings: Settings) -> str | None:
+    """The weights variant `prepare` put on disk ("fp16" or None); None too when nothing is there yet."""
     try:
-        return Path(snapshot_download(location, revision=kwargs.get("revision"), local_files_only=True))
-    except LocalEntryNotFoundError:
+        return hub_files.prepared_variant(prepared_folder(entry, settings))
+    except FailedPrecondition:  # not prepared: from_pretrained downloads (allow_downloads) or says why not
         return None
 
 

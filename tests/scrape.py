@@ -6,7 +6,12 @@ import urllib.request
 
 
 def metric_value(server, name: str, **labels) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
+    return metric_at(server.metrics_port, name, **labels)
+
+
+def metric_at(port: int, name: str, **labels) -> float:
+    """One sample from the Prometheus endpoint on 127.0.0.1:`port`."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     wanted = [f'{k}="{v}"' for k, v in labels.items()]
     for line in text.splitlines():
         if line.startswith(f"{name}{{") and all(part in line for part in wanted):

@@ -39,20 +39,23 @@ def gpu_devices(service: dict) -> list[dict]:
     return service.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices", [])
 
 
-def published(service: dict) -> list[str]:
-    return [
-        str(p.get("host_ip", "")) if isinstance(p, dict) else str(p).rsplit(":", 2)[0] for p in service.get("ports", [])
-    ]
+def published(service: dict) -> dict[int, str]:
+    """Container port -> the host address compose publishes it on."""
+    ports = {}
+    for port in service.get("ports", []):
+        if isinstance(port, dict):
+            ports[int(port["target"])] = str(port.get("host_ip", ""))
+        else:  # "host_ip:host_port:container_port[/proto]"
+            host_ip, _, target = str(port).split("/")[0].rsplit(":", 2)
+            ports[int(target)] = host_ip
+    return ports
 
 
 def opened_on(service: dict, container_port: int) -> str:
     """The host address a container port is published on."""
-    for port in service["ports"]:
-        if isinstance(port, dict) and int(port["target"]) == container_port:
-            return str(port.get("host_ip", ""))
-        if isinstance(port, str) and port.split("/")[0].endswith(f":{container_port}"):
-            return port.rsplit(":", 2)[0]
-    raise AssertionError(f"port {container_port} is not published: {service['ports']}")
+    ports = published(service)
+    assert container_port in ports, f"port {container_port} is not published: {service['ports']}"
+    return ports[container_port]
 
 
 def test_the_gpu_default_gives_each_gpu_service_its_own_gpu_and_requires_it():
@@ -78,7 +81,7 @@ def test_the_cpu_override_has_no_gpu_and_uses_the_cpu_image():
 def test_ports_are_published_on_loopback_unless_the_operator_opts_in():
     services = compose_config()
     for name, service in services.items():
-        for host_ip in published(service):
+        for host_ip in published(service).values():
             assert host_ip == "127.0.0.1", (name, service["ports"])
     assert "ports" not in services["redis"], "Redis has no password: it stays inside the compose network"
     opened = compose_config(env={"PATH": "/usr/bin:/bin", "MODELWORKS_BIND": "0.0.0.0"})

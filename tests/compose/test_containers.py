@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.finetune.samples import TAUGHT_ANSWER
 from tests.compose.conftest import PROJECT, run
 from tests.harness import wait_for
+from tests.scrape import metric_at
 
 pytestmark = pytest.mark.timeout(3600)  # the first test's setup builds the image
 
@@ -192,11 +193,7 @@ def test_a_worker_container_killed_mid_job_is_restarted_and_the_job_resumes(stac
 def tokens_generated(stack, replica: int) -> float:
     """tiny-llm tokens a given llm replica generated (from its metrics)."""
     port = stack.host_port("llm", 9101, replica)
-    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    with no_proxy.open(f"http://127.0.0.1:{port}/metrics", timeout=30) as reply:
-        text = reply.read().decode()
-    prefix = 'modelworks_llm_generation_tokens_total{model="tiny-llm"}'
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(prefix))
+    return metric_at(port, "modelworks_llm_generation_tokens_total", model="tiny-llm")
 
 
 def test_scale_out_two_llm_replicas_share_the_running_gateways_chats_and_two_workers_run(stack):
