@@ -85,8 +85,15 @@ class LLMSettings(_Section):
         None,
         ge=1,
         description="prompt tokens prefilled per engine step while other sequences decode: a longer prompt is "
-        "prefilled in chunks between their decode steps, so they never stall for a whole prompt (unset: "
-        "measured, a chunk takes about half a decode step)",
+        "prefilled in chunks, each in the same forward as their decode tokens, so they never stall for a whole "
+        "prompt (unset: measured, a chunk takes about a third of a decode step)",
+    )
+    kv_cache_bytes: int | None = Field(
+        None,
+        ge=1,
+        description="memory for the running sequences' KV cache; a request is admitted only when its prompt and "
+        "max_new_tokens fit next to the running ones, and refused up front (RESOURCE_EXHAUSTED) if it could "
+        "never fit (unset: 80% of the GPU memory free after loading, or 4 GiB on a CPU)",
     )
     max_prompt_tokens: int = Field(8192, ge=1, description="longer prompts are refused up front")
     prefix_cache_bytes: int = Field(

@@ -78,9 +78,10 @@ class LoraAdapterCache:
         if key in self._users:
             self._users[key] -= 1
 
-    def set_rows(self, keys: list[AdapterKey | None]) -> None:
-        """Point each row of the next forward at its adapter's slot (None: the base model)."""
-        self._lora.set_rows([self._slots[k] if k else None for k in keys])  # p-tuning rows: None, no LoRA
+    def set_rows(self, keys: list[AdapterKey | None], packed: bool = False) -> None:
+        """Point each row of the next forward at its adapter's slot (None: the base model); `packed`: one
+        packed row, with a key per token."""
+        self._lora.set_rows([self._slots[k] if k else None for k in keys], packed)  # p-tuning: None, no LoRA
 
     def _load(self, name: str, key: AdapterKey) -> AdapterKey:
         self._evict_unused(keep=self._capacity - 1)

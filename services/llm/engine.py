@@ -1,15 +1,18 @@
-"""The continuous-batching engine: one thread that owns the model and decodes all sequences together.
+"""The continuous-batching engine: one thread that owns the model and runs all sequences together.
 
-Each loop iteration: drop cancelled and expired sequences, admit waiting ones, prefill what this step's
-budget allows, run one decode step for every running sequence, hand each sequence its new text, and
-remove the finished. Sequences join and leave at every step, each with its own sampling parameters, seed
-and LoRA adapter. No gRPC here: callers get events through a callback.
+Each loop iteration: drop cancelled and expired sequences, admit waiting ones while the batch has room and
+their KV fits the cache budget, then run one packed forward that carries a decode token for every running
+sequence and this step's prompt chunks, hand each sequence its new text, and free the finished. Sequences
+join and leave at every step, each with its own sampling parameters, seed and LoRA adapter, and its own
+slot of the KV cache (`SlotKV`), so joining and leaving copy nobody's KV. No gRPC here: callers get events
+through a callback.
 
 Prefill: admitted prompts wait in `_prefilling` until their KV is complete. A prompt whose leading blocks
-are in the prefix cache starts from that KV. Prompts that fit the step's budget whole and have nothing
-cached are prefilled together in one forward; the others go a chunk per step (`PrefillBudget`), so a long
-prompt never stalls the running streams for more than about one chunk. A prompt joins the running batch
-with its first token once its prefill is complete, and its full blocks go into the prefix cache.
+are in the prefix cache starts from that KV. Short prompts go in whole; longer ones a chunk per step
+(`PrefillBudget`), in the same forward as the decode tokens, so a long prompt delays the running streams by
+about a chunk's share of one step, never by the whole prompt. A sequence gets its first token from the
+step that completes its prompt and joins the decoding rows. The prompt's full blocks go into the prefix
+cache as its chunks complete.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import torch
 
 from services.llm import metrics
 from services.llm.adapters import AdapterKey, LoraAdapterCache
-from services.llm.batch import KVBatch, decode, prefill, prefill_more
+from services.llm.batch import Work, forward, use_slot_attention
 from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes
 from services.llm.params import SamplingConfig
 from services.llm.prefill_budget import BURST_TOKENS, SHORT_PROMPT_TOKENS, PrefillBudget
 from services.llm.prefix_cache import PrefixCache
@@ -92,9 +96,10 @@ class Sequence:
         self.sampler: RowSampler | None = None
         self.adapter_key: AdapterKey | None = None  # the adapter version it runs on, pinned while it runs
         self.virtual_tokens = 0  # a p-tuning adapter's embeddings before the prompt
-        self.kv: KVBatch | None = None  # its own KV while its prompt is prefilled over several steps
+        self.slot: Slot | None = None  # its row of the KV cache, from admission to the end
         self.prefilled = 0  # virtual and prompt tokens whose KV exists
         self.cached = 0  # of which came from the prefix cache
+        self.in_prefix_cache = 0  # leading prompt tokens whose blocks are in the prefix cache
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -103,6 +108,11 @@ class Sequence:
     def prompt_cost(self) -> int:
         """Positions the prefill fills: the virtual tokens, then the prompt."""
         return self.virtual_tokens + len(self.prompt_ids)
+
+    @property
+    def reserved_tokens(self) -> int:
+        """KV positions it may fill: the prompt, then every new token."""
+        return self.prompt_cost + self.config.max_new_tokens
 
     @property
     def position(self) -> int:
@@ -124,7 +134,9 @@ class LLMEngine:
         max_prefill_tokens: int | None = None,
         adapters: LoraAdapterCache | None = None,
         prefix_cache: PrefixCache | None = None,
+        kv_cache_bytes: int | None = None,
     ):
+        use_slot_attention(model)
         self._model = model
         self._tokenizer = tokenizer
         self.model_name = model_name
@@ -139,9 +151,16 @@ class LLMEngine:
         self._waiting: WaitingQueue[Sequence] = WaitingQueue(
             model_name, max_waiting, metrics.REQUESTS_WAITING.labels(model_name).set
         )
-        self._running: list[Sequence] = []
+        self.kv = SlotKV(
+            model.config,
+            dtype=next(model.parameters()).dtype,
+            device=model.device,
+            budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_budget_bytes(model.device),
+            max_rows=max_batch_size,
+        )
+        self._metrics.kv_cache_budget_bytes.set(self.kv.budget_bytes)
+        self._running: list[Sequence] = []  # decoding, in ascending slot order
         self._prefilling: list[Sequence] = []  # taken from the queue, prompt KV not complete yet
-        self._batch: KVBatch | None = None
         self._thread = EngineThread(f"engine-{model_name}", self._waiting, self._loop, self._fail_all)
 
     # -- called from other threads ------------------------------------------------------------------
@@ -182,54 +201,89 @@ class LLMEngine:
             self._step()
 
     def _step(self) -> None:
-        """Admit and prefill, then decode. A failure fails only the sequences of the phase that raised it;
-        a fatal device error ends the loop (and the process), since every later step would fail too."""
+        """Admit, then run one packed forward of decode tokens and prompt chunks. A failure fails only the
+        sequences it belongs to: when a step with prompt chunks fails, the decode rows are run again alone
+        and the prefilling sequences fail. A fatal device error ends the loop (and the process), since every
+        later step would fail too."""
         self._drop_abandoned()
         self._admit()
         plan = self._plan_prefill()
-        if plan:
-            self._guarded(lambda _: self._prefill(plan), [seq for seq, _ in plan])
-        if self._running:
-            self._guarded(self._decode, self._running)
-
-    def _guarded(self, phase: Callable[[list[Sequence]], None], seqs: list[Sequence]) -> None:
-        seqs = list(seqs)
+        decoding = list(self._running)
+        if not plan and not decoding:
+            return
         try:
-            phase(seqs)
+            self._forward(decoding, plan)
         except Exception as exc:
             if is_fatal_device_error(exc):
                 raise
-            if isinstance(exc, torch.OutOfMemoryError):
-                log.warning("out of device memory", extra={"model": self.model_name, "sequences": len(seqs)})
-                _release_cached_memory(self._model.device)
-                error: ServiceError = ResourceExhausted(
-                    "the server ran out of accelerator memory for this request; retry with a shorter prompt "
-                    "or fewer new tokens"
-                )
-            else:
-                log.exception("engine step failed", extra={"model": self.model_name, "sequences": len(seqs)})
-                error = ServiceError("the engine hit an internal error; the server logged it")
-            for seq in seqs:
-                self._finish(seq, error=error)
-            self._remove_finished()
+            if not (plan and decoding):
+                self._fail([*decoding, *(seq for seq, _ in plan)], exc)
+                return
+            self._fail([seq for seq, _ in plan], exc)
+            try:  # the decode rows alone: rewriting their columns with the same KV is harmless
+                self._forward(decoding, [])
+            except Exception as again:
+                if is_fatal_device_error(again):
+                    raise
+                self._fail(decoding, again)
+
+    def _fail(self, seqs: list[Sequence], exc: Exception) -> None:
+        if isinstance(exc, torch.OutOfMemoryError):
+            log.warning("out of device memory", extra={"model": self.model_name, "sequences": len(seqs)})
+            _release_cached_memory(self._model.device)
+            error: ServiceError = ResourceExhausted(
+                "the server ran out of accelerator memory for this request; retry with a shorter prompt "
+                "or fewer new tokens"
+            )
+        else:
+            log.error(
+                "engine step failed",
+                exc_info=exc,
+                extra={"model": self.model_name, "sequences": len(seqs)},
+            )
+            error = ServiceError("the engine hit an internal error; the server logged it")
+        for seq in seqs:
+            self._finish(seq, error=error)
+        self._remove_finished()
 
     def _admit(self) -> None:
-        """Take waiting sequences while the batch has room; each starts its prefill (from the prefix cache
-        where its prompt's first blocks are there)."""
+        """Take waiting sequences, first come first served, while the batch has room and their KV fits the
+        cache budget next to the running ones; each gets a slot and starts its prefill (from the prefix cache
+        where its prompt's first blocks are there). A sequence that could never fit is refused."""
         taken: list[Sequence] = []
-        unfit: list[Sequence] = []
+        unfit: list[tuple[Sequence, ServiceError | None]] = []
         waiting = self._waiting
         with waiting.cond:
             while waiting.items and self.num_running + len(taken) < self._max_batch:
-                seq = waiting.items.popleft()
-                if seq.cancelled or seq.prompt_cost > self._max_prompt_tokens:
-                    unfit.append(seq)
+                seq = waiting.items[0]
+                if seq.cancelled:
+                    unfit.append((waiting.items.popleft(), None))
+                elif seq.prompt_cost > self._max_prompt_tokens:
+                    error = prompt_too_long(seq.prompt_cost, self._max_prompt_tokens)
+                    unfit.append((waiting.items.popleft(), error))
+                elif seq.reserved_tokens > self.kv.max_tokens_alone:
+                    error = self.kv_too_small(seq.prompt_cost, seq.config.max_new_tokens)
+                    unfit.append((waiting.items.popleft(), error))
+                elif self.kv.fits(seq.reserved_tokens):
+                    seq.slot = self.kv.reserve(seq.reserved_tokens)
+                    taken.append(waiting.items.popleft())
                 else:
-                    taken.append(seq)
+                    break  # the head waits until finished sequences make room: nothing overtakes it
             waiting.publish()
-        for seq in unfit:  # validation refuses such prompts; a caller that skipped it gets told here
-            if not seq.cancelled:
-                self._finish(seq, error=prompt_too_long(seq.prompt_cost, self._max_prompt_tokens))
+        for seq, error in unfit:  # validation refuses these; a caller that skipped it gets told here
+            if error is not None:
+                self._finish(seq, error=error)
+        if not taken:
+            return
+        try:
+            self.kv.ensure()
+        except Exception as exc:
+            if is_fatal_device_error(exc):
+                raise
+            for seq in taken:
+                self._release_slot(seq)
+            self._fail(taken, exc)
+            return
         for seq in taken:
             if seq.adapter and self.adapters is not None:
                 try:
@@ -241,11 +295,20 @@ class LLMEngine:
                         log.exception("adapter load failed", extra={"adapter": seq.adapter})
                         exc = ServiceError(f"adapter {seq.adapter!r} could not be loaded; the server logged why")
                     self._finish(seq, error=exc)
+                    self._release_slot(seq)
                     continue
             self._start_prefill(seq)
             self._prefilling.append(seq)
-        if taken:
-            self._metrics.requests_running.set(self.num_running)
+        self._metrics.requests_running.set(self.num_running)
+        self._metrics.kv_cache_bytes.set(self.kv.nbytes)
+
+    def kv_too_small(self, prompt_tokens: int, max_new_tokens: int) -> ResourceExhausted:
+        return ResourceExhausted(
+            f"the prompt ({prompt_tokens} tokens) and max_new_tokens ({max_new_tokens}) need KV cache for "
+            f"{prompt_tokens + max_new_tokens} tokens; this server's KV cache budget (llm.kv_cache_bytes, "
+            f"{self.kv.budget_bytes // 2**20} MiB) holds at most {self.kv.max_tokens_alone} tokens for one "
+            "request; ask for fewer new tokens or send a shorter prompt"
+        )
 
     def _start_prefill(self, seq: Sequence) -> None:
         prefix = self.adapters.prefix(seq.adapter_key) if self.adapters is not None else None
@@ -253,14 +316,15 @@ class LLMEngine:
         if prefix is not None or self.prefix_cache is None or not self.prefix_cache.enabled:
             return  # virtual tokens shift every position: their KV is this request's own
         try:
-            cached, layers = self.prefix_cache.lookup(seq.adapter_key, seq.prompt_ids)
-            if cached:
-                seq.kv, seq.prefilled, seq.cached = KVBatch.of_one_row(self._model, layers), cached, cached
+            cached, blocks = self.prefix_cache.lookup(seq.adapter_key, seq.prompt_ids)
+            for i, layers in enumerate(blocks):
+                self.kv.write(seq.slot, i * self.prefix_cache.block_tokens, layers)
+            seq.prefilled = seq.cached = seq.in_prefix_cache = cached
         except Exception as exc:  # the cache only saves work: without it the prompt is prefilled in full
             if is_fatal_device_error(exc):
                 raise
             log.warning("prefix cache lookup failed; prefilling in full", exc_info=True)
-            seq.kv, seq.prefilled, seq.cached, cached = None, 0, 0, 0
+            seq.prefilled, seq.cached, cached = 0, 0, 0
         self._metrics.prefix_cache_queries.inc(len(seq.prompt_ids))
         self._metrics.prefix_cache_hits.inc(cached)
 
@@ -287,89 +351,66 @@ class LLMEngine:
             budget -= tokens
         return plan
 
-    def _select_adapters(self, seqs: list[Sequence]) -> None:
-        if self.adapters is not None:
-            self.adapters.set_rows([seq.adapter_key for seq in seqs])
-
-    def _prefill(self, plan: list[tuple[Sequence, int]]) -> None:
-        """Prefill whole fresh prompts together in one forward, and the rest a chunk each; sequences whose
-        prompt is then complete get their first token and join the running batch."""
+    def _forward(self, decoding: list[Sequence], plan: list[tuple[Sequence, int]]) -> None:
+        """One packed forward: a decode token for every running sequence and this step's prompt chunks.
+        Sequences whose prompt it completes get their first token and join the decoding rows."""
         started = time.perf_counter()
-        whole = [seq for seq, tokens in plan if seq.kv is None and tokens == seq.prompt_cost]
-        ready: list[tuple[KVBatch, list[Sequence], torch.Tensor]] = []  # KV, its rows' sequences, logits
-        if whole:
-            ready.append(self._prefill_whole(whole))
+        decode_work = [Work(seq.slot, seq.position, [seq.output_ids[-1]]) for seq in decoding]
+        prefill_work, completing = [], []
+        row_keys = [seq.adapter_key for seq in decoding]
         for seq, tokens in plan:
-            if seq not in whole:
-                logits = self._prefill_chunk(seq, tokens)
-                if seq.prefilled == seq.prompt_cost:
-                    ready.append((seq.kv, [seq], logits))
-        self.prefill_budget.observe_prefill(sum(tokens for _, tokens in plan), time.perf_counter() - started)
-        if ready:
-            self._join(ready)
-
-    def _prefill_whole(self, seqs: list[Sequence]) -> tuple[KVBatch, list[Sequence], torch.Tensor]:
-        self._select_adapters(seqs)
-        prefixes = [self.adapters.prefix(s.adapter_key) for s in seqs] if self.adapters is not None else None
-        batch, logits = prefill(self._model, [s.prompt_ids for s in seqs], self._pad_id, prefixes)
-        for row, seq in enumerate(seqs):
-            seq.prefilled = seq.prompt_cost
-            self._cache_prefix(seq, batch, row)
-        return batch, seqs, logits
-
-    def _prefill_chunk(self, seq: Sequence, tokens: int) -> torch.Tensor:
-        """The next `tokens` positions of one sequence's prompt; returns the logits of the last one (1, V)."""
-        self._select_adapters([seq])
-        if seq.kv is None:  # the first chunk: the virtual tokens, then the prompt's start
-            prefix = self.adapters.prefix(seq.adapter_key) if self.adapters is not None else None
-            count = tokens - seq.virtual_tokens
-            seq.kv, logits = prefill(self._model, [seq.prompt_ids[:count]], self._pad_id, [prefix])
-        else:
-            start = seq.prefilled - seq.virtual_tokens
-            logits = prefill_more(self._model, seq.kv, seq.prompt_ids[start : start + tokens])
-        seq.prefilled += tokens
-        if seq.prefilled == seq.prompt_cost:
-            self._cache_prefix(seq, seq.kv, 0)
-        return logits
-
-    def _cache_prefix(self, seq: Sequence, batch: KVBatch, row: int) -> None:
-        if self.prefix_cache is not None and self.prefix_cache.enabled and not seq.virtual_tokens:
-            self.prefix_cache.insert(seq.adapter_key, seq.prompt_ids, batch.row_layers(row))
-            self._metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
-
-    def _join(self, ready: list[tuple[KVBatch, list[Sequence], torch.Tensor]]) -> None:
-        """Sequences whose prompt KV is complete: sample their first token and merge their KV into the batch
-        (rows in `_running`'s order)."""
-        device = self._model.device
-        seqs = [seq for _, group, _ in ready for seq in group]
-        for seq in seqs:
-            seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, device)
+            work = self._chunk(seq, tokens)
+            prefill_work.append(work)
+            row_keys.extend([seq.adapter_key] * tokens)
+            if work.logits:
+                completing.append(seq)
+        if self.adapters is not None:
+            self.adapters.set_rows(row_keys, packed=True)
+        logits = forward(self._model, self.kv, decode_work, prefill_work)
+        for seq in completing:
+            seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, self._model.device)
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer, seq.prompt_ids)
-        tokens = next_tokens(torch.cat([logits for _, _, logits in ready]), [s.sampler for s in seqs])
-        for batch, group, _ in ready:  # each merge is all or nothing: the running rows are intact if it raises
-            if self._batch is None:
-                self._batch = batch
-            else:
-                self._batch.extend(batch)
-            self._running.extend(group)
-            for seq in group:
-                seq.kv = None
-        joined = {id(seq) for seq in seqs}
-        self._prefilling = [s for s in self._prefilling if id(s) not in joined]
-        self._metrics.requests_running.set(self.num_running)  # before their first token is sent
+        seqs = [*decoding, *completing]
+        tokens = next_tokens(logits, [seq.sampler for seq in seqs])
+        self.prefill_budget.observe_step(len(decoding), sum(t for _, t in plan), time.perf_counter() - started)
+        for seq, count in plan:
+            seq.prefilled += count
+            self._cache_prefix(seq)  # block by block as chunks complete, so no step copies a whole prompt
+        if decoding:
+            self._metrics.batch_size.observe(len(decoding))
+        if completing:
+            self._join(completing)
+        self._accept(seqs, tokens)
+
+    def _chunk(self, seq: Sequence, tokens: int) -> Work:
+        """The work of prefilling `seq`'s next `tokens` positions: its virtual tokens first, then the prompt."""
+        start = seq.prefilled
+        done = start + tokens == seq.prompt_cost
+        if start == 0 and seq.virtual_tokens:
+            prefix = self.adapters.prefix(seq.adapter_key)
+            ids = [self._pad_id] * seq.virtual_tokens + seq.prompt_ids[: tokens - seq.virtual_tokens]
+            return Work(seq.slot, 0, ids, logits=done, prefix=prefix)
+        offset = start - seq.virtual_tokens
+        return Work(seq.slot, start, seq.prompt_ids[offset : offset + tokens], logits=done)
+
+    def _join(self, seqs: list[Sequence]) -> None:
+        """Sequences whose prompt KV is now complete join the decoding rows."""
         for seq in seqs:
             self._metrics.prompt_tokens.inc(len(seq.prompt_ids))
-        self._accept(seqs, tokens)
+        joined = {id(seq) for seq in seqs}
+        self._prefilling = [s for s in self._prefilling if id(s) not in joined]
+        self._running = sorted([*self._running, *seqs], key=lambda s: s.slot)
 
-    def _decode(self, seqs: list[Sequence]) -> None:
-        assert self._batch is not None and seqs == self._running
-        started = time.perf_counter()
-        self._metrics.batch_size.observe(len(seqs))
-        self._select_adapters(seqs)
-        logits = decode(self._model, self._batch, [s.output_ids[-1] for s in seqs], [s.position for s in seqs])
-        tokens = next_tokens(logits, [s.sampler for s in seqs])
-        self.prefill_budget.observe_decode(time.perf_counter() - started)
-        self._accept(seqs, tokens)
+    def _cache_prefix(self, seq: Sequence) -> None:
+        """Put the full blocks of the prompt prefilled so far into the prefix cache (blocks already there
+        are only touched)."""
+        if self.prefix_cache is None or not self.prefix_cache.enabled or seq.virtual_tokens:
+            return
+        done = seq.prefilled // self.prefix_cache.block_tokens * self.prefix_cache.block_tokens
+        if done > seq.in_prefix_cache:
+            self.prefix_cache.insert(seq.adapter_key, seq.prompt_ids[:done], self.kv.row_layers(seq.slot, done))
+            seq.in_prefix_cache = done
+            self._metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
 
     def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Hand each sequence its new token, then drop the finished from the running batch."""
@@ -439,24 +480,29 @@ class LLMEngine:
         self._remove_finished()
 
     def _remove_finished(self) -> None:
-        if any(seq.finished for seq in self._prefilling):
-            self._prefilling = [seq for seq in self._prefilling if not seq.finished]
-            self._metrics.requests_running.set(self.num_running)
-        keep = [i for i, seq in enumerate(self._running) if not seq.finished]
-        if len(keep) == len(self._running):
+        done = [seq for seq in [*self._running, *self._prefilling] if seq.finished]
+        if not done:
             return
-        self._running = [self._running[i] for i in keep]
+        self._running = [seq for seq in self._running if not seq.finished]
+        self._prefilling = [seq for seq in self._prefilling if not seq.finished]
+        for seq in done:
+            self._release_slot(seq)
         self._metrics.requests_running.set(self.num_running)
-        if keep:
-            self._batch.select(keep)
-        else:
-            self._batch = None
+        self._metrics.kv_cache_bytes.set(self.kv.nbytes)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.kv.free(seq.slot)
+            seq.slot = None
 
     def _fail_all(self, error: ServiceError) -> None:
         for seq in [*self._running, *self._prefilling, *self._waiting.drain()]:
             self._finish(seq, error=error)
-        self._running, self._prefilling, self._batch = [], [], None
+            seq.slot = None
+        self._running, self._prefilling = [], []
+        self.kv.clear()
         self._metrics.requests_running.set(0)
+        self._metrics.kv_cache_bytes.set(0)
 
 
 def prompt_too_long(prompt_tokens: int, max_prompt_tokens: int) -> InvalidArgument:

@@ -39,8 +39,10 @@ class LoraBatchState:
     """Which slot each row of the current forward uses; shared by every wrapped layer."""
 
     def __init__(self) -> None:
-        self.mask: torch.Tensor | None = None  # (B, 1, S·r) or None when every row is the base model
-        self.scale_rows: torch.Tensor | None = None  # (B,) slot per row (base rows: the ones-row), DoRA only
+        # (B, 1, S·r) per row, or (1, N, S·r) per token of a packed row; None when all use the base model
+        self.mask: torch.Tensor | None = None
+        self.scale_rows: torch.Tensor | None = None  # (B,) or (N,) slot (base: the ones-row), DoRA only
+        self.packed = False
 
 
 @dataclass(frozen=True)
@@ -78,7 +80,8 @@ class MultiLoraLinear(nn.Module):
         y = y + h @ self.lora_B.T
         if self.state.scale_rows is None:
             return y
-        scale = self.dora_scale.index_select(0, self.state.scale_rows)[:, None, :]  # (B, 1, out)
+        scale = self.dora_scale.index_select(0, self.state.scale_rows)
+        scale = scale[None] if self.state.packed else scale[:, None, :]  # (1, N, out) or (B, 1, out)
         if self.base.bias is None:
             return y * scale
         return (y - self.base.bias) * scale + self.base.bias
@@ -143,15 +146,18 @@ class MultiLora:
             layer.write_slot(slot, self.rank, None)
         self._dora_slots.discard(slot)
 
-    def set_rows(self, row_slots: list[int | None]) -> None:
-        """Choose each row's slot for the next forward (None: the base model)."""
+    def set_rows(self, row_slots: list[int | None], packed: bool = False) -> None:
+        """Choose each row's slot for the next forward (None: the base model); `packed`: the forward is one
+        packed row and `row_slots` has an entry per token."""
+        self.state.packed = packed
         if not self.layers or all(s is None for s in row_slots):
             self.state.mask = self.state.scale_rows = None
             return
         device = next(iter(self.layers.values())).lora_A.device
         dtype = next(iter(self.layers.values())).lora_A.dtype
         rows = torch.tensor([-1 if s is None else s for s in row_slots], device=device)
-        self.state.mask = (rows[:, None] == self._columns_slot[None, :]).to(dtype)[:, None, :]
+        mask = (rows[:, None] == self._columns_slot[None, :]).to(dtype)
+        self.state.mask = mask[None] if packed else mask[:, None, :]
         if any(s in self._dora_slots for s in row_slots):
             self.state.scale_rows = torch.where(rows < 0, self.slots, rows)  # base rows: the ones-row
         else:

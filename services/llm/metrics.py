@@ -40,6 +40,10 @@ PREFIX_CACHE_HITS = Counter(
     "modelworks_llm_prefix_cache_hits", "Prompt tokens whose KV came from the prefix cache (not prefilled)", ["model"]
 )
 PREFIX_CACHE_BYTES = Gauge("modelworks_llm_prefix_cache_bytes", "Memory held by the prefix cache", ["model"])
+KV_CACHE_BYTES = Gauge("modelworks_llm_kv_cache_bytes", "Memory held by the running sequences' KV cache", ["model"])
+KV_CACHE_BUDGET_BYTES = Gauge(
+    "modelworks_llm_kv_cache_budget_bytes", "The KV cache's budget (llm.kv_cache_bytes)", ["model"]
+)
 
 
 class ModelMetrics:
@@ -56,3 +60,5 @@ class ModelMetrics:
         self.prefix_cache_queries = PREFIX_CACHE_QUERIES.labels(model)
         self.prefix_cache_hits = PREFIX_CACHE_HITS.labels(model)
         self.prefix_cache_bytes = PREFIX_CACHE_BYTES.labels(model)
+        self.kv_cache_bytes = KV_CACHE_BYTES.labels(model)
+        self.kv_cache_budget_bytes = KV_CACHE_BUDGET_BYTES.labels(model)

@@ -2,9 +2,11 @@
 
 A prompt prefilled in one piece stalls every running stream for the whole prompt (seconds for a long one
 on a CPU). Chunked prefill bounds that stall; the chunk size that bounds it depends on the hardware, the
-model and the batch. So the budget is measured, not guessed: the engine reports how long its decode steps
-take and how fast it prefills, and a step's chunk gets about `STALL_FRACTION` of a decode step's time.
-A running stream then waits at most about 1.5 decode steps between tokens.
+model and the batch. So the budget is measured, not guessed: the engine reports how long its steps take,
+with how many decode rows and prompt tokens, and a step's chunk gets about `STALL_FRACTION` of a decode
+step's time. The chunk rides in the same forward as the decode tokens, so a running stream then waits
+about 1.35 decode steps between tokens at most. The fraction is a third rather than a half because a
+chunk's tokens cost more than the average measured as the prompt grows (each attends to all before it).
 
 Short prompts (up to SHORT_PROMPT_TOKENS) are exempt: they are prefilled whole, together, up to
 BURST_TOKENS a step. `fixed` (llm.max_prefill_tokens set) replaces the measured budget with that many
@@ -13,7 +15,7 @@ tokens.
 
 from __future__ import annotations
 
-STALL_FRACTION = 0.5  # a chunk's time, as a fraction of one decode step's
+STALL_FRACTION = 0.35  # a chunk's time, as a fraction of one decode step's
 MIN_TOKENS = 8  # a chunk never shrinks below this: a long prompt still makes progress
 SMOOTHING = 0.2  # weight of the newest measurement in the running averages
 # Short prompts are not chunked: below a few dozen tokens a forward's cost is mostly reading the weights,
@@ -30,12 +32,19 @@ class PrefillBudget:
         self.decode_s: float | None = None  # one decode step
         self.token_s: float | None = None  # one prefilled token
 
-    def observe_decode(self, seconds: float) -> None:
-        self.decode_s = _average(self.decode_s, seconds)
-
-    def observe_prefill(self, tokens: int, seconds: float) -> None:
-        if tokens > 0:
-            self.token_s = _average(self.token_s, seconds / tokens)
+    def observe_step(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
+        """A step's time: a decode step's cost when it prefilled nothing, a prompt token's cost from steps
+        that prefilled (less the decode step's share when it also decoded)."""
+        if not prefill_tokens:
+            if decode_rows:
+                self.decode_s = _average(self.decode_s, seconds)
+            return
+        if decode_rows:
+            if self.decode_s is None:
+                return
+            seconds -= self.decode_s
+        if seconds > 0:
+            self.token_s = _average(self.token_s, seconds / prefill_tokens)
 
     def tokens(self, decoding: bool) -> int:
         """This step's prefill budget: everything when no stream waits on it, else a chunk."""

@@ -59,8 +59,9 @@ class PrefixCache:
             parent = block.id
         return found
 
-    def lookup(self, namespace: Hashable, tokens: list[int]) -> tuple[int, list[LayerKV]]:
-        """How many leading tokens have cached KV, and that KV per layer (new tensors, (1, H, n, D)).
+    def lookup(self, namespace: Hashable, tokens: list[int]) -> tuple[int, list[list[LayerKV]]]:
+        """How many leading tokens have cached KV, and that KV block by block (per layer, (1, H, block, D)),
+        to be copied where the caller keeps it; the cache's own tensors, never written to.
 
         At least one token is always left out: its forward gives the logits of the first new token."""
         if not self.enabled:
@@ -70,14 +71,7 @@ class PrefixCache:
             return 0, []
         for key, _ in reversed(path):
             self._blocks.move_to_end(key)
-        layers = [
-            (
-                torch.cat([block.layers[i][0] for _, block in path], dim=2),
-                torch.cat([block.layers[i][1] for _, block in path], dim=2),
-            )
-            for i in range(len(path[0][1].layers))
-        ]
-        return len(path) * self.block_tokens, layers
+        return len(path) * self.block_tokens, [block.layers for _, block in path]
 
     def insert(self, namespace: Hashable, tokens: list[int], layers: list[LayerKV]) -> None:
         """Cache the full blocks of `tokens` whose KV is in `layers` ((1, H, >= len(tokens), D) each, token i at

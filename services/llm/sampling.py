@@ -1,8 +1,10 @@
 """Choosing each row's next token, with each row's own parameters and random generator.
 
 Greedy rows take the argmax. Sampled rows go through repetition penalty, temperature, top-k and
-top-p as batched tensor ops, then draw from their own seeded `torch.Generator`, so a request's output
-depends on its seed, not on which other requests share the batch.
+top-p as batched tensor ops, then draw in one batched inverse-CDF step: each row's own seeded
+`torch.Generator` gives one uniform number, so a request's output depends on its seed, not on which
+other requests share the batch. Nothing is read back per row: the step's one device-to-host copy is
+the final list of tokens.
 """
 
 from __future__ import annotations
@@ -71,22 +73,32 @@ def next_tokens(logits: torch.Tensor, rows: list[RowSampler]) -> list[int]:
     chosen = logits.argmax(-1)
     sampled = [i for i, row in enumerate(rows) if not row.config.greedy]
     if sampled:
-        index = torch.tensor(sampled, device=logits.device)
+        device = logits.device
+        index = torch.tensor(sampled, device=device)
         configs = [rows[i].config for i in sampled]
-        temperature = torch.tensor([c.temperature for c in configs], device=logits.device)
+        temperature = torch.tensor([c.temperature for c in configs], device=device)
         scaled = logits.index_select(0, index) / temperature[:, None]  # (S, V)
+        order = None
         if any(c.top_k > 0 or c.top_p < 1.0 for c in configs):
             scaled, order = scaled.sort(dim=-1, descending=True)
-            top_k = torch.tensor([c.top_k for c in configs], device=logits.device)
-            top_p = torch.tensor([c.top_p for c in configs], device=logits.device)
+            top_k = torch.tensor([c.top_k for c in configs], device=device)
+            top_p = torch.tensor([c.top_p for c in configs], device=device)
             scaled = _filter_top_k_top_p(scaled, top_k, top_p)
-        else:
-            order = None
         probs = scaled.softmax(-1)
+        uniform = torch.cat([torch.rand(1, generator=rows[i].generator, device=device) for i in sampled])
+        picks = _inverse_cdf(probs, uniform)
+        if order is not None:
+            picks = order.gather(1, picks[:, None])[:, 0]
+        # overflowed logits (extreme parameters) leave no distribution: those rows fall back to greedy
         usable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
-        for j, i in enumerate(sampled):
-            if not usable[j]:  # overflowed logits (extreme parameters): fall back to greedy for this row
-                continue
-            pick = torch.multinomial(probs[j], 1, generator=rows[i].generator)
-            chosen[i] = order[j, pick] if order is not None else pick
+        chosen[index] = torch.where(usable, picks, chosen[index])
     return chosen.tolist()
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Per row, the first token whose cumulative probability exceeds its uniform draw (S,); zero-probability
+    tokens are never picked."""
+    cdf = probs.cumsum(-1)
+    target = (uniform * cdf[:, -1]).clamp(max=cdf[:, -1].nextafter(torch.zeros_like(uniform)))
+    picks = torch.searchsorted(cdf, target[:, None], right=True)[:, 0]
+    return picks.clamp(max=probs.shape[-1] - 1)

@@ -64,6 +64,7 @@ class ServedLLM:
             max_prefill_tokens=settings.max_prefill_tokens,
             adapters=self.adapters,
             prefix_cache=PrefixCache(settings.prefix_cache_block_tokens, settings.prefix_cache_bytes),
+            kv_cache_bytes=settings.kv_cache_bytes,
         )
         self._encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
 
@@ -120,6 +121,8 @@ class ServedLLM:
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
         if len(prompt_ids) + virtual_tokens > self.max_prompt_tokens:
             raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prompt_tokens)
+        if len(prompt_ids) + virtual_tokens + config.max_new_tokens > self.engine.kv.max_tokens_alone:
+            raise self.engine.kv_too_small(len(prompt_ids) + virtual_tokens, config.max_new_tokens)
         seq = Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq

@@ -131,7 +131,7 @@ def test_a_p_tuning_adapter_prefixes_its_virtual_tokens_like_peft_next_to_other_
     from peft import PromptEncoderConfig
 
     from services.llm.adapters import LoraAdapterCache
-    from services.llm.batch import prefill
+    from services.llm.batch import prefill_logits
     from shared.adapters import AdapterInfo, AdapterStore
 
     model = load_causal_lm(settings.models[0], settings).model
@@ -146,8 +146,10 @@ def test_a_p_tuning_adapter_prefixes_its_virtual_tokens_like_peft_next_to_other_
     cache = LoraAdapterCache(base, store, 4, "tiny-llm", "builtin:tiny-llm")
     assert cache.virtual_tokens("prompted") == 5 and cache.virtual_tokens("plain") == 0
     keys = [cache.acquire("prompted"), None, cache.acquire("plain")]
-    cache.set_rows(keys)
-    _, mixed = prefill(base, [PROMPT, PROMPT[:3], PROMPT], 0, [cache.prefix(k) for k in keys])
+    prompts, prefixes = [PROMPT, PROMPT[:3], PROMPT], [cache.prefix(k) for k in keys]
+    virtual = [0 if p is None else p.shape[0] for p in prefixes]
+    cache.set_rows([k for k, p, v in zip(keys, prompts, virtual, strict=True) for _ in range(v + len(p))], packed=True)
+    mixed = prefill_logits(base, prompts, prefixes)
 
     reference = PeftModel.from_pretrained(load_causal_lm(settings.models[0], settings).model, store.path("prompted"))
     with torch.inference_mode():

@@ -1,0 +1,176 @@
+"""The engine's KV cache: one row ("slot") of shared, preallocated buffers per sequence, admitted by budget.
+
+Sequences are grouped by how long they may grow: a size class holds rows of `capacity` columns (256, 512,
+1024, ... tokens), and each layer's keys and values of a class live in (rows, kv_heads, capacity,
+head_dim) tensors. A sequence owns one row of its class from admission to its end, and its token i's KV
+sits at column i. A step writes only the new columns of the rows it runs, so a sequence joins or leaves
+without moving anybody's KV (the left-padded batch this replaced copied every row on every join and
+leave). Classes keep one long prompt from making every chat row as long as it: memory and the zeroing of
+new rows follow each sequence's own length, within a factor of two.
+
+Memory is admitted, not hoped for: a sequence reserves room for its prompt and all its new tokens when it
+is admitted, and is admitted only if the buffers that hold every reservation fit `budget_bytes`. So a
+running sequence never runs out of cache, a request that could not fit even alone is refused up front,
+and a waiting one is admitted as soon as finished ones make room: nothing can deadlock.
+
+A class's buffers grow to the next power of two of rows when an admission needs a row they lack; only
+then are its rows copied, once per doubling, not on every join. A class's buffers are freed when its last
+sequence leaves. Buffers are zero-filled: attention masks unused columns, and masked zeros stay harmless
+where uninitialised memory could hold NaNs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MIN_CAPACITY = 256  # the shortest class; chat requests (prompt + default 256 new tokens) mostly fit 512
+GPU_MEMORY_FRACTION = 0.8  # of the memory free when the engine starts; the rest is activations' headroom
+CPU_DEFAULT_BYTES = 4 * 2**30
+
+
+@dataclass(frozen=True, order=True)
+class Slot:
+    """A sequence's row: row `row` of the size class whose rows hold `capacity` tokens."""
+
+    capacity: int
+    row: int
+
+
+@dataclass
+class _SizeClass:
+    capacity: int
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer: (rows, kv_heads, capacity, head_dim)
+    values: list[torch.Tensor] = field(default_factory=list)
+    rows: int = 0  # rows allocated
+    reserved: set[int] = field(default_factory=set)  # rows in use
+
+    def free_row(self) -> int:
+        return next(r for r in range(len(self.reserved) + 1) if r not in self.reserved)
+
+
+def kv_shape(config) -> tuple[int, int, int]:
+    """(layers, kv_heads, head_dim) of a decoder-only transformer's config."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, kv_heads, head_dim
+
+
+def capacity_for(tokens: int) -> int:
+    """The size class of a sequence of up to `tokens` positions: the next power of two, at least MIN_CAPACITY."""
+    return max(MIN_CAPACITY, 1 << (max(tokens, 1) - 1).bit_length())
+
+
+class SlotKV:
+    def __init__(self, config, *, dtype: torch.dtype, device: torch.device, budget_bytes: int, max_rows: int):
+        self.layers, self.kv_heads, self.head_dim = kv_shape(config)
+        self.dtype, self.device = dtype, device
+        self.budget_bytes = budget_bytes
+        self.max_rows = max_rows  # the engine's batch size: no class needs more rows
+        element = torch.empty((), dtype=dtype).element_size()
+        self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
+        self._classes: dict[int, _SizeClass] = {}
+
+    # -- admission -----------------------------------------------------------------------------------
+
+    @property
+    def max_tokens_alone(self) -> int:
+        """The longest reservation (prompt + new tokens) that fits the budget with nothing else running."""
+        capacity = MIN_CAPACITY
+        if capacity * self.bytes_per_token > self.budget_bytes:
+            return 0
+        while 2 * capacity * self.bytes_per_token <= self.budget_bytes:
+            capacity *= 2
+        return capacity
+
+    def fits(self, tokens: int) -> bool:
+        """Would a sequence reserving `tokens` fit next to the running (and just reserved) ones?"""
+        capacity = capacity_for(tokens)
+        candidate = self._classes.get(capacity) or _SizeClass(capacity)
+        total = 0
+        for size_class in {**self._classes, capacity: candidate}.values():
+            rows = set(size_class.reserved)
+            if size_class is candidate:
+                rows.add(candidate.free_row())
+            if rows:
+                total += max(size_class.rows, _rows_for(max(rows), self.max_rows)) * size_class.capacity
+        return total * self.bytes_per_token <= self.budget_bytes
+
+    def reserve(self, tokens: int) -> Slot:
+        """Book a row for a sequence of up to `tokens` positions (admission checked `fits`); `ensure` then
+        makes the buffers hold it."""
+        capacity = capacity_for(tokens)
+        size_class = self._classes.setdefault(capacity, _SizeClass(capacity))
+        row = size_class.free_row()
+        size_class.reserved.add(row)
+        return Slot(capacity, row)
+
+    def ensure(self) -> None:
+        """Grow the classes whose reserved rows lack buffers (to the next power of two of rows), copying
+        their live rows once."""
+        for size_class in self._classes.values():
+            if not size_class.reserved:
+                continue
+            rows = _rows_for(max(size_class.reserved), self.max_rows)
+            if rows <= size_class.rows:
+                continue
+            shape = (rows, self.kv_heads, size_class.capacity, self.head_dim)
+            grown = []
+            for old in (*size_class.keys, *size_class.values) or [None] * (2 * self.layers):
+                new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                if old is not None:
+                    new[: old.shape[0]] = old
+                grown.append(new)
+            size_class.keys, size_class.values = grown[: self.layers], grown[self.layers :]
+            size_class.rows = rows
+
+    def free(self, slot: Slot) -> None:
+        size_class = self._classes[slot.capacity]
+        size_class.reserved.discard(slot.row)
+        if not size_class.reserved:  # its last sequence left: give the memory back
+            del self._classes[slot.capacity]
+
+    def clear(self) -> None:
+        self._classes.clear()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.rows * c.capacity for c in self._classes.values()) * self.bytes_per_token
+
+    # -- contents --------------------------------------------------------------------------------------
+
+    def layer(self, capacity: int, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (rows, kv_heads, capacity, head_dim) keys and values of one class and layer."""
+        size_class = self._classes[capacity]
+        return size_class.keys[layer], size_class.values[layer]
+
+    def write(self, slot: Slot, start: int, layers: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put KV computed elsewhere ((1, kv_heads, n, head_dim) per layer; a cached prefix) at columns
+        start..start+n of `slot`."""
+        size_class = self._classes[slot.capacity]
+        for keys, values, (k, v) in zip(size_class.keys, size_class.values, layers, strict=True):
+            end = start + k.shape[2]
+            keys[slot.row, :, start:end] = k[0]
+            values[slot.row, :, start:end] = v[0]
+
+    def row_layers(self, slot: Slot, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Views of `slot`'s first `length` columns, (1, kv_heads, length, head_dim) per layer."""
+        size_class = self._classes[slot.capacity]
+        row = slice(slot.row, slot.row + 1)
+        layers = zip(size_class.keys, size_class.values, strict=True)
+        return [(k[row, :, :length], v[row, :, :length]) for k, v in layers]
+
+
+def _rows_for(top_row: int, max_rows: int) -> int:
+    """Rows a class allocates to hold row `top_row`: the next power of two, capped at the batch size."""
+    return max(top_row + 1, min(max_rows, 1 << top_row.bit_length()))
+
+
+def default_budget_bytes(device: torch.device) -> int:
+    """Without llm.kv_cache_bytes: most of the accelerator memory left after the weights, or 4 GiB of RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * GPU_MEMORY_FRACTION)
+    return CPU_DEFAULT_BYTES

@@ -1,0 +1,162 @@
+"""Attention over the slot cache, for one packed engine step: decode tokens and prefill chunks together.
+
+A step's tokens from every sequence run as one packed row (1, N): N = one token per decoding sequence
+plus the prompt chunks being prefilled. The projections and MLPs, where a small batch's time goes, see
+all N tokens in one matmul each; only attention is per sequence. That is what lets a long prompt's chunk
+ride along with the decode steps instead of stalling them.
+
+transformers calls the attention function named by `config._attn_implementation` with the layer's new
+queries, keys and values (rotary already applied) and passes our `step` keyword through. With a step,
+`slot_attention` writes the new keys and values into their slots, then attends:
+- decode tokens (one query each) in one batched call over the slots' rows, each masked to its length;
+- each prefill chunk over its own slot's columns, causally.
+Grouped-query attention is done by folding each KV head's query heads into the query length, so keys and
+values are never repeated or copied. Without a step (any other forward of the model) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from services.llm.kv_slots import Slot, SlotKV
+
+IMPLEMENTATION = "modelworks_slots"
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Consecutive tokens of one sequence in a packed step: positions start..start+length-1 of `slot`."""
+
+    slot: Slot
+    start: int
+    length: int
+
+
+@dataclass(frozen=True)
+class _DecodeGroup:
+    """The decode tokens of one size class: packed positions first..first+count-1, one per row."""
+
+    capacity: int
+    first: int
+    count: int
+    rows: int  # rows 0..rows-1 of the class attend, whether or not they decode now
+    length: int  # columns attended: the longest decoding row's
+    dense: bool  # the decoding rows are exactly 0..rows-1, in order
+    row_index: torch.Tensor  # (count,) their rows
+    mask: torch.Tensor  # (rows, 1, 1, length): each decoding row's columns; other rows see column 0 only
+
+
+class StepPlan:
+    """Index tensors and masks of one packed step, built once and shared by every layer.
+
+    Decode segments (length 1) come first in the packed row, in ascending slot order; prefill segments
+    follow. `kv` must already hold every slot written.
+    """
+
+    def __init__(self, kv: SlotKV, decode: list[Segment], prefill: list[Segment], groups: int):
+        device = kv.device
+        self.kv = kv
+        self.groups = groups  # query heads per KV head
+        writes: dict[int, tuple[list[int], list[int], list[int]]] = {}  # capacity -> packed index, rows, columns
+        offset = 0
+        for segment in [*decode, *prefill]:
+            index, rows, columns = writes.setdefault(segment.slot.capacity, ([], [], []))
+            index.extend(range(offset, offset + segment.length))
+            rows.extend([segment.slot.row] * segment.length)
+            columns.extend(range(segment.start, segment.start + segment.length))
+            offset += segment.length
+        self.writes = {
+            capacity: tuple(torch.tensor(x, dtype=torch.long, device=device) for x in lists)
+            for capacity, lists in writes.items()
+        }
+        self.decode_count = len(decode)
+        self.decode_groups = []
+        first = 0
+        for capacity in sorted({s.slot.capacity for s in decode}):
+            members = [s for s in decode if s.slot.capacity == capacity]
+            self.decode_groups.append(_decode_group(capacity, first, members, device))
+            first += len(members)
+        self.prefill = []
+        offset = len(decode)
+        for segment in prefill:
+            self.prefill.append((offset, segment, _causal_mask(segment, groups, device)))
+            offset += segment.length
+
+    def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+        """query (1, H, N, D), key and value (1, KV, N, D) of this step's tokens -> output (1, N, H, D)."""
+        for capacity, (index, rows, columns) in self.writes.items():
+            keys, values = self.kv.layer(capacity, layer)
+            keys[rows, :, columns] = key[0].index_select(1, index).transpose(0, 1)
+            values[rows, :, columns] = value[0].index_select(1, index).transpose(0, 1)
+        _, heads, tokens, dim = query.shape
+        kv_heads, groups = heads // self.groups, self.groups
+        out = query.new_empty(tokens, heads, dim)
+        for group in self.decode_groups:
+            keys, values = self.kv.layer(group.capacity, layer)
+            span = slice(group.first, group.first + group.count)
+            q = query[0, :, span].transpose(0, 1)  # (count, H, D)
+            if not group.dense:
+                q = q.new_zeros(group.rows, heads, dim).index_copy_(0, group.row_index, q)
+            o = F.scaled_dot_product_attention(
+                q.reshape(group.rows, kv_heads, groups, dim),
+                keys[: group.rows, :, : group.length],
+                values[: group.rows, :, : group.length],
+                attn_mask=group.mask,
+                scale=scale,
+            ).reshape(group.rows, heads, dim)
+            out[span] = o if group.dense else o.index_select(0, group.row_index)
+        for offset, segment, mask in self.prefill:
+            keys, values = self.kv.layer(segment.slot.capacity, layer)
+            row, end, n = segment.slot.row, segment.start + segment.length, segment.length
+            q = query[:, :, offset : offset + n].reshape(1, kv_heads, groups * n, dim)
+            o = F.scaled_dot_product_attention(
+                q, keys[row : row + 1, :, :end], values[row : row + 1, :, :end], attn_mask=mask, scale=scale
+            )
+            out[offset : offset + n] = o.reshape(heads, n, dim).transpose(0, 1)
+        return out[None]
+
+
+def _decode_group(capacity: int, first: int, members: list[Segment], device: torch.device) -> _DecodeGroup:
+    rows = [s.slot.row for s in members]
+    span = max(rows) + 1
+    length = max(s.start for s in members) + 1
+    lengths = torch.ones(span, dtype=torch.long)  # rows that do not decode: column 0 only, result unused
+    lengths[rows] = torch.tensor([s.start + 1 for s in members])
+    mask = torch.arange(length)[None, :] < lengths[:, None]
+    return _DecodeGroup(
+        capacity,
+        first,
+        len(members),
+        span,
+        length,
+        rows == list(range(span)),
+        torch.tensor(rows, dtype=torch.long, device=device),
+        mask.to(device)[:, None, None, :],
+    )
+
+
+def _causal_mask(segment: Segment, groups: int, device: torch.device) -> torch.Tensor:
+    """(groups·n, start+n): query i of each head group sees columns 0..start+i."""
+    end = segment.start + segment.length
+    allowed = torch.arange(end)[None, :] <= torch.arange(segment.start, end)[:, None]
+    return allowed.repeat(groups, 1).to(device)
+
+
+def slot_attention(module, query, key, value, attention_mask, *, scaling=None, step: StepPlan | None = None, **kwargs):
+    if step is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return step.attend(module.layer_idx, query, key, value, scale), None
+
+
+def install(model) -> None:
+    """Route the model's attention through `slot_attention` (plain SDPA for forwards without a step)."""
+    AttentionInterface.register(IMPLEMENTATION, slot_attention)
+    AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
+    model.set_attn_implementation(IMPLEMENTATION)
