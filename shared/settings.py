@@ -95,6 +95,11 @@ class LLMSettings(_Section):
         "max_new_tokens fit next to the running ones, and refused up front (RESOURCE_EXHAUSTED) if it could "
         "never fit (unset: 80% of the GPU memory free after loading, or 4 GiB on a CPU)",
     )
+    cuda_graphs: bool = Field(
+        False,
+        description="replay decode steps as CUDA graphs (GPU only; decode-only steps of base-model rows, one "
+        "graph per batch-size bucket and KV size class): fewer kernel launches a step",
+    )
     max_prompt_tokens: int = Field(8192, ge=1, description="longer prompts are refused up front")
     prefix_cache_bytes: int = Field(
         256 * 1024 * 1024,

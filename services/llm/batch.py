@@ -48,7 +48,7 @@ def forward(model, kv: SlotKV, decode: list[Work], prefill: list[Work]) -> torch
     work = [*decode, *prefill]
     device = kv.device
     _, kv_heads, _ = kv_shape(model.config)
-    plan = StepPlan(
+    plan = StepPlan.build(
         kv,
         [Segment(w.slot, w.start, 1) for w in decode],
         [Segment(w.slot, w.start, len(w.tokens)) for w in prefill],
@@ -77,11 +77,18 @@ def forward(model, kv: SlotKV, decode: list[Work], prefill: list[Work]) -> torch
             input_ids=None if embeds is not None else input_ids,
             inputs_embeds=embeds,
             position_ids=position_ids,
+            attention_mask=no_mask(device),
             use_cache=False,
             logits_to_keep=keep,
             step=plan,
         )
     return out.logits[0]
+
+
+def no_mask(device: torch.device) -> torch.Tensor:
+    """A placeholder 4D mask: transformers passes a 4D mask through as it is instead of building a causal
+    mask for the packed row, which the step's attention would ignore anyway."""
+    return torch.ones((1, 1, 1, 1), dtype=torch.bool, device=device)
 
 
 def prefill_logits(model, prompts: list[list[int]], prefixes: list[torch.Tensor | None] | None = None) -> torch.Tensor:

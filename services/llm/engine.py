@@ -29,8 +29,9 @@ import torch
 from services.llm import metrics
 from services.llm.adapters import AdapterKey, LoraAdapterCache
 from services.llm.batch import Work, forward, use_slot_attention
+from services.llm.cuda_graphs import StaticDecode
 from services.llm.detokenizer import IncrementalDetokenizer
-from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes
+from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes, kv_shape
 from services.llm.params import SamplingConfig
 from services.llm.prefill_budget import BURST_TOKENS, SHORT_PROMPT_TOKENS, PrefillBudget
 from services.llm.prefix_cache import PrefixCache
@@ -135,7 +136,10 @@ class LLMEngine:
         adapters: LoraAdapterCache | None = None,
         prefix_cache: PrefixCache | None = None,
         kv_cache_bytes: int | None = None,
+        cuda_graphs: bool = False,
     ):
+        """`cuda_graphs`: decode-only steps of base-model rows replay CUDA graphs (`cuda_graphs.py`); on a
+        CPU the same static plans run without capture (what the tests check)."""
         use_slot_attention(model)
         self._model = model
         self._tokenizer = tokenizer
@@ -157,7 +161,13 @@ class LLMEngine:
             device=model.device,
             budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_budget_bytes(model.device),
             max_rows=max_batch_size,
+            static_buffers=cuda_graphs,
         )
+        self._graphs: StaticDecode | None = None
+        if cuda_graphs:
+            _, kv_heads, _ = kv_shape(model.config)
+            groups = model.config.num_attention_heads // kv_heads
+            self._graphs = StaticDecode(model, self.kv, groups, capture=model.device.type == "cuda")
         self._metrics.kv_cache_budget_bytes.set(self.kv.budget_bytes)
         self._running: list[Sequence] = []  # decoding, in ascending slot order
         self._prefilling: list[Sequence] = []  # taken from the queue, prompt KV not complete yet
@@ -366,7 +376,16 @@ class LLMEngine:
                 completing.append(seq)
         if self.adapters is not None:
             self.adapters.set_rows(row_keys, packed=True)
-        logits = forward(self._model, self.kv, decode_work, prefill_work)
+        classes = {seq.slot.capacity for seq in decoding}
+        if self._graphs is not None and not plan and not any(row_keys) and self._graphs.applies(classes, len(decoding)):
+            logits = self._graphs.step(
+                classes.pop(),
+                [w.slot.row for w in decode_work],
+                [w.start for w in decode_work],
+                [w.tokens[0] for w in decode_work],
+            )
+        else:
+            logits = forward(self._model, self.kv, decode_work, prefill_work)
         for seq in completing:
             seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, self._model.device)
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer, seq.prompt_ids)

@@ -21,6 +21,7 @@ where uninitialised memory could hold NaNs.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -43,8 +44,9 @@ class _SizeClass:
     capacity: int
     keys: list[torch.Tensor] = field(default_factory=list)  # per layer: (rows, kv_heads, capacity, head_dim)
     values: list[torch.Tensor] = field(default_factory=list)
-    rows: int = 0  # rows allocated
+    rows: int = 0  # usable rows allocated (a spare row may follow them)
     reserved: set[int] = field(default_factory=set)  # rows in use
+    version: int = 0  # bumped whenever the buffers are replaced
 
     def free_row(self) -> int:
         return next(r for r in range(len(self.reserved) + 1) if r not in self.reserved)
@@ -64,7 +66,21 @@ def capacity_for(tokens: int) -> int:
 
 
 class SlotKV:
-    def __init__(self, config, *, dtype: torch.dtype, device: torch.device, budget_bytes: int, max_rows: int):
+    def __init__(
+        self,
+        config,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        budget_bytes: int,
+        max_rows: int,
+        static_buffers: bool = False,
+    ):
+        """`static_buffers` (for CUDA graphs, which replay fixed addresses): a class keeps its buffers when
+        it empties, until an admission needs the memory, and has one spare row past its usable ones, where
+        a graph's padding tokens write."""
+        self.static_buffers = static_buffers
+        self._spare = 1 if static_buffers else 0
         self.layers, self.kv_heads, self.head_dim = kv_shape(config)
         self.dtype, self.device = dtype, device
         self.budget_bytes = budget_bytes
@@ -72,6 +88,7 @@ class SlotKV:
         element = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
         self._classes: dict[int, _SizeClass] = {}
+        self._versions = itertools.count(1)
 
     # -- admission -----------------------------------------------------------------------------------
 
@@ -94,8 +111,9 @@ class SlotKV:
             rows = set(size_class.reserved)
             if size_class is candidate:
                 rows.add(candidate.free_row())
-            if rows:
-                total += max(size_class.rows, _rows_for(max(rows), self.max_rows)) * size_class.capacity
+            if rows:  # an empty class (kept for CUDA graphs) gives its memory up when this needs it
+                needed = max(size_class.rows, _rows_for(max(rows), self.max_rows)) + self._spare
+                total += needed * size_class.capacity
         return total * self.bytes_per_token <= self.budget_bytes
 
     def reserve(self, tokens: int) -> Slot:
@@ -109,27 +127,33 @@ class SlotKV:
 
     def ensure(self) -> None:
         """Grow the classes whose reserved rows lack buffers (to the next power of two of rows), copying
-        their live rows once."""
+        their live rows once; then drop kept empty classes while over the budget."""
         for size_class in self._classes.values():
             if not size_class.reserved:
                 continue
             rows = _rows_for(max(size_class.reserved), self.max_rows)
             if rows <= size_class.rows:
                 continue
-            shape = (rows, self.kv_heads, size_class.capacity, self.head_dim)
+            shape = (rows + self._spare, self.kv_heads, size_class.capacity, self.head_dim)
             grown = []
             for old in (*size_class.keys, *size_class.values) or [None] * (2 * self.layers):
                 new = torch.zeros(shape, dtype=self.dtype, device=self.device)
                 if old is not None:
-                    new[: old.shape[0]] = old
+                    new[: size_class.rows] = old[: size_class.rows]
                 grown.append(new)
             size_class.keys, size_class.values = grown[: self.layers], grown[self.layers :]
             size_class.rows = rows
+            size_class.version = next(self._versions)
+        for capacity in sorted(self._classes, reverse=True):
+            if self.nbytes <= self.budget_bytes:
+                break
+            if not self._classes[capacity].reserved:
+                del self._classes[capacity]
 
     def free(self, slot: Slot) -> None:
         size_class = self._classes[slot.capacity]
         size_class.reserved.discard(slot.row)
-        if not size_class.reserved:  # its last sequence left: give the memory back
+        if not size_class.reserved and not self.static_buffers:  # its last sequence left: free the memory
             del self._classes[slot.capacity]
 
     def clear(self) -> None:
@@ -137,7 +161,12 @@ class SlotKV:
 
     @property
     def nbytes(self) -> int:
-        return sum(c.rows * c.capacity for c in self._classes.values()) * self.bytes_per_token
+        return sum((c.rows + self._spare) * c.capacity for c in self._classes.values()) * self.bytes_per_token
+
+    def buffers(self, capacity: int) -> tuple[int, int, int]:
+        """(usable rows, spare row or -1, version) of a class; the version changes when its buffers move."""
+        size_class = self._classes[capacity]
+        return size_class.rows, size_class.rows if self._spare else -1, size_class.version
 
     # -- contents --------------------------------------------------------------------------------------
 

@@ -65,6 +65,7 @@ class ServedLLM:
             adapters=self.adapters,
             prefix_cache=PrefixCache(settings.prefix_cache_block_tokens, settings.prefix_cache_bytes),
             kv_cache_bytes=settings.kv_cache_bytes,
+            cuda_graphs=settings.cuda_graphs and loaded.device.type == "cuda",
         )
         self._encode_lock = threading.Lock()  # fast tokenizers are not safe to encode from two threads
 

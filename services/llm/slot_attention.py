@@ -53,17 +53,23 @@ class _DecodeGroup:
 
 
 class StepPlan:
-    """Index tensors and masks of one packed step, built once and shared by every layer.
+    """Index tensors and masks of one packed step, shared by every layer: where each token's KV is written
+    (`writes`: capacity -> packed index, rows, columns), the decode groups, and the prefill segments with
+    their causal masks. `build` makes one for a step; CUDA graphs keep one whose tensors they refill."""
 
-    Decode segments (length 1) come first in the packed row, in ascending slot order; prefill segments
-    follow. `kv` must already hold every slot written.
-    """
-
-    def __init__(self, kv: SlotKV, decode: list[Segment], prefill: list[Segment], groups: int):
-        device = kv.device
+    def __init__(self, kv: SlotKV, groups: int, writes: dict, decode_groups: list[_DecodeGroup], prefill: list):
         self.kv = kv
         self.groups = groups  # query heads per KV head
-        writes: dict[int, tuple[list[int], list[int], list[int]]] = {}  # capacity -> packed index, rows, columns
+        self.writes = writes
+        self.decode_groups = decode_groups
+        self.prefill = prefill
+
+    @classmethod
+    def build(cls, kv: SlotKV, decode: list[Segment], prefill: list[Segment], groups: int) -> StepPlan:
+        """Decode segments (length 1) come first in the packed row, in ascending slot order; prefill
+        segments follow. `kv` must already hold every slot written."""
+        device = kv.device
+        writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
         offset = 0
         for segment in [*decode, *prefill]:
             index, rows, columns = writes.setdefault(segment.slot.capacity, ([], [], []))
@@ -71,22 +77,22 @@ class StepPlan:
             rows.extend([segment.slot.row] * segment.length)
             columns.extend(range(segment.start, segment.start + segment.length))
             offset += segment.length
-        self.writes = {
+        tensors = {
             capacity: tuple(torch.tensor(x, dtype=torch.long, device=device) for x in lists)
             for capacity, lists in writes.items()
         }
-        self.decode_count = len(decode)
-        self.decode_groups = []
+        decode_groups = []
         first = 0
         for capacity in sorted({s.slot.capacity for s in decode}):
             members = [s for s in decode if s.slot.capacity == capacity]
-            self.decode_groups.append(_decode_group(capacity, first, members, device))
+            decode_groups.append(_decode_group(capacity, first, members, device))
             first += len(members)
-        self.prefill = []
+        chunks = []
         offset = len(decode)
         for segment in prefill:
-            self.prefill.append((offset, segment, _causal_mask(segment, groups, device)))
+            chunks.append((offset, segment, _causal_mask(segment, groups, device)))
             offset += segment.length
+        return cls(kv, groups, tensors, decode_groups, chunks)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """query (1, H, N, D), key and value (1, KV, N, D) of this step's tokens -> output (1, N, H, D)."""
