@@ -146,6 +146,15 @@ def gap_ratio(model, tokenizer, prompt_tokens: int) -> tuple[float, float]:
     from services.llm.params import SamplingConfig
 
     engine = make_engine(model, tokenizer, 8, graphs=False)
+    steps = []  # (decode rows, prompt tokens, seconds) of each engine step, for the trace
+    forward = engine._forward
+
+    def traced(decoding, plan):
+        started = time.perf_counter()
+        forward(decoding, plan)
+        steps.append((len(decoding), sum(n for _, n in plan), time.perf_counter() - started))
+
+    engine._forward = traced
     arrivals: list[list[float]] = [[] for _ in range(4)]
     finished = threading.Semaphore(0)
     try:
@@ -174,6 +183,9 @@ def gap_ratio(model, tokenizer, prompt_tokens: int) -> tuple[float, float]:
             assert finished.acquire(timeout=600)
     finally:
         engine.shutdown()
+    chunks = [(n, round(t * 1000)) for rows, n, t in steps if rows and n]
+    decode_ms = statistics.median(t for rows, n, t in steps if rows and not n) * 1000
+    print(f"  trace: decode step {decode_ms:.1f} ms; (chunk tokens, step ms): {chunks}")
     gaps, during = [], []
     for times in arrivals:
         for before, after in itertools.pairwise(times):
@@ -183,7 +195,7 @@ def gap_ratio(model, tokenizer, prompt_tokens: int) -> tuple[float, float]:
     return max(during) / statistics.median(gaps), end - start
 
 
-def checks(device: str, tiny: bool) -> None:
+def checks(device: str, tiny: bool, only_prefill: bool = False) -> None:
     from transformers import LlamaForCausalLM
 
     from shared.builtin.tiny_llm import train_tokenizer
@@ -194,6 +206,9 @@ def checks(device: str, tiny: bool) -> None:
     model = LlamaForCausalLM(llama_config(tiny, len(tokenizer))).to(device=device, dtype=dtype).eval()
     parameters = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"\n## Random Llama, {parameters:.2f}B parameters, {dtype}, {device}\n", flush=True)
+    if only_prefill:
+        prefill_figure(model, tokenizer, tiny)
+        return
 
     difference, scale = graph_logits_agree(model, tokenizer)
     print(f"- one decode step, graph vs eager logits: max difference {difference:.4g} (logits up to {scale:.3g})")
@@ -224,6 +239,10 @@ def checks(device: str, tiny: bool) -> None:
         static = generate_tokens_per_second(model, tokenizer, batch)
         figures = f"{eager:,.0f} | {graphed:,.0f} | {static:,.0f}"
         print(f"| {batch} | {figures} | {graphed / eager:.2f}x | {graphed / static:.2f}x |", flush=True)
+    prefill_figure(model, tokenizer, tiny)
+
+
+def prefill_figure(model, tokenizer, tiny: bool) -> None:
     prompt_tokens = 400 if tiny else 4000
     ratio, ttft = gap_ratio(model, tokenizer, prompt_tokens)
     print(
@@ -238,6 +257,7 @@ def main() -> int:
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="a small model (to check the script on a CPU)")
     parser.add_argument("--skip-tests", action="store_true", help="only the engine checks and figures")
+    parser.add_argument("--only-prefill", action="store_true", help="only the chunked-prefill figure, traced")
     args = parser.parse_args()
     tests_failed = 0
     if args.device == "cuda":
@@ -248,7 +268,7 @@ def main() -> int:
         if not args.skip_tests:
             command = [sys.executable, "-m", "pytest", "-m", "gpu", "-v", "-p", "no:cacheprovider", *GPU_TESTS]
             tests_failed = subprocess.run(command).returncode  # the figures below are still worth having
-    checks(args.device, args.tiny)
+    checks(args.device, args.tiny, args.only_prefill)
     return tests_failed
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
@@ -64,7 +65,7 @@ def forward(model, kv: SlotKV, decode: list[Work], prefill: list[Work]) -> torch
     input_ids = torch.tensor([ids], dtype=torch.long, device=device)
     position_ids = torch.tensor([positions], dtype=torch.long, device=device)
     keep = torch.tensor(ends, dtype=torch.long, device=device)
-    with torch.inference_mode():
+    with torch.inference_mode(), attention_backends():
         embeds = None
         if any(w.prefix is not None for w in work):
             embeds = model.get_input_embeddings()(input_ids)
@@ -83,6 +84,12 @@ def forward(model, kv: SlotKV, decode: list[Work], prefill: list[Work]) -> torch
             step=plan,
         )
     return out.logits[0]
+
+
+def attention_backends():
+    """SDPA without cuDNN attention: cuDNN builds an execution plan per new shape, milliseconds of host time
+    on every step here, where the attended length grows by one a step (seen on an H200, torch 2.11)."""
+    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
 
 
 def no_mask(device: torch.device) -> torch.Tensor:

@@ -6,10 +6,13 @@ and replays them with one call. Graphs need fixed shapes and addresses, so a gra
 step of `bucket` tokens over one size class of the slot cache:
 - the batch is padded up to the next bucket (1, 2, 4, 8, 16, ...); padding tokens write their KV into the
   class's spare row (`SlotKV(static_buffers=True)`) and their outputs are ignored;
-- attention spans the class's full rows, the mask hiding each row's unused columns;
+- attention spans the rows' first `length` columns, a power of two (from 256) past the longest row, the
+  mask hiding each row's unused columns: a graph serves many steps, and a long class (131,072 columns)
+  does not make every step attend to all of it;
 - inputs, write positions and masks live in static tensors that each replay first refills.
 Steps that prefill, mix size classes, or run an adapter (LoRA or p-tuning) take the eager path. A graph is
-captured at the first step of its shape and recaptured when its class's buffers move (a reshape).
+captured at the first step of its shape (class, bucket, length) and recaptured when its class's buffers
+move (a reshape).
 
 `StaticDecode` runs the same static plan without a graph too (`capture=False`): that is how the CPU
 tests check the padding, the spare row and the full-row masks against the eager path.
@@ -21,13 +24,14 @@ import logging
 
 import torch
 
-from services.llm.batch import no_mask
+from services.llm.batch import attention_backends, no_mask
 from services.llm.kv_slots import SlotKV
 from services.llm.slot_attention import StepPlan, _DecodeGroup
 
 log = logging.getLogger(__name__)
 
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+MIN_LENGTH = 256
 WARMUP_STEPS = 2  # eager runs on a side stream before capture, as torch's graph docs ask
 
 
@@ -35,22 +39,28 @@ def bucket_for(count: int) -> int | None:
     return next((b for b in BUCKETS if b >= count), None)
 
 
-class _Graph:
-    """One captured (or, without capture, eagerly replayed) decode step of `bucket` tokens over a class."""
+def length_for(columns: int, capacity: int) -> int:
+    """Columns a graph attends: the next power of two from MIN_LENGTH, within the class's rows."""
+    return min(capacity, max(MIN_LENGTH, 1 << (columns - 1).bit_length()))
 
-    def __init__(self, model, kv: SlotKV, capacity: int, bucket: int, groups: int, pool, capture: bool):
+
+class _Graph:
+    """One captured (or, without capture, eagerly replayed) decode step of `bucket` tokens over a class,
+    attending to its rows' first `length` columns."""
+
+    def __init__(self, model, kv: SlotKV, capacity: int, bucket: int, length: int, groups: int, pool, capture: bool):
         device = kv.device
         usable, spare, self.version = kv.buffers(capacity)
         rows = usable + 1  # attention spans the usable rows and the spare one
-        self.spare, self.rows, self.capacity, self.bucket = spare, rows, capacity, bucket
+        self.spare, self.rows, self.length, self.bucket = spare, rows, length, bucket
         self.input_ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
         self.write_rows = torch.full((bucket,), spare, dtype=torch.long, device=device)
         self.columns = torch.zeros((bucket,), dtype=torch.long, device=device)
-        self.mask = torch.zeros((rows, 1, 1, capacity), dtype=torch.bool, device=device)
+        self.mask = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
         self.mask[:, :, :, 0] = True
         self.index = torch.arange(bucket, device=device)
-        group = _DecodeGroup(capacity, 0, bucket, rows, capacity, False, self.write_rows, self.mask)
+        group = _DecodeGroup(capacity, 0, bucket, rows, length, False, self.write_rows, self.mask)
         self.plan = StepPlan(kv, groups, {capacity: (self.index, self.write_rows, self.columns)}, [group], [])
         self.model = model
         self.no_mask = no_mask(device)
@@ -67,7 +77,7 @@ class _Graph:
                 self.logits = self._run()
 
     def _run(self) -> torch.Tensor:
-        with torch.inference_mode():
+        with torch.inference_mode(), attention_backends():
             out = self.model(
                 input_ids=self.input_ids,
                 position_ids=self.position_ids,
@@ -89,7 +99,7 @@ class _Graph:
         self.write_rows.copy_(host[2])
         lengths = torch.ones(self.rows, dtype=torch.long)
         lengths[rows] = torch.tensor(positions) + 1
-        self.mask.copy_((torch.arange(self.capacity)[None, :] < lengths[:, None])[:, None, None, :], non_blocking=True)
+        self.mask.copy_((torch.arange(self.length)[None, :] < lengths[:, None])[:, None, None, :], non_blocking=True)
         if self.graph is None:
             return self._run()[:n]
         self.graph.replay()
@@ -104,21 +114,24 @@ class StaticDecode:
         if not kv.static_buffers:
             raise ValueError("CUDA graphs need SlotKV(static_buffers=True)")
         self.model, self.kv, self.groups, self.capture = model, kv, groups, capture
-        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
     def applies(self, capacities: set[int], count: int) -> bool:
         return len(capacities) == 1 and bucket_for(count) is not None
 
     def step(self, capacity: int, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
-        bucket = bucket_for(len(rows))
-        key = (capacity, bucket)
+        bucket, length = bucket_for(len(rows)), length_for(max(positions) + 1, capacity)
+        key = (capacity, bucket, length)
         graph = self._graphs.get(key)
         if graph is None or graph.version != self.kv.buffers(capacity)[2]:
             self._drop(capacity)
-            graph = _Graph(self.model, self.kv, capacity, bucket, self.groups, self._pool, self.capture)
+            graph = _Graph(self.model, self.kv, capacity, bucket, length, self.groups, self._pool, self.capture)
             self._graphs[key] = graph
-            log.info("decode graph ready", extra={"capacity": capacity, "bucket": bucket, "captured": self.capture})
+            log.info(
+                "decode graph ready",
+                extra={"capacity": capacity, "bucket": bucket, "length": length, "captured": self.capture},
+            )
         return graph.replay(rows, positions, tokens)
 
     def _drop(self, capacity: int) -> None:

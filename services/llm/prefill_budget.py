@@ -8,6 +8,11 @@ step's time. The chunk rides in the same forward as the decode tokens, so a runn
 about 1.35 decode steps between tokens at most. The fraction is a third rather than a half because a
 chunk's tokens cost more than the average measured as the prompt grows (each attends to all before it).
 
+A token's cost is learnt only from steps that decoded too (what a chunk adds to a decode step), and it is
+not linear: on a GPU a few dozen extra tokens cost nothing, a few thousand cost a lot. So a chunk may at
+most double the previous one (a slow start, re-measured at every size), and a step that cost more per
+token than the average takes over at once, while cheaper ones pull the average down slowly.
+
 Short prompts (up to SHORT_PROMPT_TOKENS) are exempt: they are prefilled whole, together, up to
 BURST_TOKENS a step. `fixed` (llm.max_prefill_tokens set) replaces the measured budget with that many
 tokens.
@@ -30,21 +35,22 @@ class PrefillBudget:
         self.max_tokens = max_tokens  # a step never prefills more (the longest prompt accepted)
         self.fixed = fixed
         self.decode_s: float | None = None  # one decode step
-        self.token_s: float | None = None  # one prefilled token
+        self.token_s: float | None = None  # what one prefilled token adds to a decode step
+        self.last_chunk: int | None = None  # tokens prefilled by the last step that also decoded
 
     def observe_step(self, decode_rows: int, prefill_tokens: int, seconds: float) -> None:
-        """A step's time: a decode step's cost when it prefilled nothing, a prompt token's cost from steps
-        that prefilled (less the decode step's share when it also decoded)."""
+        """A step's time: a decode step's cost when it prefilled nothing, a prompt token's added cost when it
+        did both."""
+        if not decode_rows:
+            return  # a prefill alone: nobody waited on it, and its per-token cost is mostly overhead
         if not prefill_tokens:
-            if decode_rows:
-                self.decode_s = _average(self.decode_s, seconds)
+            self.decode_s = _average(self.decode_s, seconds)
             return
-        if decode_rows:
-            if self.decode_s is None:
-                return
-            seconds -= self.decode_s
-        if seconds > 0:
-            self.token_s = _average(self.token_s, seconds / prefill_tokens)
+        self.last_chunk = prefill_tokens
+        if self.decode_s is None or seconds <= self.decode_s:
+            return  # the chunk cost nothing measurable: the next may double
+        latest = (seconds - self.decode_s) / prefill_tokens
+        self.token_s = latest if self.token_s is None or latest > self.token_s else _average(self.token_s, latest)
 
     def tokens(self, decoding: bool) -> int:
         """This step's prefill budget: everything when no stream waits on it, else a chunk."""
@@ -52,9 +58,10 @@ class PrefillBudget:
             return self.max_tokens
         if self.fixed is not None:
             return self.fixed
-        if self.decode_s is None or self.token_s is None:
-            return MIN_TOKENS  # nothing measured yet: small steps until it is
-        return max(MIN_TOKENS, min(self.max_tokens, int(STALL_FRACTION * self.decode_s / self.token_s)))
+        budget = 2 * self.last_chunk if self.last_chunk else MIN_TOKENS
+        if self.decode_s is not None and self.token_s is not None:
+            budget = min(budget, int(STALL_FRACTION * self.decode_s / self.token_s))
+        return max(MIN_TOKENS, min(self.max_tokens, budget))
 
 
 def _average(previous: float | None, value: float) -> float:
