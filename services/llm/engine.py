@@ -279,6 +279,8 @@ class LLMEngine:
                     taken.append(waiting.items.popleft())
                 else:
                     break  # the head waits until finished sequences make room: nothing overtakes it
+            if taken:  # counted as running before they leave the waiting count: never in neither gauge
+                self._metrics.requests_running.set(self.num_running + len(taken))
             waiting.publish()
         for seq, error in unfit:  # validation refuses these; a caller that skipped it gets told here
             if error is not None:

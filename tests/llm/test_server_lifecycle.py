@@ -55,8 +55,11 @@ def test_sigterm_finishes_in_flight_streams_then_exits_cleanly(tight_server):
     request = llm_pb2.GenerateRequest(prompt="x", sampling=llm_pb2.SamplingParams(max_new_tokens=300, ignore_eos=True))
     with grpc.insecure_channel(tight_server.address) as channel:
         stub = llm_pb2_grpc.LLMServiceStub(channel)
+        # idle: nothing running and nothing queued (the previous test's cancelled requests are gone; one
+        # admitted between the two gauges' updates would take the one-request batch)
+        gauges = ("modelworks_llm_num_requests_running", "modelworks_llm_num_requests_waiting")
         wait_for(
-            lambda: metric_value(tight_server, "modelworks_llm_num_requests_running", model="tiny-llm") == 0,
+            lambda: all(metric_value(tight_server, gauge, model="tiny-llm") == 0 for gauge in gauges),
             30,
             "the server to be idle",
         )
@@ -64,9 +67,10 @@ def test_sigterm_finishes_in_flight_streams_then_exits_cleanly(tight_server):
         chunks = [next(stream)]
         tight_server.process.terminate()  # SIGTERM
         chunks.extend(stream)
-        assert chunks[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH
-        assert chunks[-1].usage.completion_tokens == 300
-    assert stop_server(tight_server) == 0
+        logs = tight_server.logs()[-3000:]
+        assert chunks[-1].finish_reason == llm_pb2.FINISH_REASON_LENGTH, logs
+        assert chunks[-1].usage.completion_tokens == 300, logs
+    assert stop_server(tight_server) == 0, tight_server.logs()[-3000:]
     assert '"msg": "stopped"' in tight_server.logs()
 
 
