@@ -18,7 +18,6 @@ static plans), to check the script itself.
 from __future__ import annotations
 
 import argparse
-import itertools
 import statistics
 import subprocess
 import sys
@@ -116,7 +115,7 @@ def graph_logits_agree(model, tokenizer) -> tuple[float, float]:
     """(max |graph - eager| of one decode step's logits, max |eager logit|) on the same KV state."""
     from services.llm.batch import Work, forward, use_slot_attention
     from services.llm.cuda_graphs import StaticDecode
-    from services.llm.kv_slots import SlotKV, kv_shape
+    from services.llm.kv_slots import SlotKV
 
     use_slot_attention(model)
     prompts = [tokenizer(p)["input_ids"] for p in prompts_of(6)]
@@ -134,14 +133,14 @@ def graph_logits_agree(model, tokenizer) -> tuple[float, float]:
     tokens = logits.argmax(-1).tolist()
     decode = [Work(s, len(p), [t]) for s, p, t in zip(slots, prompts, tokens, strict=True)]
     eager = forward(model, kv, decode, []).float()
-    _, kv_heads, _ = kv_shape(model.config)
-    graphs = StaticDecode(model, kv, model.config.num_attention_heads // kv_heads, capture=model.device.type == "cuda")
+    graphs = StaticDecode(model, kv, capture=model.device.type == "cuda")
     graphed = graphs.step(slots[0].capacity, [s.row for s in slots], [len(p) for p in prompts], tokens).float()
     return (graphed - eager).abs().max().item(), eager.abs().max().item()
 
 
 def gap_ratio(model, tokenizer, prompt_tokens: int) -> tuple[float, float]:
     """4 streams decode; a long prompt arrives. (max gap while it prefills / median gap, its TTFT in s)."""
+    from bench.prefill import gaps_while
     from services.llm.engine import Sequence
     from services.llm.params import SamplingConfig
 
@@ -186,13 +185,8 @@ def gap_ratio(model, tokenizer, prompt_tokens: int) -> tuple[float, float]:
     chunks = [(n, round(t * 1000)) for rows, n, t in steps if rows and n]
     decode_ms = statistics.median(t for rows, n, t in steps if rows and not n) * 1000
     print(f"  trace: decode step {decode_ms:.1f} ms; (chunk tokens, step ms): {chunks}")
-    gaps, during = [], []
-    for times in arrivals:
-        for before, after in itertools.pairwise(times):
-            gaps.append(after - before)
-            if after >= start and before <= end:
-                during.append(after - before)
-    return max(during) / statistics.median(gaps), end - start
+    largest, median = gaps_while(arrivals, start, end)
+    return largest / median, end - start
 
 
 def checks(device: str, tiny: bool, only_prefill: bool = False) -> None:

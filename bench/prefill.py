@@ -66,7 +66,11 @@ async def gaps_around_a_long_prompt(address: str, pb2, pb2_grpc, seed: int) -> t
             long_window.append(time.perf_counter())
 
         await asyncio.gather(*(running(i) for i in range(STREAMS)), long_prompt())
-    start, end = long_window
+    return gaps_while(arrivals, *long_window)
+
+
+def gaps_while(arrivals: list[list[float]], start: float, end: float) -> tuple[float, float]:
+    """(largest gap between a stream's tokens that overlaps start..end, median gap over all streams)."""
     gaps, during = [], []
     for times in arrivals:
         for before, after in itertools.pairwise(times):

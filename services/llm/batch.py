@@ -16,7 +16,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from services.llm import slot_attention
-from services.llm.kv_slots import Slot, SlotKV, kv_shape
+from services.llm.kv_slots import Slot, SlotKV
 from services.llm.slot_attention import Segment, StepPlan
 
 
@@ -48,12 +48,10 @@ def forward(model, kv: SlotKV, decode: list[Work], prefill: list[Work]) -> torch
     assert [w.slot for w in decode] == sorted(w.slot for w in decode)
     work = [*decode, *prefill]
     device = kv.device
-    _, kv_heads, _ = kv_shape(model.config)
     plan = StepPlan.build(
         kv,
         [Segment(w.slot, w.start, 1) for w in decode],
         [Segment(w.slot, w.start, len(w.tokens)) for w in prefill],
-        groups=model.config.num_attention_heads // kv_heads,
     )
     ids = [t for w in work for t in w.tokens]
     positions = [w.start + i for w in work for i in range(len(w.tokens))]

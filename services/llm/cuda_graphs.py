@@ -26,7 +26,7 @@ import torch
 
 from services.llm.batch import attention_backends, no_mask
 from services.llm.kv_slots import SlotKV
-from services.llm.slot_attention import StepPlan, _DecodeGroup
+from services.llm.slot_attention import DecodeGroup, StepPlan
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class _Graph:
     """One captured (or, without capture, eagerly replayed) decode step of `bucket` tokens over a class,
     attending to its rows' first `length` columns."""
 
-    def __init__(self, model, kv: SlotKV, capacity: int, bucket: int, length: int, groups: int, pool, capture: bool):
+    def __init__(self, model, kv: SlotKV, capacity: int, bucket: int, length: int, pool, capture: bool):
         device = kv.device
         usable, spare, self.version = kv.buffers(capacity)
         rows = usable + 1  # attention spans the usable rows and the spare one
@@ -60,8 +60,8 @@ class _Graph:
         self.mask = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
         self.mask[:, :, :, 0] = True
         self.index = torch.arange(bucket, device=device)
-        group = _DecodeGroup(capacity, 0, bucket, rows, length, False, self.write_rows, self.mask)
-        self.plan = StepPlan(kv, groups, {capacity: (self.index, self.write_rows, self.columns)}, [group], [])
+        group = DecodeGroup(capacity, 0, bucket, rows, length, False, self.write_rows, self.mask)
+        self.plan = StepPlan(kv, {capacity: (self.index, self.write_rows, self.columns)}, [group], [])
         self.model = model
         self.no_mask = no_mask(device)
         self.graph = None
@@ -110,10 +110,10 @@ class StaticDecode:
     """Decode steps through captured graphs (or static plans run eagerly, `capture=False`), one per class
     and bucket."""
 
-    def __init__(self, model, kv: SlotKV, groups: int, capture: bool = True):
+    def __init__(self, model, kv: SlotKV, capture: bool = True):
         if not kv.static_buffers:
             raise ValueError("CUDA graphs need SlotKV(static_buffers=True)")
-        self.model, self.kv, self.groups, self.capture = model, kv, groups, capture
+        self.model, self.kv, self.capture = model, kv, capture
         self._graphs: dict[tuple[int, int, int], _Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None
 
@@ -126,7 +126,7 @@ class StaticDecode:
         graph = self._graphs.get(key)
         if graph is None or graph.version != self.kv.buffers(capacity)[2]:
             self._drop(capacity)
-            graph = _Graph(self.model, self.kv, capacity, bucket, length, self.groups, self._pool, self.capture)
+            graph = _Graph(self.model, self.kv, capacity, bucket, length, self._pool, self.capture)
             self._graphs[key] = graph
             log.info(
                 "decode graph ready",

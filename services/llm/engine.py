@@ -31,7 +31,7 @@ from services.llm.adapters import AdapterKey, LoraAdapterCache
 from services.llm.batch import Work, forward, use_slot_attention
 from services.llm.cuda_graphs import StaticDecode
 from services.llm.detokenizer import IncrementalDetokenizer
-from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes, kv_shape
+from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes
 from services.llm.params import SamplingConfig
 from services.llm.prefill_budget import BURST_TOKENS, SHORT_PROMPT_TOKENS, PrefillBudget
 from services.llm.prefix_cache import PrefixCache
@@ -165,9 +165,7 @@ class LLMEngine:
         )
         self._graphs: StaticDecode | None = None
         if cuda_graphs:
-            _, kv_heads, _ = kv_shape(model.config)
-            groups = model.config.num_attention_heads // kv_heads
-            self._graphs = StaticDecode(model, self.kv, groups, capture=model.device.type == "cuda")
+            self._graphs = StaticDecode(model, self.kv, capture=model.device.type == "cuda")
         self._metrics.kv_cache_budget_bytes.set(self.kv.budget_bytes)
         self._running: list[Sequence] = []  # decoding, in ascending slot order
         self._prefilling: list[Sequence] = []  # taken from the queue, prompt KV not complete yet

@@ -82,6 +82,7 @@ class SlotKV:
         self.static_buffers = static_buffers
         self._spare = 1 if static_buffers else 0
         self.layers, self.kv_heads, self.head_dim = kv_shape(config)
+        self.query_groups = config.num_attention_heads // self.kv_heads  # query heads per KV head
         self.dtype, self.device = dtype, device
         self.budget_bytes = budget_bytes
         self.max_rows = max_rows  # the engine's batch size: no class needs more rows

@@ -39,7 +39,7 @@ class Segment:
 
 
 @dataclass(frozen=True)
-class _DecodeGroup:
+class DecodeGroup:
     """The decode tokens of one size class: packed positions first..first+count-1, one per row."""
 
     capacity: int
@@ -57,15 +57,15 @@ class StepPlan:
     (`writes`: capacity -> packed index, rows, columns), the decode groups, and the prefill segments with
     their causal masks. `build` makes one for a step; CUDA graphs keep one whose tensors they refill."""
 
-    def __init__(self, kv: SlotKV, groups: int, writes: dict, decode_groups: list[_DecodeGroup], prefill: list):
+    def __init__(self, kv: SlotKV, writes: dict, decode_groups: list[DecodeGroup], prefill: list):
         self.kv = kv
-        self.groups = groups  # query heads per KV head
+        self.groups = kv.query_groups
         self.writes = writes
         self.decode_groups = decode_groups
         self.prefill = prefill
 
     @classmethod
-    def build(cls, kv: SlotKV, decode: list[Segment], prefill: list[Segment], groups: int) -> StepPlan:
+    def build(cls, kv: SlotKV, decode: list[Segment], prefill: list[Segment]) -> StepPlan:
         """Decode segments (length 1) come first in the packed row, in ascending slot order; prefill
         segments follow. `kv` must already hold every slot written."""
         device = kv.device
@@ -90,9 +90,9 @@ class StepPlan:
         chunks = []
         offset = len(decode)
         for segment in prefill:
-            chunks.append((offset, segment, _causal_mask(segment, groups, device)))
+            chunks.append((offset, segment, _causal_mask(segment, kv.query_groups, device)))
             offset += segment.length
-        return cls(kv, groups, tensors, decode_groups, chunks)
+        return cls(kv, tensors, decode_groups, chunks)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """query (1, H, N, D), key and value (1, KV, N, D) of this step's tokens -> output (1, N, H, D)."""
@@ -128,14 +128,14 @@ class StepPlan:
         return out[None]
 
 
-def _decode_group(capacity: int, first: int, members: list[Segment], device: torch.device) -> _DecodeGroup:
+def _decode_group(capacity: int, first: int, members: list[Segment], device: torch.device) -> DecodeGroup:
     rows = [s.slot.row for s in members]
     span = max(rows) + 1
     length = max(s.start for s in members) + 1
     lengths = torch.ones(span, dtype=torch.long)  # rows that do not decode: column 0 only, result unused
     lengths[rows] = torch.tensor([s.start + 1 for s in members])
     mask = torch.arange(length)[None, :] < lengths[:, None]
-    return _DecodeGroup(
+    return DecodeGroup(
         capacity,
         first,
         len(members),
