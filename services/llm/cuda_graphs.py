@@ -26,7 +26,7 @@ import torch
 
 from services.llm.batch import attention_backends, no_mask
 from services.llm.kv_slots import SlotKV
-from services.llm.slot_attention import DecodeGroup, StepPlan
+from services.llm.slot_attention import DecodeGroup, StepPlan, write_positions
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,13 @@ class _Graph:
         self.spare, self.rows, self.length, self.bucket = spare, rows, length, bucket
         self.input_ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
         self.position_ids = torch.zeros((1, bucket), dtype=torch.long, device=device)
+        self.capacity, self.kv_heads = capacity, kv.kv_heads
         self.write_rows = torch.full((bucket,), spare, dtype=torch.long, device=device)
-        self.columns = torch.zeros((bucket,), dtype=torch.long, device=device)
+        self.positions = write_positions([spare] * bucket, [0] * bucket, kv.kv_heads, capacity).to(device)
         self.mask = torch.zeros((rows, 1, 1, length), dtype=torch.bool, device=device)
         self.mask[:, :, :, 0] = True
-        self.index = torch.arange(bucket, device=device)
         group = DecodeGroup(capacity, 0, bucket, rows, length, False, self.write_rows, self.mask)
-        self.plan = StepPlan(kv, {capacity: (self.index, self.write_rows, self.columns)}, [group], [])
+        self.plan = StepPlan(kv, {capacity: (None, self.positions)}, [group], [])
         self.model = model
         self.no_mask = no_mask(device)
         self.graph = None
@@ -91,12 +91,14 @@ class _Graph:
     def replay(self, rows: list[int], positions: list[int], tokens: list[int]) -> torch.Tensor:
         """Logits (len(rows), V) of one decode step: token i at position i of class row i."""
         n, pad = len(rows), self.bucket - len(rows)
-        host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, rows + [self.spare] * pad])
+        padded_rows, padded_positions = rows + [self.spare] * pad, positions + [0] * pad
+        host = torch.tensor([tokens + [0] * pad, padded_positions, padded_rows])
         host = host.to(self.input_ids.device, non_blocking=True)
         self.input_ids[0].copy_(host[0])
         self.position_ids[0].copy_(host[1])
-        self.columns.copy_(host[1])
         self.write_rows.copy_(host[2])
+        written = write_positions(padded_rows, padded_positions, self.kv_heads, self.capacity)
+        self.positions.copy_(written.to(self.positions.device, non_blocking=True))
         lengths = torch.ones(self.rows, dtype=torch.long)
         lengths[rows] = torch.tensor(positions) + 1
         self.mask.copy_((torch.arange(self.length)[None, :] < lengths[:, None])[:, None, None, :], non_blocking=True)

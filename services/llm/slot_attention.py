@@ -49,13 +49,16 @@ class DecodeGroup:
     length: int  # columns attended: the longest decoding row's
     dense: bool  # the decoding rows are exactly 0..rows-1, in order
     row_index: torch.Tensor  # (count,) their rows
-    mask: torch.Tensor  # (rows, 1, 1, length): each decoding row's columns; other rows see column 0 only
+    # (rows, 1, 1, length): each decoding row's columns, other rows column 0 only; None when every row
+    # decodes and attends to all `length` columns (a lone stream, or streams of one length)
+    mask: torch.Tensor | None
 
 
 class StepPlan:
     """Index tensors and masks of one packed step, shared by every layer: where each token's KV is written
-    (`writes`: capacity -> packed index, rows, columns), the decode groups, and the prefill segments with
-    their causal masks. `build` makes one for a step; CUDA graphs keep one whose tensors they refill."""
+    (`writes`: capacity -> the packed indices of its tokens, or None for all of them, and their places in
+    the class's buffers, see `write_positions`), the decode groups, and the prefill segments with their
+    causal masks. `build` makes one for a step; CUDA graphs keep one whose tensors they refill."""
 
     def __init__(self, kv: SlotKV, writes: dict, decode_groups: list[DecodeGroup], prefill: list):
         self.kv = kv
@@ -69,18 +72,19 @@ class StepPlan:
         """Decode segments (length 1) come first in the packed row, in ascending slot order; prefill
         segments follow. `kv` must already hold every slot written."""
         device = kv.device
-        writes: dict[int, tuple[list[int], list[int], list[int]]] = {}
+        tokens: dict[int, tuple[list[int], list[int], list[int]]] = {}
         offset = 0
         for segment in [*decode, *prefill]:
-            index, rows, columns = writes.setdefault(segment.slot.capacity, ([], [], []))
+            index, rows, columns = tokens.setdefault(segment.slot.capacity, ([], [], []))
             index.extend(range(offset, offset + segment.length))
             rows.extend([segment.slot.row] * segment.length)
             columns.extend(range(segment.start, segment.start + segment.length))
             offset += segment.length
-        tensors = {
-            capacity: tuple(torch.tensor(x, dtype=torch.long, device=device) for x in lists)
-            for capacity, lists in writes.items()
-        }
+        writes = {}
+        for capacity, (index, rows, columns) in tokens.items():
+            positions = write_positions(rows, columns, kv.kv_heads, capacity).to(device)
+            every_token = len(tokens) == 1  # one class: its tokens are the whole packed row, in order
+            writes[capacity] = (None if every_token else torch.tensor(index, device=device), positions)
         decode_groups = []
         first = 0
         for capacity in sorted({s.slot.capacity for s in decode}):
@@ -92,15 +96,17 @@ class StepPlan:
         for segment in prefill:
             chunks.append((offset, segment, _causal_mask(segment, kv.query_groups, device)))
             offset += segment.length
-        return cls(kv, tensors, decode_groups, chunks)
+        return cls(kv, writes, decode_groups, chunks)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """query (1, H, N, D), key and value (1, KV, N, D) of this step's tokens -> output (1, N, H, D)."""
-        for capacity, (index, rows, columns) in self.writes.items():
-            keys, values = self.kv.layer(capacity, layer)
-            keys[rows, :, columns] = key[0].index_select(1, index).transpose(0, 1)
-            values[rows, :, columns] = value[0].index_select(1, index).transpose(0, 1)
         _, heads, tokens, dim = query.shape
+        new_keys, new_values = key[0].transpose(0, 1), value[0].transpose(0, 1)  # (N, KV, D)
+        for capacity, (index, positions) in self.writes.items():
+            keys, values = self.kv.layer(capacity, layer)
+            k, v = (new_keys, new_values) if index is None else (new_keys[index], new_values[index])
+            keys.view(-1, dim).index_copy_(0, positions, k.reshape(-1, dim))
+            values.view(-1, dim).index_copy_(0, positions, v.reshape(-1, dim))
         kv_heads, groups = heads // self.groups, self.groups
         out = query.new_empty(tokens, heads, dim)
         for group in self.decode_groups:
@@ -132,19 +138,25 @@ def _decode_group(capacity: int, first: int, members: list[Segment], device: tor
     rows = [s.slot.row for s in members]
     span = max(rows) + 1
     length = max(s.start for s in members) + 1
-    lengths = torch.ones(span, dtype=torch.long)  # rows that do not decode: column 0 only, result unused
-    lengths[rows] = torch.tensor([s.start + 1 for s in members])
-    mask = torch.arange(length)[None, :] < lengths[:, None]
+    dense = rows == list(range(span))
+    mask = None
+    if not dense or any(s.start + 1 != length for s in members):
+        lengths = torch.ones(span, dtype=torch.long)  # rows that do not decode: column 0 only, result unused
+        lengths[rows] = torch.tensor([s.start + 1 for s in members])
+        mask = (torch.arange(length)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
     return DecodeGroup(
-        capacity,
-        first,
-        len(members),
-        span,
-        length,
-        rows == list(range(span)),
-        torch.tensor(rows, dtype=torch.long, device=device),
-        mask.to(device)[:, None, None, :],
+        capacity, first, len(members), span, length, dense, torch.tensor(rows, dtype=torch.long, device=device), mask
     )
+
+
+def write_positions(rows: list[int], columns: list[int], kv_heads: int, capacity: int) -> torch.Tensor:
+    """Where tokens' keys (or values) go in a class's buffer seen as (rows·kv_heads·capacity, head_dim)
+    vectors: token t's head h at row rows[t], column columns[t]. (N·kv_heads,), token-major: the order of
+    a layer's new keys as (N, kv_heads, head_dim). One index_copy_ then writes a layer's keys, cheaper
+    than indexing (rows, :, columns) of the 4D buffer (measured 10 against 40 us a call on a CPU)."""
+    heads = torch.arange(kv_heads)
+    base = torch.tensor(rows)[:, None] * kv_heads + heads[None, :]
+    return (base * capacity + torch.tensor(columns)[:, None]).reshape(-1)
 
 
 def _causal_mask(segment: Segment, groups: int, device: torch.device) -> torch.Tensor:
