@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -39,7 +40,8 @@ class LoraBatchState:
     """Which slot each row of the current forward uses; shared by every wrapped layer."""
 
     def __init__(self) -> None:
-        # (B, 1, S·r) per row, or (1, N, S·r) per token of a packed row; None when all use the base model
+        # (B, 1, C) per row, or (1, N, C) per token of a packed row, C = r × (the highest slot used + 1);
+        # None when all use the base model
         self.mask: torch.Tensor | None = None
         self.scale_rows: torch.Tensor | None = None  # (B,) or (N,) slot (base: the ones-row), DoRA only
         self.packed = False
@@ -72,12 +74,15 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("dora_scale", torch.ones(slots + 1, base.out_features, **factory), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
+        y = F.linear(x, self.base.weight, self.base.bias)
         mask = self.state.mask
         if mask is None:
             return y
-        h = (x @ self.lora_A.T) * mask  # (B, T, S·r)
-        y = y + h @ self.lora_B.T
+        # only the columns of the slots up to the highest one this forward uses (the mask's width); the
+        # products are fresh tensors, so the mask and the sum go in place, one op fewer each
+        columns = mask.shape[-1]
+        h = (x @ self.lora_A[:columns].T).mul_(mask)  # (B, T, columns)
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, columns), self.lora_B[:, :columns].T)
         if self.state.scale_rows is None:
             return y
         scale = self.dora_scale.index_select(0, self.state.scale_rows)
@@ -156,7 +161,8 @@ class MultiLora:
         device = next(iter(self.layers.values())).lora_A.device
         dtype = next(iter(self.layers.values())).lora_A.dtype
         rows = torch.tensor([-1 if s is None else s for s in row_slots], device=device)
-        mask = (rows[:, None] == self._columns_slot[None, :]).to(dtype)
+        columns = (max(s for s in row_slots if s is not None) + 1) * self.rank  # slots past the highest: unused
+        mask = (rows[:, None] == self._columns_slot[None, :columns]).to(dtype)
         self.state.mask = mask[None] if packed else mask[:, None, :]
         if any(s in self._dora_slots for s in row_slots):
             self.state.scale_rows = torch.where(rows < 0, self.slots, rows)  # base rows: the ones-row
