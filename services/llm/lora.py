@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
@@ -74,15 +73,13 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("dora_scale", torch.ones(slots + 1, base.out_features, **factory), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.base.weight, self.base.bias)
+        y = self.base(x)
         mask = self.state.mask
         if mask is None:
             return y
-        # only the columns of the slots up to the highest one this forward uses (the mask's width); the
-        # products are fresh tensors, so the mask and the sum go in place, one op fewer each
-        columns = mask.shape[-1]
-        h = (x @ self.lora_A[:columns].T).mul_(mask)  # (B, T, columns)
-        y.view(-1, y.shape[-1]).addmm_(h.view(-1, columns), self.lora_B[:, :columns].T)
+        columns = mask.shape[-1]  # the slots up to the highest one this forward uses; those past it are idle
+        h = (x @ self.lora_A[:columns].T).mul_(mask)  # (B, T, columns); a fresh product, masked in place
+        y = y + h @ self.lora_B[:, :columns].T
         if self.state.scale_rows is None:
             return y
         scale = self.dora_scale.index_select(0, self.state.scale_rows)
