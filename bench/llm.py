@@ -103,14 +103,14 @@ def stream_all(
     return asyncio.run(main())
 
 
-def adapters_over_base(address: str, pb2, pb2_grpc, model: str, adapters: list[str]) -> tuple[float, float]:
+def adapters_over_base(
+    address: str, pb2, pb2_grpc, model: str, adapters: list[str], base_tps: float
+) -> tuple[float, float]:
     """(d): tokens/s of 16 streams spread over `adapters`, and of 16 base-model streams, in the order base,
     mixed, mixed, base, so a drift of the shared machine's speed weighs on both sides alike. Each run
-    streams the prompts as many times as it takes to last about MIN_RUN_S: a small model's 16 requests
-    end in a quarter of a second, too short to time on a busy machine."""
-    started = time.perf_counter()
-    stream_all(address, pb2, pb2_grpc, model, PROMPTS, REQUESTS)
-    passes = max(1, math.ceil(MIN_RUN_S / (time.perf_counter() - started)))
+    streams the prompts as many times as it takes to last about MIN_RUN_S at `base_tps` (the round's
+    16-stream figure): a small model's 16 requests end in a quarter of a second, too short to time."""
+    passes = max(1, math.ceil(MIN_RUN_S * base_tps / (len(PROMPTS) * NEW_TOKENS)))
     prompts = PROMPTS * passes
 
     def run(names: list[str] | None) -> float:
@@ -160,7 +160,7 @@ def bench_model(entry, settings: Settings, address: str, pb2, pb2_grpc) -> list[
                 tps, ttft = stream_all(address, pb2, pb2_grpc, name, PROMPTS, concurrency)
                 streams[concurrency].append((tps, base_tps))
             ttft_16.extend(ttft)
-            mixed.append(adapters_over_base(address, pb2, pb2_grpc, name, adapter_names))
+            mixed.append(adapters_over_base(address, pb2, pb2_grpc, name, adapter_names, tps))
             for _ in range(2):  # (b) unary through gRPC next to the same call in process
                 start = time.perf_counter()
                 stub.Generate(request)

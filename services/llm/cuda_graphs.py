@@ -26,7 +26,7 @@ import torch
 
 from services.llm.batch import attention_backends, no_mask
 from services.llm.kv_slots import SlotKV
-from services.llm.slot_attention import DecodeGroup, StepPlan, write_positions
+from services.llm.slot_attention import DecodeGroup, StepPlan, decode_mask, write_positions
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,7 @@ class _Graph:
         self.write_rows.copy_(host[2])
         written = write_positions(padded_rows, padded_positions, self.kv_heads, self.capacity)
         self.positions.copy_(written.to(self.positions.device, non_blocking=True))
-        lengths = torch.ones(self.rows, dtype=torch.long)
-        lengths[rows] = torch.tensor(positions) + 1
-        self.mask.copy_((torch.arange(self.length)[None, :] < lengths[:, None])[:, None, None, :], non_blocking=True)
+        self.mask.copy_(decode_mask(self.rows, rows, positions, self.length), non_blocking=True)
         if self.graph is None:
             return self._run()[:n]
         self.graph.replay()

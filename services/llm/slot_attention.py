@@ -62,7 +62,6 @@ class StepPlan:
 
     def __init__(self, kv: SlotKV, writes: dict, decode_groups: list[DecodeGroup], prefill: list):
         self.kv = kv
-        self.groups = kv.query_groups
         self.writes = writes
         self.decode_groups = decode_groups
         self.prefill = prefill
@@ -80,11 +79,14 @@ class StepPlan:
             rows.extend([segment.slot.row] * segment.length)
             columns.extend(range(segment.start, segment.start + segment.length))
             offset += segment.length
-        writes = {}
-        for capacity, (index, rows, columns) in tokens.items():
-            positions = write_positions(rows, columns, kv.kv_heads, capacity).to(device)
-            every_token = len(tokens) == 1  # one class: its tokens are the whole packed row, in order
-            writes[capacity] = (None if every_token else torch.tensor(index, device=device), positions)
+        every_token = len(tokens) == 1  # one class: its tokens are the whole packed row, in order
+        writes = {
+            capacity: (
+                None if every_token else torch.tensor(index, device=device),
+                write_positions(rows, columns, kv.kv_heads, capacity).to(device),
+            )
+            for capacity, (index, rows, columns) in tokens.items()
+        }
         decode_groups = []
         first = 0
         for capacity in sorted({s.slot.capacity for s in decode}):
@@ -107,7 +109,8 @@ class StepPlan:
             k, v = (new_keys, new_values) if index is None else (new_keys[index], new_values[index])
             keys.view(-1, dim).index_copy_(0, positions, k.reshape(-1, dim))
             values.view(-1, dim).index_copy_(0, positions, v.reshape(-1, dim))
-        kv_heads, groups = heads // self.groups, self.groups
+        groups = self.kv.query_groups
+        kv_heads = heads // groups
         out = query.new_empty(tokens, heads, dim)
         for group in self.decode_groups:
             keys, values = self.kv.layer(group.capacity, layer)
@@ -141,12 +144,18 @@ def _decode_group(capacity: int, first: int, members: list[Segment], device: tor
     dense = rows == list(range(span))
     mask = None
     if not dense or any(s.start + 1 != length for s in members):
-        lengths = torch.ones(span, dtype=torch.long)  # rows that do not decode: column 0 only, result unused
-        lengths[rows] = torch.tensor([s.start + 1 for s in members])
-        mask = (torch.arange(length)[None, :] < lengths[:, None]).to(device)[:, None, None, :]
+        mask = decode_mask(span, rows, [s.start for s in members], length).to(device)
     return DecodeGroup(
         capacity, first, len(members), span, length, dense, torch.tensor(rows, dtype=torch.long, device=device), mask
     )
+
+
+def decode_mask(span: int, rows: list[int], positions: list[int], length: int) -> torch.Tensor:
+    """(span, 1, 1, length): row rows[i] sees its columns 0..positions[i]; rows that do not decode see
+    column 0 only (their result is unused)."""
+    lengths = torch.ones(span, dtype=torch.long)
+    lengths[rows] = torch.tensor(positions) + 1
+    return (torch.arange(length)[None, :] < lengths[:, None])[:, None, None, :]
 
 
 def write_positions(rows: list[int], columns: list[int], kv_heads: int, capacity: int) -> torch.Tensor:
