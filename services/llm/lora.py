@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from torch.nn import functional as F
 
 from shared.errors import FailedPrecondition
 
@@ -78,8 +79,11 @@ class MultiLoraLinear(nn.Module):
         if mask is None:
             return y
         columns = mask.shape[-1]  # the slots up to the highest one this forward uses; those past it are idle
-        h = (x @ self.lora_A[:columns].T).mul_(mask)  # (B, T, columns); a fresh product, masked in place
-        y = y + h @ self.lora_B[:, :columns].T
+        h = F.linear(x, self.lora_A[:columns]).mul_(mask)  # (B, T, columns); a fresh product, masked in place
+        if y.is_contiguous():  # a Linear's fresh output: the product is added in the same op (one op less)
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, columns), self.lora_B[:, :columns].T)
+        else:
+            y = y + F.linear(h, self.lora_B[:, :columns])
         if self.state.scale_rows is None:
             return y
         scale = self.dora_scale.index_select(0, self.state.scale_rows)
