@@ -91,6 +91,30 @@ def two_sequence_engine(loaded, settings, **options):
     return engine
 
 
+def warm_up_forwards(engine, model) -> int:
+    """How many forward passes of `model` the engine's warm-up runs."""
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        engine.warm_up()
+    finally:
+        hook.remove()
+    return len(calls)
+
+
+def test_the_warm_up_step_runs_the_model_once_and_leaves_no_rows_or_memory_behind(loaded, settings):
+    engine = make_engine(loaded, settings)
+    assert warm_up_forwards(engine, loaded.model) == 1
+    assert engine.kv.nbytes == 0 and engine.kv.fits(engine.kv.max_tokens_alone), "its rows are all free again"
+
+
+def test_the_warm_up_is_skipped_when_the_kv_budget_cannot_hold_its_rows(loaded, settings):
+    probe = make_engine(loaded, settings)
+    engine = make_engine(loaded, settings, kv_cache_bytes=2 * MIN_CAPACITY * probe.kv.bytes_per_token)
+    assert warm_up_forwards(engine, loaded.model) == 0
+    assert engine.kv.nbytes == 0 and engine.kv.fits(MIN_CAPACITY), "nothing is left reserved"
+
+
 def test_requests_beyond_the_kv_budget_wait_their_turn_and_all_finish_with_their_solo_text(loaded, settings):
     solo_engine = make_engine(loaded, settings)
     solo_engine.start()
