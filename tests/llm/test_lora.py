@@ -65,6 +65,24 @@ def test_rows_with_different_adapters_and_ranks_match_peft_in_one_batch(settings
     torch.testing.assert_close(logits(base, [PROMPT]), reference)
 
 
+def test_an_adapter_loaded_between_forwards_is_served_even_when_it_re_lays_the_slots(settings, tmp_path, base):
+    a = save_adapter(settings, tmp_path / "a", seed=1)  # rank 4
+    b = save_adapter(settings, tmp_path / "b", seed=2, r=8)
+    c = save_adapter(settings, tmp_path / "c", seed=3, r=8)
+    lora = MultiLora(base, slots=2)
+    lora.load(1, a)
+    lora.set_rows([1])  # slots 0-1 of rank 4: 8 columns
+    torch.testing.assert_close(logits(base, [PROMPT]), peft_logits(settings, a, [PROMPT]))
+    lora.load(0, b)  # rank 8: the stacked weights are new tensors
+    lora.set_rows([0])  # slot 0 of rank 8: 8 columns again, of the new weights
+    torch.testing.assert_close(logits(base, [PROMPT]), peft_logits(settings, b, [PROMPT]))
+    lora.set_rows([0, 1])
+    torch.testing.assert_close(logits(base, [PROMPT] * 2)[1:2], peft_logits(settings, a, [PROMPT]))
+    lora.load(0, c)  # written in place over b
+    lora.set_rows([0])
+    torch.testing.assert_close(logits(base, [PROMPT]), peft_logits(settings, c, [PROMPT]))
+
+
 def test_an_adapter_for_other_layers_is_refused_not_silently_ignored(settings, tmp_path, base):
     folder = save_adapter(settings, tmp_path / "a", seed=1)
     weights = folder / "adapter_model.safetensors"
