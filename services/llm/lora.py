@@ -72,7 +72,7 @@ class MultiLoraLinear(nn.Module):
         self.register_buffer("lora_B", torch.zeros(base.out_features, slots * rank, **factory), persistent=False)
         # DoRA factors: row s is slot s's m/‖W₀+s·BA‖ (ones for LoRA slots); the last row is the base's ones
         self.register_buffer("dora_scale", torch.ones(slots + 1, base.out_features, **factory), persistent=False)
-        self._views: tuple | None = None  # (columns, the A they view, A[:columns], B[:, :columns]ᵀ)
+        self._views: tuple[torch.Tensor, ...] | None = None  # (the A they view, A[:columns], B[:, :columns]ᵀ)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
@@ -99,9 +99,9 @@ class MultiLoraLinear(nn.Module):
         the same tensors (slots are written in place): slicing anew each time cost a tiny model's forward
         about a tenth more with adapters."""
         views = self._views
-        if views is None or views[0] != columns or views[1] is not self.lora_A:
-            views = self._views = (columns, self.lora_A, self.lora_A[:columns], self.lora_B[:, :columns].T)
-        return views[2], views[3]
+        if views is None or views[0] is not self.lora_A or views[1].shape[0] != columns:
+            views = self._views = (self.lora_A, self.lora_A[:columns], self.lora_B[:, :columns].T)
+        return views[1], views[2]
 
     def resize(self, slots: int, rank: int, old_rank: int) -> None:
         """Re-lay the stacked weights for `slots` slots of rank `rank`, keeping the loaded ones."""
