@@ -41,6 +41,7 @@ class AdapterInfo:
     # A new id each time an adapter is saved: a name deleted and saved again gets a new version, so the
     # serving caches can tell a replaced adapter from the one they hold.
     version: str = ""
+    owner: str = ""  # the name of the API key whose job made it ("local" with no keys configured)
 
 
 def validate_adapter_name(name: str) -> str:

@@ -25,7 +25,7 @@ def run_service(
     parser.add_argument(
         "--config", type=Path, help="YAML config (default: $MODELWORKS_CONFIG or config/modelworks.yaml)"
     )
-    parser.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="interface to listen on")
+    parser.add_argument("--bind", metavar="ADDRESS", help="interface to listen on (default: bind_address, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="gRPC port (0 picks a free one; default from the config)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables)")
     parser.add_argument("--ready-file", type=Path, help="write the bound ports here as JSON once serving")
@@ -37,10 +37,12 @@ def run_service(
     check_required_gpu(settings)
     section = getattr(settings, name)
     options = ServerOptions(
-        bind_address=args.bind,
+        bind_address=settings.bind_address if args.bind is None else args.bind,
         port=section.port if args.port is None else args.port,
         metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port,
         ready_file=args.ready_file,
+        max_message_bytes=section.max_message_bytes,
+        max_concurrent_rpcs=section.max_concurrent_rpcs,
     )
     sys.exit(asyncio.run(serve(settings, options)))
 

@@ -30,6 +30,16 @@ class ResourceExhausted(ServiceError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class PermissionDenied(ServiceError):
+    """The caller's key lacks the scope, or does not own what it asks to change."""
+
+    code = "PERMISSION_DENIED"
+
+
+class Unauthenticated(ServiceError):
+    code = "UNAUTHENTICATED"
+
+
 class FailedPrecondition(ServiceError):
     code = "FAILED_PRECONDITION"
 

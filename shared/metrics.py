@@ -6,8 +6,8 @@ from prometheus_client import Counter, Histogram, start_http_server
 
 RPC_REQUESTS = Counter(
     "modelworks_grpc_requests",
-    "gRPC requests handled, by service, method and status code",
-    ["service", "method", "code"],
+    "gRPC requests handled, by service, method, status code and API key name",
+    ["service", "method", "code", "key"],
 )
 RPC_LATENCY = Histogram(
     "modelworks_grpc_request_duration_seconds",
@@ -17,7 +17,7 @@ RPC_LATENCY = Histogram(
 )
 
 
-def start_metrics_server(port: int, host: str = "0.0.0.0") -> int | None:
+def start_metrics_server(port: int, host: str = "127.0.0.1") -> int | None:
     """Serve /metrics over HTTP on `port` (0 picks a free one; negative disables). Returns the bound port."""
     if port < 0:
         return None

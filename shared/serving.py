@@ -27,6 +27,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.addresses import exposure_refusal
 from shared.hosting import ModelHost
 from shared.interceptors import ServiceInterceptor
 from shared.metrics import start_metrics_server
@@ -37,16 +38,36 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Large enough for images and dataset chunks; every service shares it.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
 
 @dataclass
 class ServerOptions:
-    bind_address: str = "0.0.0.0"  # the interface the gRPC port listens on
+    bind_address: str = "127.0.0.1"  # the interface the gRPC and metrics ports listen on
     port: int = 0
     metrics_port: int = -1
     ready_file: Path | None = None  # written with the bound ports once the service is ready
+    max_message_bytes: int = 4 * 1024 * 1024  # per service: from its settings section
+    max_concurrent_rpcs: int | None = None  # past it, new calls get RESOURCE_EXHAUSTED
+
+
+class ExposedWithoutKey(SystemExit):
+    """A server asked to listen beyond loopback with nothing guarding it: it refuses to start."""
+
+
+def check_exposure(settings: Settings, bind_address: str) -> None:
+    refusal = exposure_refusal(
+        bind_address,
+        protected=settings.keys_configured,
+        allow_unauthenticated=settings.allow_unauthenticated,
+        remedy="set an API key (MODELWORKS_API_KEY or api_keys)",
+    )
+    if refusal:
+        log.error("refusing to start", extra={"reason": refusal})
+        raise ExposedWithoutKey(f"error: {refusal}")
+    if settings.allow_unauthenticated and not settings.keys_configured:
+        log.warning(
+            "serving WITHOUT an API key (allow_unauthenticated): anyone who reaches the port may use everything",
+            extra={"bind": bind_address},
+        )
 
 
 def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
@@ -62,12 +83,13 @@ class GrpcService:
         self.settings = settings
         self.options = options
         self.service_names = service_names
-        api_key = settings.api_key.get_secret_value() if settings.api_key else None
+        check_exposure(settings, options.bind_address)
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(api_key)],
+            interceptors=[ServiceInterceptor(settings.key_ring())],
+            maximum_concurrent_rpcs=options.max_concurrent_rpcs,
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", options.max_message_bytes),
+                ("grpc.max_send_message_length", options.max_message_bytes),
                 ("grpc.so_reuseport", 0),
                 # a GOAWAY after this age makes a client re-resolve the name it dialled; no grace limit, so
                 # a long generation stream in flight is never cut
@@ -98,7 +120,7 @@ class GrpcService:
         for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, also while models load
             loop.add_signal_handler(sig, self.stop_requested.set)
         await self.server.start()
-        self.metrics_port = start_metrics_server(self.options.metrics_port)
+        self.metrics_port = start_metrics_server(self.options.metrics_port, self.options.bind_address)
         log.info("grpc server started", extra={"port": self.port, "metrics_port": self.metrics_port})
 
     async def set_ready(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
 from shared.addresses import is_loopback
+from shared.auth import ADMIN, SCOPES, Caller, KeyRing, key_digest
+from shared.credentials import fill_from_files
 
 ENV_PREFIX = "MODELWORKS_"
 CONFIG_ENV = "MODELWORKS_CONFIG"
@@ -29,6 +32,8 @@ ModelKind = Literal["llm", "diffusion"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+MiB = 1024 * 1024
 
 
 class _Section(BaseModel):
@@ -91,9 +96,10 @@ class LLMSettings(_Section):
     kv_cache_bytes: int | None = Field(
         None,
         ge=1,
-        description="memory for the running sequences' KV cache; a request is admitted only when its prompt and "
-        "max_new_tokens fit next to the running ones, and refused up front (RESOURCE_EXHAUSTED) if it could "
-        "never fit (unset: 80% of the GPU memory free after loading, or 4 GiB on a CPU)",
+        description="memory for the running sequences' KV cache and the loaded adapters' LoRA slots; a request "
+        "is admitted only when its prompt and max_new_tokens fit next to the running ones, and refused up front "
+        "(RESOURCE_EXHAUSTED) if it could never fit (unset: 80% of the GPU memory free after loading, or 4 GiB on "
+        "a CPU)",
     )
     cuda_graphs: bool = Field(
         False,
@@ -113,6 +119,16 @@ class LLMSettings(_Section):
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(4096, ge=1)
     adapter_cache_size: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (LRU)")
+    max_lora_rank: int = Field(
+        64, ge=1, le=4096, description="largest LoRA rank an adapter may have (checked at CreateJob and at load)"
+    )
+    allow_embedding_lora_targets: bool = Field(
+        False,
+        description="let adapters target lm_head or the embeddings (a LoRA slot there is vocabulary-sized: "
+        "refused unless allowed)",
+    )
+    max_message_bytes: int = Field(4 * MiB, ge=1024, description="largest gRPC message the LLM service accepts")
+    max_concurrent_rpcs: int = Field(1024, ge=1, description="RPCs in flight at once; past it new ones are refused")
 
 
 class DiffusionSettings(_Section):
@@ -132,6 +148,10 @@ class DiffusionSettings(_Section):
     attention_slicing: bool = False
     vae_tiling: bool = False
     compile: bool = Field(False, description="torch.compile the UNet (GPU hosts; slow first request)")
+    max_message_bytes: int = Field(
+        64 * MiB, ge=1024, description="largest gRPC message (init images in, PNGs out) the diffusion service takes"
+    )
+    max_concurrent_rpcs: int = Field(256, ge=1, description="RPCs in flight at once; past it new ones are refused")
 
     @model_validator(mode="after")
     def _check_batch_budget(self) -> DiffusionSettings:
@@ -170,6 +190,33 @@ class FinetuneSettings(_Section):
         0.5, ge=0, description="progress events are written at most this often (0: every step); cancel checks too"
     )
     devices: int = Field(1, ge=1, description="GPUs one worker trains on (DDP over them when more than one)")
+    max_message_bytes: int = Field(
+        8 * MiB, ge=1024, description="largest gRPC message (an upload chunk) the fine-tune service accepts"
+    )
+    max_concurrent_rpcs: int = Field(512, ge=1, description="RPCs in flight at once; past it new ones are refused")
+    max_watchers: int = Field(
+        256, ge=1, description="WatchJob streams open at once (they share one Redis pool); past it RESOURCE_EXHAUSTED"
+    )
+    max_train_pixels: int = Field(
+        2 * 1024**3,
+        ge=1,
+        description="bound on a diffusion job's records × resolution² × aspect (the pixels one epoch decodes), "
+        "checked at CreateJob",
+    )
+    min_image_side: int = Field(16, ge=1, description="training images with a shorter side are refused at upload")
+    max_messages_per_record: int = Field(512, ge=1, description="chat messages one JSONL record may have")
+    max_json_depth: int = Field(64, ge=2, description="nesting depth a JSONL record may have")
+    max_queued_jobs: int = Field(
+        100, ge=1, description="jobs one API key may have queued or running at once (per-key setting overrides it)"
+    )
+    job_retention_days: float = Field(
+        30.0, gt=0, description="finished jobs (record, events, folder) are removed this long after they end"
+    )
+    max_events_per_job: int = Field(
+        100_000, ge=100, description="a job's event stream is trimmed to about this many events (XADD MAXLEN ~)"
+    )
+    redis_socket_timeout_s: float = Field(10.0, gt=0, description="a Redis call that hangs this long fails")
+    redis_connect_timeout_s: float = Field(5.0, gt=0)
 
     @model_validator(mode="after")
     def _check_lease(self) -> FinetuneSettings:
@@ -178,13 +225,72 @@ class FinetuneSettings(_Section):
         return self
 
 
+class ApiKeyEntry(_Section):
+    """One named key: what it may do and how much of the service it may take."""
+
+    name: str
+    key: SecretStr | None = Field(None, description="the key itself (better from env: MODELWORKS_API_KEYS)")
+    key_sha256: str | None = Field(None, description="hex SHA-256 of the key, so the config holds no secret")
+    scopes: list[Literal["inference", "images", "finetune", "admin"]] = Field(
+        default_factory=lambda: ["inference", "images", "finetune"]
+    )
+    requests_per_minute: int | None = Field(None, ge=1, description="unset: no rate limit")
+    max_queued_jobs: int | None = Field(None, ge=1, description="unset: finetune.max_queued_jobs")
+    max_concurrent_requests: int | None = Field(
+        None, ge=1, description="calls (a generation stream, a job watcher) the key may have in flight; unset: no cap"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME_RE.match(name):
+            raise ValueError("key names are 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return name
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> ApiKeyEntry:
+        if (self.key is None) == (self.key_sha256 is None):
+            raise ValueError(f"API key {self.name!r}: set exactly one of key and key_sha256")
+        if self.key_sha256 is not None and not _SHA256_RE.match(self.key_sha256):
+            raise ValueError(f"API key {self.name!r}: key_sha256 must be 64 lowercase hex digits")
+        if self.key is not None and len(self.key.get_secret_value()) < 16:
+            raise ValueError(f"API key {self.name!r}: use at least 16 characters")
+        return self
+
+    @property
+    def digest(self) -> str:
+        return self.key_sha256 or key_digest(self.key.get_secret_value())
+
+    def caller(self) -> Caller:
+        return Caller(
+            self.name,
+            frozenset(self.scopes),
+            self.requests_per_minute,
+            self.max_queued_jobs,
+            self.max_concurrent_requests,
+        )
+
+
 class Settings(_Section):
     data_dir: Path = Path("var")
     redis_url: str | None = None
     embedded_redis_port: int = Field(
         6379, description="port of the Redis that `make run` starts when redis_url is unset"
     )
-    api_key: SecretStr | None = None
+    api_key: SecretStr | None = Field(None, description="one key with every scope (the key named 'admin')")
+    api_key_file: Path | None = Field(None, description="read api_key from this file (compose's generated secret)")
+    redis_password: SecretStr | None = Field(None, description="Redis' requirepass, added to redis_url")
+    redis_password_file: Path | None = Field(None, description="read redis_password from this file")
+    api_keys: list[ApiKeyEntry] = Field(default_factory=list, description="named, scoped keys")
+    bind_address: str = Field(
+        "127.0.0.1",
+        description="the interface every server (gRPC, metrics) listens on; beyond loopback an API key is required",
+    )
+    allow_unauthenticated: bool = Field(
+        False,
+        description="DANGEROUS: serve on a non-loopback address with no API key; anyone who reaches the port may "
+        "run, train and delete everything",
+    )
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     allow_downloads: bool = Field(False, description="let serving download hf: weights missing from the cache")
@@ -212,6 +318,14 @@ class Settings(_Section):
     diffusion: DiffusionSettings = DiffusionSettings()
     finetune: FinetuneSettings = FinetuneSettings()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        """`*_file` settings name a file holding the secret (compose's generated ones), read once here."""
+        if not isinstance(data, dict):
+            return data
+        return fill_from_files(data, (("api_key_file", "api_key"), ("redis_password_file", "redis_password")))
+
     @model_validator(mode="after")
     def _check_models(self) -> Settings:
         names = [m.name for m in self.models]
@@ -220,12 +334,29 @@ class Settings(_Section):
             raise ValueError(f"model names must be unique; repeated: {', '.join(duplicates)}")
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError("set both tls_cert_file and tls_key_file, or neither")
-        if self.published_on and not is_loopback(self.published_on) and self.api_key is None:
+        names = [k.name for k in self.api_keys] + (["admin"] if self.api_key else [])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(
+                f"API key names must be unique; repeated: {', '.join(repeated)} (api_key is named 'admin')"
+            )
+        if self.published_on and not is_loopback(self.published_on) and not self.keys_configured:
             raise ValueError(
                 f"the ports are published on {self.published_on} (MODELWORKS_BIND), beyond this host, but no API "
                 "key is set: set MODELWORKS_API_KEY, or publish on 127.0.0.1"
             )
         return self
+
+    @property
+    def keys_configured(self) -> bool:
+        return self.api_key is not None or bool(self.api_keys)
+
+    def key_ring(self) -> KeyRing:
+        """Every configured key: `api_key` as the admin key named 'admin', then `api_keys`."""
+        callers = {entry.digest: entry.caller() for entry in self.api_keys}
+        if self.api_key is not None:
+            callers[key_digest(self.api_key.get_secret_value())] = Caller(ADMIN, frozenset(SCOPES))
+        return KeyRing(callers)
 
     def models_of_kind(self, kind: ModelKind) -> list[ModelEntry]:
         return [m for m in self.models if m.kind == kind]
@@ -240,8 +371,18 @@ class Settings(_Section):
 
     @property
     def redis_address(self) -> str:
-        """`redis_url`, or the embedded Redis that `make run` starts."""
-        return self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        """`redis_url` (with `redis_password` added), or the embedded Redis that `make run` starts."""
+        url = self.redis_url or f"redis://127.0.0.1:{self.embedded_redis_port}/0"
+        if self.redis_password is None:
+            return url
+        parts = urllib.parse.urlsplit(url)
+        if parts.password:
+            return url
+        password = urllib.parse.quote(self.redis_password.get_secret_value(), safe="")
+        user = urllib.parse.quote(parts.username or "", safe="")
+        return urllib.parse.urlunsplit(
+            parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 6379}")
+        )
 
     @property
     def datasets_dir(self) -> Path:

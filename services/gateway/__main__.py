@@ -22,7 +22,9 @@ log = logging.getLogger("gateway")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m services.gateway", description=__doc__)
-    parser.add_argument("--bind", default="0.0.0.0", metavar="ADDRESS", help="interface to listen on")
+    parser.add_argument(
+        "--bind", metavar="ADDRESS", help="interface to listen on (default: MODELWORKS_BIND_ADDRESS, 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, help="HTTP port (0 picks a free one; default 7860)")
     parser.add_argument("--metrics-port", type=int, help="Prometheus port (0 picks one, -1 disables; default 9105)")
     parser.add_argument("--ready-file", type=Path, help="write the bound ports here as JSON once serving")
@@ -35,26 +37,32 @@ def free_port(bind: str) -> int:
         return s.getsockname()[1]
 
 
-def main(argv=None) -> int:
+def main(argv=None) -> int | str:
     args = parse_args(argv)
     # Gradio must not phone home: this may run on a closed network (set before gradio is imported)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    from services.gateway.config import GatewayConfig
+
+    config = GatewayConfig.from_environ()
+    configure_logging("gateway", os.environ.get("MODELWORKS_LOG_LEVEL", "INFO"), "text")
+    bind = config.bind_address if args.bind is None else args.bind
+    refusal = config.exposure_refusal(bind)
+    if refusal:  # before the heavy imports: a misconfigured deployment fails at once
+        log.error(f"refusing to start: {refusal}")
+        return f"error: {refusal}"
     from prometheus_client import start_http_server
 
     from services.gateway.app import build_app
     from services.gateway.clients import ServiceClients
-    from services.gateway.config import GatewayConfig
     from services.gateway.finetune import MAX_WATCHERS
     from services.gateway.images import ImageFiles
 
-    config = GatewayConfig.from_environ()
-    configure_logging("gateway", os.environ.get("MODELWORKS_LOG_LEVEL", "INFO"), "text")
     metrics_port = config.metrics_port if args.metrics_port is None else args.metrics_port
     if metrics_port >= 0:
-        metrics_server, _ = start_http_server(metrics_port, addr=args.bind)
+        metrics_server, _ = start_http_server(metrics_port, addr=bind)
         metrics_port = metrics_server.server_port
     port = config.port if args.port is None else args.port
-    port = port or free_port(args.bind)
+    port = port or free_port(bind)
     clients, files = ServiceClients(config), ImageFiles()
     app = build_app(clients, files)
     app.queue(default_concurrency_limit=config.concurrency_limit, max_size=config.max_queue_size)
@@ -62,7 +70,7 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     app.launch(
-        server_name=args.bind,
+        server_name=bind,
         server_port=port,
         auth=config.credentials,
         auth_message="ModelWorks: log in with the account the operator set (MODELWORKS_GATEWAY_AUTH).",
@@ -73,7 +81,7 @@ def main(argv=None) -> int:
         # every running event holds one of these (a job watcher for as long as its page is open)
         max_threads=4 * config.concurrency_limit + MAX_WATCHERS,
     )
-    log.info(f"gateway serving on http://{args.bind}:{port} (LLM {config.llm_target}, diffusion "
+    log.info(f"gateway serving on http://{bind}:{port} (LLM {config.llm_target}, diffusion "
              f"{config.diffusion_target}, fine-tune {config.finetune_target})")  # fmt: skip
     if args.ready_file:
         args.ready_file.write_text(json.dumps({"port": port, "metrics_port": metrics_port}))

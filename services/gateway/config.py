@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 
-from shared.addresses import is_loopback
+from shared.addresses import exposure_refusal, is_loopback
+from shared.credentials import fill_from_files
 
 ENV = {
     "llm_target": "MODELWORKS_LLM_TARGET",
@@ -22,12 +25,16 @@ ENV = {
     "finetune_metrics_url": "MODELWORKS_FINETUNE_METRICS_URL",
     "worker_metrics_url": "MODELWORKS_WORKER_METRICS_URL",
     "api_key": "MODELWORKS_API_KEY",
+    "api_key_file": "MODELWORKS_API_KEY_FILE",
     "auth": "MODELWORKS_GATEWAY_AUTH",
+    "auth_file": "MODELWORKS_GATEWAY_AUTH_FILE",
     "port": "MODELWORKS_GATEWAY_PORT",
     "concurrency_limit": "MODELWORKS_GATEWAY_CONCURRENCY_LIMIT",
     "max_queue_size": "MODELWORKS_GATEWAY_MAX_QUEUE_SIZE",
     "metrics_port": "MODELWORKS_GATEWAY_METRICS_PORT",
     "published_on": "MODELWORKS_PUBLISHED_ON",
+    "bind_address": "MODELWORKS_BIND_ADDRESS",
+    "allow_unauthenticated": "MODELWORKS_ALLOW_UNAUTHENTICATED",
 }
 
 
@@ -41,7 +48,9 @@ class GatewayConfig(BaseModel):
     finetune_metrics_url: str = "http://127.0.0.1:9103/metrics"
     worker_metrics_url: str = "http://127.0.0.1:9104/metrics"
     api_key: SecretStr | None = None
+    api_key_file: Path | None = Field(None, description="read api_key from this file (compose's generated secret)")
     auth: SecretStr | None = Field(None, description="user:password for the login page; unset: no login")
+    auth_file: Path | None = Field(None, description="read auth from this file")
     port: int = Field(7860, ge=0, le=65535, description="HTTP port of the web app")
     concurrency_limit: int = Field(8, ge=1, description="calls per action running at once; more wait in line")
     max_queue_size: int = Field(64, ge=1, description="calls waiting in line; past it a user is asked to retry")
@@ -49,6 +58,17 @@ class GatewayConfig(BaseModel):
     published_on: str | None = Field(
         None, description="the host address compose publishes the port on; beyond loopback a login is required"
     )
+    bind_address: str = Field("127.0.0.1", description="the interface the web app and its metrics listen on")
+    allow_unauthenticated: bool = Field(
+        False, description="DANGEROUS: listen beyond loopback with no login; anyone who reaches it uses the stack"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_secret_files(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return fill_from_files(data, (("api_key_file", "api_key"), ("auth_file", "auth")))
 
     @field_validator("auth")
     @classmethod
@@ -67,6 +87,15 @@ class GatewayConfig(BaseModel):
                 "login: set MODELWORKS_GATEWAY_AUTH=user:password, or publish on 127.0.0.1"
             )
         return self
+
+    def exposure_refusal(self, bind_address: str) -> str | None:
+        """Why the web app must not listen on `bind_address` (beyond loopback with no login), or None."""
+        return exposure_refusal(
+            bind_address,
+            protected=self.auth is not None,
+            allow_unauthenticated=self.allow_unauthenticated,
+            remedy="set a login (MODELWORKS_GATEWAY_AUTH=user:password)",
+        )
 
     @property
     def credentials(self) -> tuple[str, str] | None:
