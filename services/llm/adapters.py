@@ -11,6 +11,10 @@ sequences still running on the old version finish on it.
 
 P-tuning adapters (peft's `P_TUNING`) hold no layer weights, only virtual-token embeddings that the
 engine puts in front of the prompt at prefill; they share the LRU but take no LoRA slot.
+
+The slots' memory is held in the engine's KV budget (`share_budget`). An adapter past `LoraLimits`, or
+whose slots would not fit that budget or the memory, is refused at load, and every loaded adapter keeps
+serving exactly as before.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 
 from services.llm import metrics
-from services.llm.lora import MultiLora
+from services.llm.kv_slots import SlotKV
+from services.llm.lora import DEFAULT_LIMITS, LoraLimits, MultiLora
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.errors import FailedPrecondition, ServiceError
 
@@ -34,13 +39,21 @@ AdapterKey = tuple[str, str]  # (name, version): what a loaded slot holds
 
 
 class LoraAdapterCache:
-    def __init__(self, model, store: AdapterStore, capacity: int, model_name: str, model_source: str):
+    def __init__(
+        self,
+        model,
+        store: AdapterStore,
+        capacity: int,
+        model_name: str,
+        model_source: str,
+        limits: LoraLimits = DEFAULT_LIMITS,
+    ):
         self._store = store
         self._capacity = capacity
         self._model_name = model_name
         self._model_source = model_source
         self._model = model
-        self._lora = MultiLora(model, slots=capacity)
+        self._lora = MultiLora(model, slots=capacity, limits=limits)
         self._slots: OrderedDict[AdapterKey, int | None] = OrderedDict()  # LRU first; None: a p-tuning adapter
         self._users: dict[AdapterKey, int] = {}  # running sequences per loaded adapter
         self._prompts: dict[AdapterKey, torch.Tensor] = {}  # p-tuning: (virtual tokens, hidden) embeddings
@@ -60,6 +73,14 @@ class LoraAdapterCache:
     def prefix(self, key: AdapterKey | None) -> torch.Tensor | None:
         """The virtual-token embeddings of a loaded p-tuning adapter, else None."""
         return self._prompts.get(key) if key is not None else None
+
+    def share_budget(self, kv: SlotKV) -> None:
+        """Hold the LoRA slots' memory in the KV cache's budget (the engine's, once it has one)."""
+        self._lora.share_budget(kv)
+
+    @property
+    def lora_bytes(self) -> int:
+        return self._lora.nbytes
 
     @property
     def loaded(self) -> list[str]:

@@ -165,6 +165,8 @@ class LLMEngine:
             max_rows=max_batch_size,
             static_buffers=cuda_graphs,
         )
+        if adapters is not None:
+            adapters.share_budget(self.kv)
         self._graphs: StaticDecode | None = None
         if cuda_graphs:
             self._graphs = StaticDecode(model, self.kv, capture=model.device.type == "cuda")

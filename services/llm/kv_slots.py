@@ -11,7 +11,9 @@ new rows follow each sequence's own length, within a factor of two.
 Memory is admitted, not hoped for: a sequence reserves room for its prompt and all its new tokens when it
 is admitted, and is admitted only if the buffers that hold every reservation fit `budget_bytes`. So a
 running sequence never runs out of cache, a request that could not fit even alone is refused up front,
-and a waiting one is admitted as soon as finished ones make room: nothing can deadlock.
+and a waiting one is admitted as soon as finished ones make room: nothing can deadlock. Other buffers of
+the engine that grow with use (the LoRA slots) hold bytes in the same budget (`hold`), so together they
+never pass the memory the operator gave the cache.
 
 A class's buffers grow to the next power of two of rows when an admission needs a row they lack; only
 then are its rows copied, once per doubling, not on every join. A class's buffers are freed when its last
@@ -88,6 +90,7 @@ class SlotKV:
         self.max_rows = max_rows  # the engine's batch size: no class needs more rows
         element = torch.empty((), dtype=dtype).element_size()
         self.bytes_per_token = 2 * self.layers * self.kv_heads * self.head_dim * element  # keys and values
+        self.held_bytes = 0  # held in this budget by other buffers (the LoRA slots); see `hold`
         self._classes: dict[int, _SizeClass] = {}
         self._versions = itertools.count(1)
 
@@ -96,26 +99,42 @@ class SlotKV:
     @property
     def max_tokens_alone(self) -> int:
         """The longest reservation (prompt + new tokens) that fits the budget with nothing else running."""
+        available = self.budget_bytes - self.held_bytes
         capacity = MIN_CAPACITY
-        if capacity * self.bytes_per_token > self.budget_bytes:
+        if capacity * self.bytes_per_token > available:
             return 0
-        while 2 * capacity * self.bytes_per_token <= self.budget_bytes:
+        while 2 * capacity * self.bytes_per_token <= available:
             capacity *= 2
         return capacity
 
     def fits(self, tokens: int) -> bool:
         """Would a sequence reserving `tokens` fit next to the running (and just reserved) ones?"""
         capacity = capacity_for(tokens)
-        candidate = self._classes.get(capacity) or _SizeClass(capacity)
+        return self.reserved_bytes(capacity) + self.held_bytes <= self.budget_bytes
+
+    def hold(self, nbytes: int) -> bool:
+        """Set the bytes other buffers hold in this budget, if they fit next to the reserved rows' buffers;
+        False (and nothing changes) if not. Kept empty classes give their memory up for them."""
+        if self.reserved_bytes() + nbytes > self.budget_bytes:
+            return False
+        self.held_bytes = nbytes
+        self._drop_kept_classes()
+        return True
+
+    def reserved_bytes(self, joining: int | None = None) -> int:
+        """Bytes of the buffers every reserved row needs, with a new row of class `joining` if given. An
+        empty class (kept for CUDA graphs) counts for nothing: it gives its memory up when it is needed."""
+        candidate = None if joining is None else self._classes.get(joining) or _SizeClass(joining)
+        classes = self._classes if candidate is None else {**self._classes, joining: candidate}
         total = 0
-        for size_class in {**self._classes, capacity: candidate}.values():
+        for size_class in classes.values():
             rows = set(size_class.reserved)
             if size_class is candidate:
                 rows.add(candidate.free_row())
-            if rows:  # an empty class (kept for CUDA graphs) gives its memory up when this needs it
+            if rows:
                 needed = max(size_class.rows, _rows_for(max(rows), self.max_rows)) + self._spare
                 total += needed * size_class.capacity
-        return total * self.bytes_per_token <= self.budget_bytes
+        return total * self.bytes_per_token
 
     def reserve(self, tokens: int) -> Slot:
         """Book a row for a sequence of up to `tokens` positions (admission checked `fits`); `ensure` then
@@ -145,8 +164,12 @@ class SlotKV:
             size_class.keys, size_class.values = grown[: self.layers], grown[self.layers :]
             size_class.rows = rows
             size_class.version = next(self._versions)
+        self._drop_kept_classes()
+
+    def _drop_kept_classes(self) -> None:
+        """Free kept empty classes, longest first, while the buffers and the held bytes pass the budget."""
         for capacity in sorted(self._classes, reverse=True):
-            if self.nbytes <= self.budget_bytes:
+            if self.nbytes + self.held_bytes <= self.budget_bytes:
                 break
             if not self._classes[capacity].reserved:
                 del self._classes[capacity]

@@ -15,25 +15,58 @@ y = (m / ‖W₀ + s·BA‖_row) ⊙ (x·W₀ᵀ + s·x·Aᵀ·Bᵀ) + bias. The
 slot's factor g = m / ‖W₀ + s·BA‖_row is computed once at load; a forward whose batch has a DoRA row
 multiplies each row by its slot's g (ones for LoRA slots and the base model). rsLoRA is LoRA with the
 scaling alpha/√r. Adapters are read from PEFT's format (`adapter_config.json`, `adapter_model.safetensors`).
+
+Every slot of a layer has the rank of the largest adapter loaded, so one adapter's rank is paid by all slots
+of all layers: ranks above `llm.max_lora_rank` are refused at load, and so are lm_head and the embeddings
+as targets (a vocabulary-sized slot) unless `llm.allow_embedding_lora_targets`. The slot buffers hold
+bytes in the engine's KV budget (`SlotKV.hold`), and a re-layout is all or nothing: every new buffer is
+allocated before any layer takes its own, so a failure leaves every loaded adapter as it was.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
-from shared.errors import FailedPrecondition
+from shared.devices import is_fatal_device_error
+from shared.errors import FailedPrecondition, ResourceExhausted
+
+if TYPE_CHECKING:
+    from services.llm.kv_slots import SlotKV
+    from shared.settings import LLMSettings
+
+log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")
 _MAGNITUDE_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_magnitude_vector(?:\.[^.]+)?(?:\.weight)?$")
+_EMBEDDING_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_embedding_(?P<which>[AB])(?:\.[^.]+)?$")
+MiB = 2**20
+
+
+@dataclass(frozen=True)
+class LoraLimits:
+    """What an adapter may ask of the server (the defaults are the settings' defaults)."""
+
+    max_rank: int = 64  # llm.max_lora_rank
+    allow_embedding_targets: bool = False  # llm.allow_embedding_lora_targets
+
+    @classmethod
+    def from_settings(cls, settings: LLMSettings) -> LoraLimits:
+        return cls(settings.max_lora_rank, settings.allow_embedding_lora_targets)
+
+
+DEFAULT_LIMITS = LoraLimits()
 
 
 class LoraBatchState:
@@ -103,18 +136,29 @@ class MultiLoraLinear(nn.Module):
             views = self._views = (self.lora_A, self.lora_A[:columns], self.lora_B[:, :columns].T)
         return views[1], views[2]
 
-    def resize(self, slots: int, rank: int, old_rank: int) -> None:
-        """Re-lay the stacked weights for `slots` slots of rank `rank`, keeping the loaded ones."""
-        old_slots = self.dora_scale.shape[0] - 1
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.lora_A, self.lora_B, self.dora_scale))
+
+    @property
+    def slots(self) -> int:
+        return self.dora_scale.shape[0] - 1
+
+    def relaid(self, slots: int, rank: int, old_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """New stacked weights for `slots` slots of rank `rank`, holding the loaded ones; `adopt` puts them
+        in. Nothing of this layer changes here, so a failure midway leaves it as it was."""
         A = self.lora_A.new_zeros(slots * rank, self.base.in_features)
         B = self.lora_B.new_zeros(self.base.out_features, slots * rank)
         scale = self.dora_scale.new_ones(slots + 1, self.base.out_features)
-        for s in range(min(old_slots, slots)):
+        for s in range(min(self.slots, slots)):
             if old_rank:
                 A[s * rank : s * rank + old_rank] = self.lora_A[s * old_rank : (s + 1) * old_rank]
                 B[:, s * rank : s * rank + old_rank] = self.lora_B[:, s * old_rank : (s + 1) * old_rank]
             scale[s] = self.dora_scale[s]
-        self.lora_A, self.lora_B, self.dora_scale = A, B, scale
+        return A, B, scale
+
+    def adopt(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+        self.lora_A, self.lora_B, self.dora_scale = buffers
 
     def write_slot(self, slot: int, rank: int, weights: LayerWeights | None) -> None:
         """Put an adapter's layer in `slot`, or clear the slot when `weights` is None."""
@@ -131,26 +175,49 @@ class MultiLoraLinear(nn.Module):
             self.dora_scale[slot] = dora_factor(self.base.weight, weights).to(self.dora_scale)
 
 
+@dataclass
+class _Layout:
+    """A re-layout's buffers, all allocated before any layer takes its own."""
+
+    wrapped: dict[str, MultiLoraLinear]  # newly targeted layers, not yet in the model
+    relaid: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # the wrapped layers' new A, B, DoRA scale
+    columns_slot: torch.Tensor
+
+
 class MultiLora:
     """Owns the wrapped layers of one model and the slots adapters are loaded into."""
 
-    def __init__(self, model: nn.Module, slots: int):
+    def __init__(self, model: nn.Module, slots: int, limits: LoraLimits = DEFAULT_LIMITS):
         self.model = model
         self.state = LoraBatchState()
         self.slots = slots
         self.rank = 0
+        self.limits = limits
+        self.budget: SlotKV | None = None  # the KV cache whose budget the slot buffers share; None: unbounded
         self.layers: dict[str, MultiLoraLinear] = {}
         self._columns_slot: torch.Tensor | None = None
         self._dora_slots: set[int] = set()
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the slot buffers of every wrapped layer."""
+        return sum(layer.nbytes for layer in self.layers.values())
+
+    def share_budget(self, kv: SlotKV) -> None:
+        """Hold the slot buffers' bytes in `kv`'s budget from now on (they grow only through `_relayout`)."""
+        if not kv.hold(self.nbytes):
+            raise ValueError(f"the loaded LoRA slots ({self.nbytes} bytes) do not fit the KV cache budget")
+        self.budget = kv
+
     def load(self, slot: int, adapter_dir: Path) -> None:
-        """Read a PEFT LoRA/DoRA adapter and write it into `slot`; FailedPrecondition if it cannot apply."""
-        weights = read_peft_lora(adapter_dir, self.model)
-        rank = max(w.A.shape[0] for w in weights.values())
-        if rank > self.rank or slot >= self.slots:
-            self._resize(max(self.slots, slot + 1), max(rank, self.rank))
-        for name in weights.keys() - self.layers.keys():
-            self._wrap(name)
+        """Read a PEFT LoRA/DoRA adapter and write it into `slot`; FailedPrecondition if it cannot apply,
+        ResourceExhausted if its slots do not fit the memory."""
+        weights = read_peft_lora(adapter_dir, self.model, self.limits)
+        slots = max(self.slots, slot + 1)
+        rank = max(self.rank, *(w.A.shape[0] for w in weights.values()))
+        targets = sorted(weights.keys() - self.layers.keys())
+        if (slots, rank) != (self.slots, self.rank) or targets:
+            self._relayout(adapter_dir.name, slots, rank, targets)
         for name, layer in self.layers.items():
             layer.write_slot(slot, self.rank, weights.get(name))
         if any(w.magnitude is not None for w in weights.values()):
@@ -159,6 +226,8 @@ class MultiLora:
             self._dora_slots.discard(slot)
 
     def clear(self, slot: int) -> None:
+        if slot >= self.slots:  # a load that could not grow the slots to it
+            return
         for layer in self.layers.values():
             layer.write_slot(slot, self.rank, None)
         self._dora_slots.discard(slot)
@@ -181,38 +250,98 @@ class MultiLora:
         else:
             self.state.scale_rows = None
 
-    def _wrap(self, name: str) -> None:
+    def _relayout(self, adapter: str, slots: int, rank: int, targets: list[str]) -> None:
+        """Lay the wrapped layers, and the newly `targets`ed ones, out for `slots` slots of rank `rank`,
+        all or nothing: the new buffers are booked in the budget and allocated for every layer before any
+        layer takes its own (the old ones live until then, so both are booked meanwhile)."""
+        held, needed = self.nbytes, self._layout_bytes(slots, rank, targets)
+        if self.budget is not None and not self.budget.hold(held + needed):
+            raise self._over_budget(adapter, slots, rank, held + needed)
+        try:
+            layout = self._allocate(slots, rank, targets)
+        except (RuntimeError, MemoryError) as exc:  # torch.OutOfMemoryError is a RuntimeError
+            if is_fatal_device_error(exc):
+                raise
+            log.warning("LoRA re-layout failed", extra={"adapter": adapter, "rank": rank, "error": repr(exc)})
+            layout = None  # raised below, outside this block: the error keeps no frame of the partial buffers
+        if layout is None:
+            if self.budget is not None:
+                self.budget.hold(held)
+            _release_cached_memory(self._device)
+            raise ResourceExhausted(
+                f"not enough memory to lay out LoRA slots of rank {rank} ({slots} slots, {needed / MiB:.1f} MiB) "
+                f"for adapter {adapter!r}; the loaded adapters are unchanged. Lower the adapter's rank "
+                "(llm.max_lora_rank) or llm.adapter_cache_size"
+            )
+        self._adopt(layout, slots, rank)
+        if self.budget is not None:
+            self.budget.hold(needed)
+
+    def _allocate(self, slots: int, rank: int, targets: list[str]) -> _Layout:
+        """Every buffer of the new layout; nothing of the model changes here."""
+        return _Layout(
+            wrapped={name: MultiLoraLinear(self._target(name), self.state, slots, rank) for name in targets},
+            relaid={name: layer.relaid(slots, rank, self.rank) for name, layer in self.layers.items()},
+            columns_slot=torch.arange(slots, device=self._device).repeat_interleave(rank),
+        )
+
+    def _adopt(self, layout: _Layout, slots: int, rank: int) -> None:
+        """Swap a complete layout in (no allocation, so nothing here can fail halfway)."""
+        for name, buffers in layout.relaid.items():
+            self.layers[name].adopt(buffers)
+        for name, layer in layout.wrapped.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name), child, layer)
+            self.layers[name] = layer
+        self.slots, self.rank, self._columns_slot = slots, rank, layout.columns_slot
+
+    @property
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def _target(self, name: str) -> nn.Linear:
         parent_name, _, child = name.rpartition(".")
-        parent = self.model.get_submodule(parent_name)
-        layer = MultiLoraLinear(getattr(parent, child), self.state, self.slots, self.rank)
-        setattr(parent, child, layer)
-        self.layers[name] = layer
+        return getattr(self.model.get_submodule(parent_name), child)
 
-    def _resize(self, slots: int, rank: int) -> None:
-        for layer in self.layers.values():
-            layer.resize(slots, rank, self.rank)
-        self.slots, self.rank = slots, rank
-        device = next(self.model.parameters()).device
-        self._columns_slot = torch.arange(slots, device=device).repeat_interleave(rank)
+    def _layout_bytes(self, slots: int, rank: int, targets: list[str]) -> int:
+        """Bytes of the slot buffers for `slots` slots of rank `rank` in the wrapped and `targets` layers."""
+        bases = [layer.base for layer in self.layers.values()] + [self._target(name) for name in targets]
+        return sum(
+            (slots * rank * (base.in_features + base.out_features) + (slots + 1) * base.out_features)
+            * base.weight.element_size()
+            for base in bases
+        )
+
+    def _over_budget(self, adapter: str, slots: int, rank: int, nbytes: int) -> ResourceExhausted:
+        kv = self.budget
+        return ResourceExhausted(
+            f"adapter {adapter!r} needs LoRA slots of rank {rank} ({slots} slots): {nbytes / MiB:.1f} MiB while "
+            f"they are laid out, next to {kv.reserved_bytes() / MiB:.1f} MiB of running requests' KV cache, past "
+            f"the budget of llm.kv_cache_bytes ({kv.budget_bytes / MiB:.1f} MiB); lower the "
+            "adapter's rank, retry when fewer requests run, or raise llm.kv_cache_bytes"
+        )
 
 
-def read_peft_lora(adapter_dir: Path, model: nn.Module) -> dict[str, LayerWeights]:
-    """Module name -> its LoRA (or DoRA) weights of a PEFT adapter, checked against `model`'s layers."""
-    config = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if config.get("peft_type", "LORA") != "LORA":
-        raise FailedPrecondition(f"adapter type {config.get('peft_type')!r} is not a LoRA adapter")
-    unsupported = [k for k in ("modules_to_save",) if config.get(k)]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
-    if unsupported:
-        raise FailedPrecondition(f"LoRA options {', '.join(unsupported)} are not supported for serving")
-    tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
+def read_peft_lora(adapter_dir: Path, model: nn.Module, limits: LoraLimits = DEFAULT_LIMITS) -> dict[str, LayerWeights]:
+    """Module name -> its LoRA (or DoRA) weights of a PEFT adapter, checked against `model`'s layers and
+    `limits` (from the file's header, before its tensors are read)."""
+    config = _read_config(adapter_dir)
+    weights_file = str(adapter_dir / "adapter_model.safetensors")
+    with safe_open(weights_file, framework="pt") as header:
+        names = header.keys()  # a safe_open handle is not iterable
+        shapes = {key: header.get_slice(key).get_shape() for key in names}
+    _check_limits(adapter_dir.name, config, shapes, model, limits)
+    tensors = load_file(weights_file)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if match := _MAGNITUDE_RE.match(key):
             pairs.setdefault(match["module"], {})["m"] = tensor
         elif match := _KEY_RE.match(key):
             pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        elif match := _EMBEDDING_RE.match(key):
+            raise FailedPrecondition(
+                f"the adapter has LoRA on the embedding layer {match['module']!r}; only linear layers can be served"
+            )
         else:
             raise FailedPrecondition(f"the adapter has a weight this server cannot apply: {key}")
     modules = dict(model.named_modules())
@@ -237,6 +366,60 @@ def read_peft_lora(adapter_dir: Path, model: nn.Module) -> dict[str, LayerWeight
     if config.get("use_dora") and any(w.magnitude is None for w in out.values()):
         raise FailedPrecondition("the adapter says it is DoRA but lacks magnitude vectors")
     return out
+
+
+def _read_config(adapter_dir: Path) -> dict:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if config.get("peft_type", "LORA") != "LORA":
+        raise FailedPrecondition(f"adapter type {config.get('peft_type')!r} is not a LoRA adapter")
+    unsupported = [k for k in ("modules_to_save",) if config.get(k)]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
+    if unsupported:
+        raise FailedPrecondition(f"LoRA options {', '.join(unsupported)} are not supported for serving")
+    return config
+
+
+def _check_limits(adapter: str, config: dict, shapes: dict[str, list[int]], model: nn.Module, limits: LoraLimits):
+    """Refuse a rank past llm.max_lora_rank (the config's `r` and `rank_pattern`, and the weights' own), and
+    embedding or output-head targets unless llm.allow_embedding_lora_targets: every slot of every adapted
+    layer takes the largest rank loaded, and a slot of those layers is vocabulary-sized."""
+    targets = {}  # module name -> the rank of its lora_A
+    for key, shape in shapes.items():
+        if (match := _KEY_RE.match(key) or _EMBEDDING_RE.match(key)) and match["which"] == "A" and shape:
+            targets[match["module"]] = shape[0]
+    ranks = [int(config.get("r") or 0), *map(int, (config.get("rank_pattern") or {}).values()), *targets.values()]
+    if max(ranks) > limits.max_rank:
+        raise FailedPrecondition(
+            f"adapter {adapter!r} has LoRA rank {max(ranks)}; this server serves ranks up to {limits.max_rank} "
+            "(llm.max_lora_rank), since every slot of every adapted layer takes the largest rank loaded; train it "
+            "with a smaller lora_r"
+        )
+    if limits.allow_embedding_targets:
+        return
+    embeddings = sorted(targets.keys() & _embedding_modules(model))
+    if embeddings:
+        raise FailedPrecondition(
+            f"adapter {adapter!r} targets {embeddings[0]!r}, an embedding or output layer, whose LoRA slots are "
+            "vocabulary-sized; this server refuses such targets unless llm.allow_embedding_lora_targets is true; "
+            f"train it without {embeddings[0]!r} in target_modules"
+        )
+
+
+def _embedding_modules(model: nn.Module) -> set[str]:
+    """Names of the input embeddings, the output head and any nn.Embedding of `model`."""
+    heads = [getattr(model, f, lambda: None)() for f in ("get_input_embeddings", "get_output_embeddings")]
+    heads = {id(_unwrapped(m)) for m in heads if m is not None}
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Embedding) or id(_unwrapped(m)) in heads}
+
+
+def _unwrapped(module: nn.Module) -> nn.Module:
+    return module.base if isinstance(module, MultiLoraLinear) else module
+
+
+def _release_cached_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def _pattern_value(patterns: dict, name: str, default):

@@ -10,6 +10,7 @@ from jinja2 import TemplateError
 from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import check_cache_support
 from services.llm.engine import LLMEngine, Sequence, eos_token_ids, prompt_too_long
+from services.llm.lora import LoraLimits
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from services.llm.prefix_cache import PrefixCache
 from shared.adapters import AdapterStore, validate_adapter_name
@@ -49,7 +50,12 @@ class ServedLLM:
         self.context_length = context_length(loaded.model, loaded.tokenizer)
         self.limits = Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit, self.context_length)
         self.adapters = LoraAdapterCache(
-            loaded.model, store, settings.adapter_cache_size, self.entry.name, self.entry.source
+            loaded.model,
+            store,
+            settings.adapter_cache_size,
+            self.entry.name,
+            self.entry.source,
+            limits=LoraLimits.from_settings(settings),
         )
         self.max_prompt_tokens = settings.max_prompt_tokens
         self.max_prompt_chars = settings.max_prompt_chars
