@@ -3,9 +3,10 @@
 The standard text-to-image LoRA objective (as in diffusers' `train_text_to_image_lora.py`): encode the
 image to latents with the frozen VAE, add noise at a random timestep, and train the UNet (through its
 adapter) to predict what the scheduler's `prediction_type` asks for — the noise (`epsilon`) or the
-velocity (`v_prediction`). Images are resized so the short side is `resolution`, then center-cropped
-(or randomly cropped), optionally flipped. Validation uses fixed noise and timesteps, so its loss is
-comparable from one evaluation to the next.
+velocity (`v_prediction`). Images are decoded per batch from the zip (memory bounded by the batch, not
+the dataset), resized so the short side is `resolution`, then center-cropped (or randomly cropped),
+optionally flipped. Validation uses fixed noise and timesteps, so its loss is comparable from one
+evaluation to the next.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class DiffusionRecipe:
     def __init__(self, context: RecipeContext):
         self.context = context
         self.hp = context.hyperparameters
+        self.archive: zipfile.ZipFile | None = None  # the dataset, open while training: images are read per batch
 
     def setup(self) -> None:
         from diffusers import DDPMScheduler, StableDiffusionPipeline
@@ -54,7 +56,7 @@ class DiffusionRecipe:
         for module in (self.vae, self.text_encoder, self.unet):
             module.requires_grad_(False)
             module.to(ctx.device)
-        seed = hp.seed if hp.seed is not None else 42
+        seed = hp.seed
         torch.manual_seed(seed)  # the adapter's initial weights
         self.unet.add_adapter(
             LoraConfig(
@@ -70,30 +72,29 @@ class DiffusionRecipe:
         for parameter in self.unet.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # trainable weights stay float32 under autocast
-        records = read_imagefolder_zip(ctx.dataset_path, ctx.settings.finetune)
-        self.images = self._load_images(ctx.dataset_path, records)
+        records = read_imagefolder_zip(ctx.dataset_path, ctx.settings.finetune).records
+        self.archive = zipfile.ZipFile(ctx.dataset_path)
+        _, self.image_root = metadata_member(self.archive.namelist())
         self.captions = self._encode_captions(sorted({r["text"] for r in records}))
         self.train_records, self.val_records = split_records(records, hp.validation_fraction, seed)
 
-    def _load_images(self, path: Path, records: list[dict]) -> dict[str, torch.Tensor]:
-        """Each image once, resized so its short side is `resolution`, as a (3, H, W) tensor in [-1, 1]."""
+    def _load_image(self, file_name: str) -> torch.Tensor:
+        """One image, resized so its short side is `resolution`, as a (3, H, W) uint8 tensor."""
         from PIL import Image
 
         resolution = self.hp.resolution
-        images = {}
-        with zipfile.ZipFile(path) as archive:
-            _, root = metadata_member(archive.namelist())
-            for record in records:
-                name = root + record["file_name"]
-                with Image.open(io.BytesIO(archive.read(name))) as image:
-                    image = image.convert("RGB")
-                    scale = resolution / min(image.size)
-                    size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-                    image = image.resize(size, Image.Resampling.BICUBIC)
-                    pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-                    tensor = pixels.view(image.height, image.width, 3).permute(2, 0, 1).float() / 127.5 - 1.0
-                images[record["file_name"]] = tensor
-        return images
+        with Image.open(io.BytesIO(self.archive.read(self.image_root + file_name))) as image:
+            image = image.convert("RGB")
+            scale = resolution / min(image.size)
+            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
+            image = image.resize(size, Image.Resampling.BICUBIC)
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+            return pixels.view(image.height, image.width, 3).permute(2, 0, 1)
+
+    def _pixels(self, records: list[dict], generator: torch.Generator | None) -> torch.Tensor:
+        """The batch's crops in [-1, 1], (B, 3, resolution, resolution); decoded now, so only the batch is held."""
+        crops = torch.stack([self._crop(self._load_image(r["file_name"]), generator) for r in records])
+        return crops.float() / 127.5 - 1.0
 
     @torch.no_grad()
     def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
@@ -130,7 +131,7 @@ class DiffusionRecipe:
         """Summed per-image MSE between the UNet's prediction and the scheduler's target."""
         device = self.context.device
         generator = None if unet.training else torch.Generator().manual_seed(VALIDATION_SEED)
-        pixels = torch.stack([self._crop(self.images[r["file_name"]], generator) for r in records]).to(device)
+        pixels = self._pixels(records, generator).to(device)
         hidden = torch.stack([self.captions[r["text"]] for r in records])
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generator)
@@ -153,7 +154,7 @@ class DiffusionRecipe:
         )
         return self.trainer.run()
 
-    def save(self, out_dir: Path) -> dict:
+    def save(self, out_dir: Path) -> None:
         from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -165,9 +166,10 @@ class DiffusionRecipe:
             unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),  # alpha, DoRA, rsLoRA
             safe_serialization=True,
         )
-        return {}
 
     def cleanup(self) -> None:
+        if self.archive is not None:
+            self.archive.close()
         self.unet = self.vae = self.text_encoder = self.trainer = None
         if self.context.device.type == "cuda":
             torch.cuda.empty_cache()

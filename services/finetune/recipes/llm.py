@@ -2,8 +2,11 @@
 
 Records become (input ids, labels) with the loss only where the model should learn to write:
 - `{"prompt", "completion"}`: the completion and EOS (the prompt is tokenized alone, as serving does);
-- `{"messages"}`: the assistant turns, found by rendering the chat template on growing prefixes of the
-  conversation and diffing the token ids (works for any prefix-stable template);
+- `{"messages"}`: the assistant turns, located in linear time: the conversation is rendered once, and once
+  more with markers for the contents, which places every turn; the first and last turns are checked against
+  renders of their prefixes (prefix-stable templates make each a prefix of the whole). The text is then
+  tokenized piece by piece between turn edges. A template or tokenizer that defeats this (contents altered,
+  tokens merged across an edge) falls back to the exact, quadratic way: tokenize every prefix and diff;
 - `{"text"}`: every token.
 Sequences are cut to `max_seq_length`; a record left with no label tokens is dropped with a warning.
 """
@@ -11,6 +14,7 @@ Sequences are cut to `max_seq_length`; a record left with no label tokens is dro
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +58,98 @@ def encode_record(tokenizer, record: dict, record_type: str) -> Example:
     return _chat_example(tokenizer, record["messages"])
 
 
+def _render(tokenizer, turns: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _exact_span(tokenizer, messages: list[dict], k: int, full_text: str) -> tuple[int, int]:
+    """Assistant turn k's characters in `full_text`, after its header through its end, from prefix renders."""
+    before = _render(tokenizer, messages[:k], generation_prompt=True)  # up to and with the assistant header
+    through = _render(tokenizer, messages[: k + 1])
+    if not (full_text.startswith(through) and through.startswith(before)):
+        raise TrainingInputError(
+            "the model's chat template renders a conversation differently as it grows, so its assistant "
+            "turns cannot be located; use prompt/completion records for this model"
+        )
+    return len(before), len(through)
+
+
+MARKER = re.compile("\ue000(\\d+)\ue001")  # private-use characters: no template writes them
+
+
+def _content_positions(tokenizer, messages: list[dict], full_text: str) -> list[tuple[int, int]] | None:
+    """Where each message's content lies in `full_text`, from one render with markers for contents; None if
+    the template does not copy contents verbatim (then markers put back do not give the real render)."""
+    marked = [{**m, "content": f"\ue000{i}\ue001"} for i, m in enumerate(messages)]
+    pieces = MARKER.split(_render(tokenizer, marked))
+    rebuilt, positions, at = [], [None] * len(messages), 0
+    for i, piece in enumerate(pieces):
+        text = piece if i % 2 == 0 else messages[int(piece)]["content"]
+        if i % 2:
+            positions[int(piece)] = (at, at + len(text))
+        rebuilt.append(text)
+        at += len(text)
+    if "".join(rebuilt) != full_text or None in positions:
+        return None
+    return positions
+
+
+def _assistant_spans(tokenizer, messages: list[dict], full_text: str) -> list[tuple[int, int]]:
+    """Characters of each assistant turn in `full_text`, after its header through its end, in linear time.
+
+    The first and last turns are located exactly by rendering their prefixes; the header and end the first
+    shows are then found around every other turn's content (placed by one marked render). A template that
+    defeats this (contents altered, turns framed differently) is handled by rendering every prefix."""
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+    first = _exact_span(tokenizer, messages, turns[0], full_text)
+    last = _exact_span(tokenizer, messages, turns[-1], full_text)
+    positions = _content_positions(tokenizer, messages, full_text)
+    if positions is None:
+        return [_exact_span(tokenizer, messages, k, full_text) for k in turns]
+    start, end = positions[turns[0]]
+    header, trailer = full_text[first[0] : start], full_text[end : first[1]]
+    spans = []
+    for k in turns:
+        start, end = positions[k]
+        span = (start - len(header), end + len(trailer))
+        if full_text[span[0] : start] != header or full_text[end : span[1]] != trailer or span[0] < first[0]:
+            return [_exact_span(tokenizer, messages, k, full_text) for k in turns]
+        spans.append(span)
+    if spans[0] != first or spans[-1] != last:
+        return [_exact_span(tokenizer, messages, k, full_text) for k in turns]
+    return spans
+
+
+def _tokenize_pieces(tokenizer, text: str, edges: list[int]) -> tuple[list[int], list[int]] | None:
+    """`text`'s token ids and the token index of each edge, if tokenizing between edges gives the whole's tokens."""
+    ids, at = [], []
+    for start, end in zip([0, *edges], [*edges, len(text)], strict=True):
+        at.append(len(ids))
+        ids.extend(_ids(tokenizer(text[start:end], add_special_tokens=False)))
+    if ids != _ids(tokenizer(text, add_special_tokens=False)):
+        return None
+    return ids, at[1:]
+
+
 def _chat_example(tokenizer, messages: list[dict]) -> Example:
+    """Loss on the assistant turns, found in linear time (see the module docstring)."""
+    full_text = _render(tokenizer, messages)
+    spans = _assistant_spans(tokenizer, messages, full_text)
+    edges = sorted({edge for span in spans for edge in span})
+    pieces = _tokenize_pieces(tokenizer, full_text, edges)
+    if pieces is None:
+        return _chat_example_by_prefixes(tokenizer, messages)
+    full, at = pieces
+    index = dict(zip(edges, at, strict=True))
+    labels = [IGNORE] * len(full)
+    for start, end in spans:
+        labels[index[start] : index[end]] = full[index[start] : index[end]]
+    return Example(full, labels)
+
+
+def _chat_example_by_prefixes(tokenizer, messages: list[dict]) -> Example:
+    """The exact, quadratic way: tokenize each prefix of the conversation and diff the ids."""
+
     def render(turns, generation_prompt=False) -> list[int]:
         return _ids(tokenizer.apply_chat_template(turns, tokenize=True, add_generation_prompt=generation_prompt))
 
@@ -92,7 +187,7 @@ class LLMRecipe:
         model.config.use_cache = False
         records, record_type = read_jsonl(ctx.dataset_path)
         examples = self._examples(records, record_type)
-        seed = hp.seed if hp.seed is not None else 42
+        seed = hp.seed
         self.train_examples, self.val_examples = split_records(examples, hp.validation_fraction, seed)
         if hp.method == "p_tuning":
             config = PromptEncoderConfig(
@@ -167,9 +262,8 @@ class LLMRecipe:
         )
         return self.trainer.run()
 
-    def save(self, out_dir: Path) -> dict:
+    def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir, save_embedding_layers=False)
-        return {"num_virtual_tokens": self.virtual_tokens} if self.virtual_tokens else {}
 
     def cleanup(self) -> None:
         self.model = self.trainer = None
