@@ -40,10 +40,9 @@ def _job(pb, model: str, name: str, steps: int):
 
 
 def _in_process(settings, model: str, steps: int, job_dir: Path) -> float:
-    from services.finetune.distributed import train_here
     from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
-    from services.finetune.runner import TrainingSpec
     from services.finetune.samples import llm_sample_jsonl
+    from services.finetune.training.launch import TrainingSpec, train_here
 
     dataset = job_dir.parent / "inprocess.jsonl"
     dataset.write_bytes(llm_sample_jsonl())
@@ -54,7 +53,8 @@ def _in_process(settings, model: str, steps: int, job_dir: Path) -> float:
     hp, total = resolve(
         Hyperparameters(max_steps=steps, learning_rate=5e-3, save_steps=100, validation_fraction=0), data
     )
-    spec = TrainingSpec("bench", "llm", model, dataset, hp, total, job_dir)
+    entry = next(m for m in settings.models if m.name == model)
+    spec = TrainingSpec("bench", "llm", entry, dataset, hp, total, job_dir)
     start = time.perf_counter()
     train_here(spec, settings, None, job_dir / "adapter", torch.device("cpu"))
     return time.perf_counter() - start

@@ -3,11 +3,15 @@
 Messages are acknowledged late (after the task returns), rejected back to the queue if the worker dies,
 and prefetched one at a time, so a worker never holds a job it is not running. Celery's own redelivery
 after a crash waits for the visibility timeout (set longer than any job, so a long job is never
-redelivered while it runs); quick recovery comes from the job leases in `services.finetune.jobs`.
+redelivered while it runs); quick recovery comes from the job leases in `services.finetune.jobs`, and
+from the workers' sweep, which sends again a QUEUED job's message that left the queue without being
+claimed (`waiting_task_ids` tells which are still in it).
 Torch-free: the API sends messages with `send_task` and never imports the worker.
 """
 
 from __future__ import annotations
+
+import json
 
 from celery import Celery
 from kombu import Queue
@@ -37,8 +41,24 @@ def make_celery(settings: Settings) -> Celery:
     return app
 
 
+def task_id(job_id: str, attempt: int) -> str:
+    return f"{job_id}-{attempt}"
+
+
 def enqueue(app: Celery, queue: str, job_id: str, attempt: int) -> None:
-    app.send_task(TRAIN_TASK, args=[job_id, attempt], queue=queue, task_id=f"{job_id}-{attempt}")
+    app.send_task(TRAIN_TASK, args=[job_id, attempt], queue=queue, task_id=task_id(job_id, attempt))
+
+
+def waiting_task_ids(client, queue: str) -> set[str]:
+    """The ids of the tasks waiting in `queue` (not yet taken by a worker), read from the Redis list that
+    Kombu's Redis transport keeps per queue: one JSON message per item, the task id in its headers."""
+    waiting = set()
+    for raw in client.lrange(queue, 0, -1):
+        try:
+            waiting.add(json.loads(raw)["headers"]["id"])
+        except (ValueError, KeyError, TypeError):  # not a Celery task message: nothing of ours
+            continue
+    return waiting
 
 
 def dispatch(app: Celery, queue: str, store, job_id: str, attempt: int) -> None:

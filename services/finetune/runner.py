@@ -21,9 +21,8 @@ from typing import TypeVar
 import redis
 
 from services.finetune import metrics
-from services.finetune.datasets import DatasetStore
-from services.finetune.hyperparams import Hyperparameters
 from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
+from services.finetune.training import checkpoint, launch
 from services.finetune.training.loop import StepReport, StopReason, TooManyBadSteps, TrainingStopped
 from services.finetune.training.recipe import TrainingInputError
 from shared.adapters import AdapterInfo, AdapterStore
@@ -65,12 +64,18 @@ class WorkerContext:
 
 
 class LeaseKeeper:
-    """Renews a job's lease on a thread; `lost` is set if another worker owns the job now."""
+    """Renews a job's lease on a thread; `lost` is set once another worker may own the job.
+
+    The thread never dies quietly: a renewal that fails in any way marks the lease lost, so the attempt
+    stops instead of training on while its lease runs out unseen. A renewal later than half the lease
+    is logged with its gap, so a lapse under load shows in the worker's log.
+    """
 
     def __init__(self, store: JobStore, job_id: str, token: str, ttl_s: float, every_s: float):
         self.store, self.job_id, self.token, self.ttl_s, self.every_s = store, job_id, token, ttl_s, every_s
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._renewed_at = time.monotonic()  # the claim took the lease just before
         self._thread = threading.Thread(target=self._run, name=f"lease-{job_id}", daemon=True)
 
     def __enter__(self) -> LeaseKeeper:
@@ -81,16 +86,35 @@ class LeaseKeeper:
         self._stop.set()
         self._thread.join(5)
 
+    def confirm(self) -> bool:
+        """Whether the lease is still this attempt's, asked of Redis now (and renewed): the check before
+        anything that another attempt's files could suffer from."""
+        return not self.lost.is_set() and self._renew()
+
     def _run(self) -> None:
         while not self._stop.wait(self.every_s):
             try:
-                owned = with_redis_retry(lambda: self.store.renew(self.job_id, self.token, self.ttl_s), self.ttl_s)
-            except REDIS_ERRORS:
-                owned = False
-            if not owned:
-                log.warning("lost the lease of a job; stopping it", extra={"job": self.job_id})
+                if not self._renew():
+                    return
+            except Exception:
+                log.exception("renewing a job's lease failed; the job stops", extra={"job": self.job_id})
                 self.lost.set()
                 return
+
+    def _renew(self) -> bool:
+        try:
+            owned = with_redis_retry(lambda: self.store.renew(self.job_id, self.token, self.ttl_s), self.ttl_s)
+        except REDIS_ERRORS:
+            owned = False
+        if not owned:
+            log.warning("lost the lease of a job; stopping it", extra={"job": self.job_id})
+            self.lost.set()
+            return False
+        now = time.monotonic()
+        if now - self._renewed_at > self.ttl_s / 2:
+            log.warning("a job's lease was renewed late", extra={"job": self.job_id, "gap_s": now - self._renewed_at})
+        self._renewed_at = now
+        return True
 
 
 class JobHooks:
@@ -149,6 +173,12 @@ class JobHooks:
         if self._stop is None and self.context.preempt.is_set():
             self._stop = StopReason.PREEMPTED
         return self._stop
+
+    def stop_requested(self) -> StopReason | None:
+        return self.flush()
+
+    def still_holds_lease(self) -> bool:
+        return self.lease.confirm()
 
     def started(self, resumed_from_step: int, total_steps: int) -> None:
         message = f"resumed from the checkpoint at step {resumed_from_step}" if resumed_from_step else "training"
@@ -236,13 +266,13 @@ def run_job(job_id: str, attempt: int, context: WorkerContext) -> str:
     log.info("job started", extra={"job": job_id, "attempt": attempt})
     try:
         with LeaseKeeper(store, job_id, token, options.lease_ttl_s, options.lease_renew_s) as lease:
-            return _attempt(job_id, token, lease, context)
+            return _attempt(job_id, attempt, token, lease, context)
     finally:
         metrics.JOBS_RUNNING.dec()
         context.current_job = ""
 
 
-def _attempt(job_id: str, token: str, lease: LeaseKeeper, context: WorkerContext) -> str:
+def _attempt(job_id: str, attempt: int, token: str, lease: LeaseKeeper, context: WorkerContext) -> str:
     """Everything after the claim; whatever goes wrong ends the job (or hands it back), never leaves it hanging."""
     settings = context.settings
     job = with_redis_retry(lambda: context.store.get(job_id))
@@ -251,9 +281,9 @@ def _attempt(job_id: str, token: str, lease: LeaseKeeper, context: WorkerContext
     hooks: JobHooks | None = None
     try:
         if _published_by(adapters, job):  # an earlier attempt wrote the adapter, then died before finishing
-            return _succeed(context, job, token, job_dir, adapters.get(job.adapter_name).metrics, "adapter ready")
+            return _succeed(context, job, token, adapters.get(job.adapter_name).metrics, "adapter ready")
         hooks = JobHooks(context, job, token, lease, job_dir / "tensorboard")
-        result, adapter_dir = train(job, job_dir, settings, hooks)
+        result, adapter_dir = launch.train(launch.spec_for(job, attempt, settings), settings, hooks)
         last_word = hooks.flush()  # the last steps' events come before the final state; a late cancel counts
         if last_word is StopReason.CANCELLED or last_word is StopReason.LEASE_LOST:
             raise TrainingStopped(last_word, result.steps)
@@ -264,17 +294,18 @@ def _attempt(job_id: str, token: str, lease: LeaseKeeper, context: WorkerContext
             method=job.hyperparameters.get("method", "lora"),
             job_id=job.id,
             metrics=_metrics_of(result),
+            owner=job.owner,
         )
         adapters.save(info, lambda folder: _copy_into(adapter_dir, folder))
         note = " (stopped early)" if result.stopped_early else ""
-        return _succeed(context, job, token, job_dir, info.metrics, f"adapter {job.adapter_name!r} is ready{note}")
+        return _succeed(context, job, token, info.metrics, f"adapter {job.adapter_name!r} is ready{note}")
     except TrainingStopped as stopped:
         if hooks is not None and stopped.reason is not StopReason.LEASE_LOST:
             hooks.flush()
-        return _stopped(context, job, token, job_dir, stopped)
+        return _stopped(context, job, token, stopped)
     except AlreadyExists:
         if _published_by(adapters, job):
-            return _succeed(context, job, token, job_dir, adapters.get(job.adapter_name).metrics, "adapter ready")
+            return _succeed(context, job, token, adapters.get(job.adapter_name).metrics, "adapter ready")
         _fail(context, job, token, f"adapter {job.adapter_name!r} was created by someone else while this job ran")
         return "failed"
     except TooManyBadSteps as exc:
@@ -300,59 +331,20 @@ def _published_by(adapters: AdapterStore, job: JobRecord) -> bool:
         return False
 
 
-def _succeed(context: WorkerContext, job: JobRecord, token: str, job_dir: Path, values: dict, message: str) -> str:
+def _succeed(context: WorkerContext, job: JobRecord, token: str, values: dict, message: str) -> str:
     fields = {"step": int(values.get("steps", job.total_steps)), "train_loss": values.get("train_loss", 0.0)}
     fields |= {"eta_seconds": 0} | ({"val_loss": values["val_loss"]} if "val_loss" in values else {})
     _finish(context, job, token, JobState.SUCCEEDED, fields, message)
-    _remove_checkpoints(job_dir)
     return "succeeded"
 
 
-def train(job: JobRecord, job_dir: Path, settings: Settings, hooks: JobHooks):
-    """Set the recipe up, train (resuming from a checkpoint if any), write the adapter into `job_dir/adapter`."""
-    from services.finetune.distributed import train_distributed, train_here
-    from shared.devices import resolve_device
-
-    entry = next((e for e in settings.models if e.name == job.base_model), None)
-    if entry is None:
-        raise TrainingInputError(f"base model {job.base_model!r} is not configured on this worker")
-    dataset = DatasetStore(settings.datasets_dir, settings.finetune)
-    spec = TrainingSpec(
-        job_id=job.id,
-        kind=job.kind,
-        base_model=entry.name,
-        dataset_path=dataset.data_path(dataset.get(job.dataset_id)),
-        hyperparameters=Hyperparameters.from_dict(job.hyperparameters),
-        total_steps=job.total_steps,
-        job_dir=job_dir,
-    )
-    job_dir.mkdir(parents=True, exist_ok=True)
-    adapter_dir = job_dir / "adapter"
-    shutil.rmtree(adapter_dir, ignore_errors=True)
-    if settings.finetune.devices > 1:
-        result = train_distributed(spec, settings, hooks, adapter_dir, settings.finetune.devices)
-    else:
-        result = train_here(spec, settings, hooks, adapter_dir, resolve_device("auto"))
-    return result, adapter_dir
-
-
-@dataclass(frozen=True)
-class TrainingSpec:
-    """A job as the training side sees it (picklable: DDP ranks get it)."""
-
-    job_id: str
-    kind: str
-    base_model: str
-    dataset_path: Path
-    hyperparameters: Hyperparameters
-    total_steps: int
-    job_dir: Path
-
-
-def _stopped(context: WorkerContext, job: JobRecord, token: str, job_dir: Path, stopped: TrainingStopped) -> str:
+def _stopped(context: WorkerContext, job: JobRecord, token: str, stopped: TrainingStopped) -> str:
     if stopped.reason is StopReason.CANCELLED:
-        _finish(context, job, token, JobState.CANCELLED, {"step": stopped.step}, f"cancelled at step {stopped.step}")
-        _remove_checkpoints(job_dir)
+        if stopped.step:  # 0: stopped around setup, before a step; the record keeps any earlier attempt's step
+            fields, message = {"step": stopped.step}, f"cancelled at step {stopped.step}"
+        else:
+            fields, message = {}, "cancelled before training started"
+        _finish(context, job, token, JobState.CANCELLED, fields, message)
         return "cancelled"
     if stopped.reason is StopReason.PREEMPTED:
         _hand_back(context, job, token, f"its worker is shutting down; queued again to resume from step {stopped.step}")
@@ -366,13 +358,17 @@ def _hand_back(context: WorkerContext, job: JobRecord, token: str, message: str)
     attempt = with_redis_retry(lambda: context.store.release(job.id, token, message, max_attempts))
     if attempt is not None:
         context.enqueue(job.id, attempt)
+    elif with_redis_retry(lambda: context.store.get(job.id)).state.terminal:  # cancelled or out of attempts
+        checkpoint.remove_all(context.settings.jobs_dir / job.id)
 
 
 def _finish(context: WorkerContext, job: JobRecord, token: str, state: JobState, fields: dict, message: str) -> None:
+    """End the job if this attempt still owns it; an ended job keeps no checkpoints (nothing resumes it)."""
     done = with_redis_retry(lambda: context.store.finish(job.id, token, state, fields, message))
     if done:
         metrics.JOBS.labels(job.kind, state.value).inc()
         log.info("job ended", extra={"job": job.id, "state": state.value})
+        checkpoint.remove_all(context.settings.jobs_dir / job.id)
     else:
         log.warning("the job's lease was lost before it could be ended here", extra={"job": job.id})
 
@@ -401,9 +397,3 @@ def _metrics_of(result) -> dict[str, float]:
 def _copy_into(source: Path, target: Path) -> None:
     for item in source.iterdir():
         shutil.copy2(item, target / item.name)
-
-
-def _remove_checkpoints(job_dir: Path) -> None:
-    for folder in job_dir.glob("checkpoint-*"):
-        shutil.rmtree(folder, ignore_errors=True)
-    (job_dir / "latest").unlink(missing_ok=True)

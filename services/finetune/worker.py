@@ -3,7 +3,9 @@
 One process per GPU (`CUDA_VISIBLE_DEVICES` picks it; `finetune.devices` > 1 trains each job with DDP
 over that many), solo pool, prefetch 1, late acks, its own queue. Besides the Celery consumer it runs:
 - a maintenance thread: registers this worker (device, CUDA, bf16) for the API's checks, and sweeps for
-  jobs whose lease lapsed (a worker killed mid-job), queueing them again to resume from their checkpoint;
+  jobs whose lease lapsed (a worker killed mid-job), queueing them again to resume from their checkpoint,
+  and for QUEUED jobs whose message was never sent or was lost (taken by a worker that died before it
+  claimed the job): each is sent again, so every message ends claimed or re-sent;
 - Prometheus metrics on `finetune.worker_metrics_port` (9104).
 SIGTERM is a graceful stop: a running job checkpoints and goes back to the queue for another worker.
 """
@@ -25,7 +27,7 @@ from celery import signals
 
 from services.finetune import metrics
 from services.finetune.jobs import JobState, JobStore
-from services.finetune.queue import TRAIN_TASK, dispatch, make_celery
+from services.finetune.queue import TRAIN_TASK, dispatch, make_celery, task_id, waiting_task_ids
 from services.finetune.runner import REDIS_ERRORS, WorkerContext, run_job
 from services.finetune.training.recipe import RECIPES, load_recipe
 from shared.allocator import keep_freed_memory_for_reuse
@@ -33,6 +35,7 @@ from shared.cli import check_required_gpu
 from shared.devices import is_fatal_device_error
 from shared.logs import configure_logging
 from shared.metrics import start_metrics_server
+from shared.serving import check_exposure
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger("services.finetune.worker")
@@ -82,12 +85,21 @@ class Maintenance(threading.Thread):
             log.warning("requeued a job whose worker was lost", extra={"job": job_id, "attempt": attempt})
             metrics.REQUEUED.inc()
             self.context.enqueue(job_id, attempt)
-        for job_id, attempt in self.context.store.undispatched(older_than_s=2 * options.sweep_interval_s):
-            log.warning("sent a job's message that was never sent", extra={"job": job_id, "attempt": attempt})
+        for job_id, attempt in self._unsent_or_lost():
+            log.warning("re-sent a job's message: never sent, or lost", extra={"job": job_id, "attempt": attempt})
             self.context.enqueue(job_id, attempt)
         active = [self.context.store.get(j) for j in self._active_ids()]
         for state in (JobState.QUEUED, JobState.RUNNING):
             metrics.JOBS_BY_STATE.labels(state.value).set(sum(1 for job in active if job.state == state))
+
+    def _unsent_or_lost(self) -> list[tuple[str, int]]:
+        """QUEUED attempts never sent, or sent over a lease ago and no longer waiting in the queue."""
+        options, store = self.context.settings.finetune, self.context.store
+        found = store.undispatched(older_than_s=2 * options.sweep_interval_s, sent_before_s=options.lease_ttl_s)
+        if not found:
+            return []
+        waiting = waiting_task_ids(store.redis, options.queue)
+        return [(job_id, attempt) for job_id, attempt in found if task_id(job_id, attempt) not in waiting]
 
     def _active_ids(self) -> list[str]:
         store = self.context.store
@@ -97,7 +109,13 @@ class Maintenance(threading.Thread):
 def build(settings: Settings, name: str):
     """The Celery app with the training task, and the context every attempt shares."""
     app = make_celery(settings)
-    store = JobStore(redis.Redis.from_url(settings.redis_address, health_check_interval=10))
+    client = redis.Redis.from_url(
+        settings.redis_address,
+        health_check_interval=10,
+        socket_timeout=settings.finetune.redis_socket_timeout_s,
+        socket_connect_timeout=settings.finetune.redis_connect_timeout_s,
+    )
+    store = JobStore(client, max_events=settings.finetune.max_events_per_job)
     queue = settings.finetune.queue
     context = WorkerContext(settings, store, name, lambda job_id, attempt: dispatch(app, queue, store, job_id, attempt))
 
@@ -127,13 +145,14 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging("finetune-worker", settings.log_level, settings.log_format)
+    check_exposure(settings, settings.bind_address)  # its metrics port listens there
     check_required_gpu(settings)
     app, context = build(settings, args.name)
     for kind in RECIPES:  # import the recipes (transformers, peft, diffusers: seconds) before the first job
         load_recipe(kind)
     port = settings.finetune.worker_metrics_port if args.metrics_port is None else args.metrics_port
     metrics.export_every_series()
-    metrics_port = start_metrics_server(port)
+    metrics_port = start_metrics_server(port, settings.bind_address)
     maintenance = Maintenance(context, device_info() | {"name": args.name, "pid": os.getpid()})
     maintenance.start()
 

@@ -10,14 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.finetune.distributed import train_distributed, train_here
 from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
-from services.finetune.runner import TrainingSpec
 from services.finetune.samples import llm_sample_jsonl
+from services.finetune.training.launch import TrainingSpec, train_distributed, train_here
 from services.finetune.training.loop import TooManyBadSteps, TrainingStopped
 from services.finetune.training.recipe import RecipeContext, load_recipe
+from shared.settings import ModelEntry
 
 CPU = torch.device("cpu")
+TINY_LLM = ModelEntry(name="tiny-llm", kind="llm", source="builtin:tiny-llm")
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def spec_for(dataset: Path, job_dir: Path, **hyperparameters) -> TrainingSpec:
         model_defaults={"learning_rate": 5e-3},
     )
     hp, total = resolve(Hyperparameters(**({"method": "lora"} | hyperparameters)), data)
-    return TrainingSpec("job", "llm", "tiny-llm", dataset, hp, total, job_dir)
+    return TrainingSpec("job", "llm", TINY_LLM, dataset, hp, total, job_dir)
 
 
 class Recorder:
@@ -47,6 +48,12 @@ class Recorder:
     def __init__(self, stop_at: int | None = None, reason=None):
         self.steps, self.evals, self.warnings, self.checkpoints = [], [], [], []
         self.stop_at, self.reason = stop_at, reason
+
+    def stop_requested(self):
+        return None
+
+    def still_holds_lease(self):
+        return True
 
     def started(self, resumed_from_step, total_steps):
         self.resumed_from = resumed_from_step

@@ -1,11 +1,18 @@
 """Training checkpoints: everything needed to resume a job exactly where it stopped.
 
-A checkpoint is a folder `checkpoint-<step>/` in the job's folder with the trainable weights
-(`trainable.safetensors`; the best-so-far weights in `best.safetensors` when validation tracks them) and
-`state.pt`: optimizer, LR scheduler, gradient scaler, RNG states, the step and the early-stopping state.
-The data position follows from the step. Files and folder are fsynced, then a `latest` file naming the
-new checkpoint replaces the old one atomically; the previous checkpoint is kept until the next one is in
-place, and a checkpoint that cannot be read (a host crash mid-write) falls back to the one before.
+Each attempt of a job writes into its own folder, `checkpoints/attempt-<n>/` in the job's folder, and
+resumes from the newest readable checkpoint of the latest earlier attempt that left one. A checkpoint
+is a folder `step-<k>/` with the trainable weights (`trainable.safetensors`; the best-so-far weights in
+`best.safetensors` when validation tracks them) and `state.pt`: optimizer, LR scheduler, gradient
+scaler, RNG states, the step and the early-stopping state. The data position follows from the step.
+Files and folder are fsynced, then a `latest` file naming the new checkpoint replaces the old one
+atomically; the previous checkpoint is kept until the next one is in place, and a checkpoint that cannot
+be read (a host crash mid-write) falls back to the one before.
+
+A worker can lose its job's lease and not know it yet (paused past the lease, cut off from Redis) while
+another worker resumes the job. So a save asks `still_holds_lease` before it writes and again before it
+prunes, and pruning only ever removes this attempt's older checkpoints and earlier attempts' folders:
+never a later attempt's, whoever runs it.
 Loading uses `weights_only=True`: nothing in a checkpoint can run code.
 """
 
@@ -16,6 +23,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,7 +33,16 @@ from safetensors.torch import load_file, save_file
 
 log = logging.getLogger(__name__)
 
+CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+
+
+class LeaseLost(Exception):
+    """This attempt no longer owns its job: it must neither write nor delete checkpoints."""
+
+
+def _always() -> bool:
+    return True
 
 
 @dataclass
@@ -82,11 +99,42 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+def attempt_folder(job_dir: Path, attempt: int) -> Path:
+    return job_dir / CHECKPOINTS / f"attempt-{attempt}"
+
+
+def remove_all(job_dir: Path) -> None:
+    """Every attempt's checkpoints (the job has ended; its logs and TensorBoard events stay)."""
+    shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
+
+
 def save(
-    job_dir: Path, model, optimizer, scheduler, scaler, state: LoopState, best: dict[str, torch.Tensor] | None
+    job_dir: Path,
+    attempt: int,
+    model,
+    optimizer,
+    scheduler,
+    scaler,
+    state: LoopState,
+    best: dict[str, torch.Tensor] | None,
+    still_holds_lease: Callable[[], bool] = _always,
 ) -> Path:
-    folder = job_dir / f"checkpoint-{state.step}"
-    staging = job_dir / f".checkpoint-{state.step}.tmp"
+    """Write a checkpoint of this attempt and prune what it supersedes; LeaseLost if the job is not ours."""
+    if not still_holds_lease():
+        raise LeaseLost(f"attempt {attempt} lost its lease before saving step {state.step}")
+    folder = attempt_folder(job_dir, attempt)
+    folder.mkdir(parents=True, exist_ok=True)
+    previous = _named(folder)
+    checkpoint = _write(folder, model, optimizer, scheduler, scaler, state, best)
+    if not still_holds_lease():
+        raise LeaseLost(f"attempt {attempt} lost its lease before pruning its checkpoints")
+    _prune(job_dir, attempt, keep={checkpoint, previous})
+    return checkpoint
+
+
+def _write(folder: Path, model, optimizer, scheduler, scaler, state: LoopState, best) -> Path:
+    target = folder / f"step-{state.step}"
+    staging = folder / f".step-{state.step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(trainable_state(model), str(staging / "trainable.safetensors"))
@@ -105,41 +153,70 @@ def save(
     for item in staging.iterdir():
         _fsync(item)
     _fsync(staging)
-    if folder.exists():  # the same step saved before (a resumed run): it is not the one `latest` names
-        shutil.rmtree(folder)
-    os.rename(staging, folder)
-    pointer = job_dir / f".{LATEST}.tmp"
-    pointer.write_text(folder.name)
+    if target.exists():  # the same step saved before (a resumed run): it is not the one `latest` names
+        shutil.rmtree(target)
+    os.rename(staging, target)
+    pointer = folder / f".{LATEST}.tmp"
+    pointer.write_text(target.name)
     _fsync(pointer)
-    previous = _named(job_dir)
-    os.replace(pointer, job_dir / LATEST)  # the switch to the new checkpoint is this one atomic rename
-    _fsync(job_dir)
-    keep = {folder.name, previous.name if previous else ""}
-    for old in job_dir.glob("checkpoint-*"):
-        if old.name not in keep:
+    os.replace(pointer, folder / LATEST)  # the switch to the new checkpoint is this one atomic rename
+    _fsync(folder)
+    return target
+
+
+def _prune(job_dir: Path, attempt: int, keep: set[Path | None]) -> None:
+    """This attempt's checkpoints but the newest two; and once it has two, the folders of earlier attempts
+    (until then, they are what a torn write falls back to)."""
+    for old in attempt_folder(job_dir, attempt).glob("step-*"):
+        if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
-    return folder
+    if None in keep:
+        return
+    for number, folder in _attempt_folders(job_dir):
+        if number < attempt:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
-def _named(job_dir: Path) -> Path | None:
-    pointer = job_dir / LATEST
-    return job_dir / pointer.read_text().strip() if pointer.is_file() else None
+def _attempt_folders(job_dir: Path) -> list[tuple[int, Path]]:
+    """(attempt, folder), newest attempt first."""
+    found = []
+    for folder in (job_dir / CHECKPOINTS).glob("attempt-*"):
+        number = folder.name.removeprefix("attempt-")
+        if number.isdigit():
+            found.append((int(number), folder))
+    return sorted(found, reverse=True)
 
 
-def restore_latest(job_dir: Path, model, optimizer, scheduler, scaler):
-    """Restore the newest readable checkpoint: (loop state, best weights), or None when there is none."""
-    newest = _named(job_dir)
-    candidates = sorted(job_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]), reverse=True)
-    if newest is not None and newest in candidates:
-        candidates.remove(newest)
-        candidates.insert(0, newest)
-    for folder in candidates:
-        try:
-            return restore(folder, model, optimizer, scheduler, scaler)
-        except Exception as exc:  # a torn write: try the one before
-            log.warning(
-                "checkpoint unreadable; trying an older one", extra={"checkpoint": folder.name, "error": repr(exc)}
-            )
+def _named(folder: Path) -> Path | None:
+    pointer = folder / LATEST
+    return folder / pointer.read_text().strip() if pointer.is_file() else None
+
+
+def _candidates(folder: Path) -> list[Path]:
+    """One attempt's checkpoints, the one `latest` names first, then newest first."""
+    steps = [p for p in folder.glob("step-*") if p.name.removeprefix("step-").isdigit()]
+    steps.sort(key=lambda p: int(p.name.removeprefix("step-")), reverse=True)
+    newest = _named(folder)
+    if newest is not None and newest in steps:
+        steps.remove(newest)
+        steps.insert(0, newest)
+    return steps
+
+
+def restore_latest(job_dir: Path, attempt: int, model, optimizer, scheduler, scaler):
+    """Restore the newest readable checkpoint of the latest attempt up to `attempt` that left one:
+    (loop state, best weights), or None when there is none."""
+    for number, folder in _attempt_folders(job_dir):
+        if number > attempt:  # a later attempt's: another worker's now
+            continue
+        for checkpoint in _candidates(folder):
+            try:
+                return restore(checkpoint, model, optimizer, scheduler, scaler)
+            except Exception as exc:  # a torn write: try the one before
+                log.warning(
+                    "checkpoint unreadable; trying an older one",
+                    extra={"checkpoint": str(checkpoint.relative_to(job_dir)), "error": repr(exc)},
+                )
     return None
 
 

@@ -64,6 +64,12 @@ class StepReport:
 class TrainingHooks(Protocol):
     """How the loop reports; `step` may ask it to stop. Only rank 0's hooks are called."""
 
+    def stop_requested(self) -> StopReason | None:
+        """Asked around setup (before training's first step), where `step` cannot be."""
+
+    def still_holds_lease(self) -> bool:
+        """Asked before a checkpoint is written and before old ones are pruned: False, and nothing is."""
+
     def started(self, resumed_from_step: int, total_steps: int) -> None: ...
 
     def step(self, report: StepReport) -> StopReason | None: ...
@@ -158,6 +164,7 @@ class Trainer:
         job_dir: Path,
         hooks: TrainingHooks | None,
         device: torch.device,
+        attempt: int = 1,
     ):
         self.rank, self.world_size = _world()
         self.model = model
@@ -171,7 +178,7 @@ class Trainer:
         self.train_records, self.val_records = train_records, val_records
         self.loss_sum, self.count_items = loss_sum, count_items
         self.config = config
-        self.job_dir = job_dir
+        self.job_dir, self.attempt = job_dir, attempt
         self.hooks = hooks if self.rank == 0 else None
         self.device = device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
@@ -348,17 +355,45 @@ class Trainer:
         return list(StopReason)[int(code) - 1] if int(code) else None
 
     def _checkpoint(self) -> None:
+        """Rank 0 saves while the job's lease is still this attempt's; every rank stops if it is not."""
+        saved = True
         if self.rank == 0:
-            checkpoint.save(
-                self.job_dir, self.model, self.optimizer, self.scheduler, self.scaler, self.state, self.best
-            )
-            if self.hooks:
-                self.hooks.checkpointed(self.state.step)
-        if self.world_size > 1:
-            dist.barrier()
+            try:
+                checkpoint.save(
+                    self.job_dir,
+                    self.attempt,
+                    self.model,
+                    self.optimizer,
+                    self.scheduler,
+                    self.scaler,
+                    self.state,
+                    self.best,
+                    still_holds_lease=self._still_holds_lease,
+                )
+            except checkpoint.LeaseLost as lost:
+                log.warning("no checkpoint: %s", lost)
+                saved = False
+            else:
+                if self.hooks:
+                    self.hooks.checkpointed(self.state.step)
+        if not self._agree(saved):
+            raise TrainingStopped(StopReason.LEASE_LOST, self.state.step)
+
+    def _still_holds_lease(self) -> bool:
+        return self.hooks.still_holds_lease() if self.hooks else True
+
+    def _agree(self, flag: bool) -> bool:
+        """Rank 0's `flag`, on every rank (a synchronization point under DDP)."""
+        if self.world_size == 1:
+            return flag
+        code = torch.tensor([int(flag)], device=self.device)
+        dist.broadcast(code, src=0)
+        return bool(int(code))
 
     def _resume(self) -> int:
-        restored = checkpoint.restore_latest(self.job_dir, self.model, self.optimizer, self.scheduler, self.scaler)
+        restored = checkpoint.restore_latest(
+            self.job_dir, self.attempt, self.model, self.optimizer, self.scheduler, self.scaler
+        )
         if restored is None:
             torch.manual_seed(self.config.seed + self.rank)  # DDP ranks draw their own noise and dropout
             return 0

@@ -34,6 +34,7 @@ class RecipeContext:
     device: torch.device
     job_dir: Path  # checkpoints, TensorBoard events, profiler traces
     hooks: TrainingHooks | None  # None on DDP ranks other than 0
+    attempt: int = 1  # the job's attempt: its checkpoints go to their own folder
 
     def loop_config(self) -> LoopConfig:
         hp = self.hyperparameters
@@ -46,7 +47,7 @@ class RecipeContext:
             warmup_ratio=hp.warmup_ratio,
             max_grad_norm=hp.max_grad_norm,
             mixed_precision=hp.mixed_precision,
-            seed=hp.seed if hp.seed is not None else 42,
+            seed=hp.seed,
             eval_steps=hp.eval_steps,
             early_stopping_patience=hp.early_stopping_patience,
             save_steps=hp.save_steps,
@@ -57,7 +58,16 @@ class RecipeContext:
     def trainer(self, model: torch.nn.Module, train: list, validation: list, loss_sum: LossFn, count: CountFn):
         """The training loop for a recipe's model and records, configured from the job."""
         return Trainer(
-            model, train, validation, loss_sum, count, self.loop_config(), self.job_dir, self.hooks, self.device
+            model,
+            train,
+            validation,
+            loss_sum,
+            count,
+            self.loop_config(),
+            self.job_dir,
+            self.hooks,
+            self.device,
+            attempt=self.attempt,
         )
 
     def base_dtype(self) -> torch.dtype:
@@ -81,8 +91,8 @@ class Recipe(Protocol):
     def train(self) -> TrainingResult:
         """Run the training loop (resuming from the job's checkpoint if there is one)."""
 
-    def save(self, out_dir: Path) -> dict:
-        """Write the adapter in the format the serving side loads; returns extra metadata for the store."""
+    def save(self, out_dir: Path) -> None:
+        """Write the adapter in the format the serving side loads (everything it needs is in those files)."""
 
     def cleanup(self) -> None:
         """Free what setup took (GPU memory above all)."""
