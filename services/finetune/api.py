@@ -3,27 +3,36 @@
 Everything a worker could trip over is checked here, before a job queues: the base model and its kind,
 the dataset and its record type, the adapter name (free in the store and among unfinished jobs), and
 every hyperparameter against the model's architecture and the data.
+
+Ownership: jobs, datasets and adapters carry the name of the API key that made them. A key without the
+admin scope sees only its own (and the bundled, ownerless samples); another key's job or dataset is
+NOT_FOUND to it, so it cannot learn that one exists. Changing or deleting needs the owner or an admin.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
+import time
 from dataclasses import dataclass
 
 from celery import Celery
 
-from services.finetune import hyperparams
-from services.finetune.datasets import DatasetRecord, DatasetStore
+from services.finetune import hyperparams, metrics
+from services.finetune.datasets import DatasetRecord, DatasetStore, DatasetUpload
 from services.finetune.hyperparams import Hyperparameters, TrainingData
 from services.finetune.jobs import JobRecord, JobState, JobStore
 from services.finetune.queue import dispatch
 from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
-from shared.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from shared.auth import Caller, current_caller
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.locations import TRAINING_DEFAULTS_FILE, prepared_folder, read_json
 from shared.registry import ModelRegistry
 from shared.settings import ModelEntry, Settings
 
 log = logging.getLogger(__name__)
+
+DAY_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -105,10 +114,11 @@ class FineTuneAPI:
     def create_job(
         self, kind: str, base_model: str, dataset_id: str, adapter_name: str, hp: Hyperparameters
     ) -> JobRecord:
+        caller = current_caller()
         entry = self._base_model(kind, base_model)
         if not dataset_id:
             raise InvalidArgument("dataset_id is required; UploadDataset returns one")
-        dataset = self.datasets.get(dataset_id)
+        dataset = self._visible_dataset(dataset_id, caller)
         if dataset.kind != kind:
             raise InvalidArgument(
                 f"dataset {dataset_id!r} is {dataset.format} ({dataset.kind} data); a {kind} job needs "
@@ -119,16 +129,9 @@ class FineTuneAPI:
         validate_adapter_name(adapter_name)
         if (self.adapters.root / adapter_name).exists():
             raise AlreadyExists(f"adapter {adapter_name!r} already exists; choose another name or delete it first")
-        data = TrainingData(
-            kind=kind,
-            num_records=dataset.num_records,
-            record_type=dataset.record_type,
-            cuda_workers=self._cuda_workers(),
-            max_steps_limit=self.settings.finetune.max_steps_limit,
-            devices=self.settings.finetune.devices,
-            **self._profile(entry),
-        )
-        resolved, total_steps = hyperparams.resolve(hp, data)
+        resolved, total_steps = hyperparams.resolve(hp, self._training_data(entry, dataset))
+        if kind == "diffusion":
+            self.datasets.check_training_budget(dataset, resolved.resolution)
         record = JobRecord(
             id=self.jobs.new_id(),
             kind=kind,
@@ -137,8 +140,9 @@ class FineTuneAPI:
             adapter_name=adapter_name,
             hyperparameters=resolved.to_dict(),
             total_steps=total_steps,
+            owner=caller.name,
         )
-        self.jobs.create(record)
+        self._store_within_quota(record, caller)
         try:
             dispatch(self.celery, self.settings.finetune.queue, self.jobs, record.id, record.attempt)
         except Exception as exc:
@@ -150,22 +154,100 @@ class FineTuneAPI:
         log.info("job created", extra={"job": record.id, "kind": kind, "base_model": entry.name, "steps": total_steps})
         return record
 
+    def _training_data(self, entry: ModelEntry, dataset: DatasetRecord) -> TrainingData:
+        llm = self.settings.llm
+        return TrainingData(
+            kind=entry.kind,
+            num_records=dataset.num_records,
+            record_type=dataset.record_type,
+            cuda_workers=self._cuda_workers(),
+            max_steps_limit=self.settings.finetune.max_steps_limit,
+            devices=self.settings.finetune.devices,
+            max_lora_rank=llm.max_lora_rank if entry.kind == "llm" else hyperparams.MAX_LORA_RANK,
+            allow_embedding_targets=llm.allow_embedding_lora_targets,
+            **self._profile(entry),
+        )
+
+    def _store_within_quota(self, record: JobRecord, caller: Caller) -> None:
+        """Store the job unless its key already has its quota of unfinished jobs (RESOURCE_EXHAUSTED)."""
+        if caller.max_queued_jobs is not None:
+            limit, setting = caller.max_queued_jobs, f"max_queued_jobs of the API key {caller.name!r}"
+        else:
+            limit, setting = self.settings.finetune.max_queued_jobs, "finetune.max_queued_jobs"
+        self.jobs.create(record, max_active=limit, limit_setting=setting)
+
     def get_job(self, job_id: str) -> JobRecord:
-        return self.jobs.get(job_id)
+        """The job, if the caller may see it; another key's job is NOT_FOUND, as an unknown one is."""
+        job = self.jobs.get(job_id)
+        if not current_caller().sees(job.owner):
+            raise NotFound(f"job {job_id!r} not found")
+        return job
 
     def list_jobs(self, state: JobState | None, limit: int) -> list[JobRecord]:
-        return self.jobs.list(state, min(limit or 100, 1000))
+        caller = current_caller()
+        return self.jobs.list(state, min(limit or 100, 1000), owner=None if caller.is_admin else caller.name)
 
     def cancel_job(self, job_id: str) -> JobRecord:
+        self.get_job(job_id)
         return self.jobs.cancel(job_id)
+
+    def expire_finished_jobs(self, now: float | None = None) -> list[str]:
+        """Remove the jobs that ended `finetune.job_retention_days` ago or more, with their folders."""
+        cutoff = (time.time() if now is None else now) - self.settings.finetune.job_retention_days * DAY_S
+        expired = self.jobs.expire_finished(cutoff)
+        for job_id in expired:
+            shutil.rmtree(self.settings.jobs_dir / job_id, ignore_errors=True)
+        if expired:
+            metrics.EXPIRED.inc(len(expired))
+            log.info("expired finished jobs", extra={"jobs": len(expired)})
+        return expired
 
     # -- datasets and adapters ----------------------------------------------------------------------------
 
+    def _visible_dataset(self, dataset_id: str, caller: Caller) -> DatasetRecord:
+        dataset = self.datasets.get(dataset_id)
+        if dataset.owner and not caller.sees(dataset.owner):
+            raise NotFound(f"dataset {dataset_id!r} not found")
+        return dataset
+
+    def accept_upload(self, upload: DatasetUpload) -> DatasetRecord:
+        """Validate and store an upload as the caller's dataset."""
+        return self.datasets.accept(upload, owner=current_caller().name)
+
     def list_datasets(self) -> list[DatasetRecord]:
-        return self.datasets.list()
+        caller = current_caller()
+        return [d for d in self.datasets.list() if not d.owner or caller.sees(d.owner)]
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """The owner or an admin; the bundled samples (no owner) only an admin. Not while a job needs it."""
+        caller = current_caller()
+        dataset = self._visible_dataset(dataset_id, caller)
+        caller.require_owner(dataset.owner, f"dataset {dataset_id!r}")
+        if users := self.jobs.unfinished_using(dataset_id):
+            raise FailedPrecondition(
+                f"dataset {dataset_id!r} is used by unfinished job {users[0]}; cancel it or let it end first"
+            )
+        self.datasets.delete(dataset_id)
 
     def list_adapters(self, kind: str | None) -> list[AdapterInfo]:
-        return [a for a in self.adapters.list() if kind is None or a.kind == kind]
+        caller = current_caller()
+        return [
+            a
+            for a in self.adapters.list()
+            if (kind is None or a.kind == kind) and (not a.owner or caller.sees(a.owner))
+        ]
 
     def delete_adapter(self, name: str) -> None:
-        self.adapters.delete(validate_adapter_name(name))
+        """The owner or an admin; an adapter with no owner (placed by an operator) only an admin."""
+        caller = current_caller()
+        owner = self._adapter_owner(validate_adapter_name(name))
+        if owner and not caller.sees(owner):
+            raise NotFound(f"adapter {name!r} not found in the adapter store")
+        caller.require_owner(owner, f"adapter {name!r}")
+        self.adapters.delete(name)
+
+    def _adapter_owner(self, name: str) -> str:
+        try:
+            return self.adapters.get(name).owner
+        except FailedPrecondition:  # unreadable metadata, so no known owner: an admin may still remove it
+            return ""

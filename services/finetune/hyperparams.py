@@ -37,6 +37,28 @@ UNET_TARGETS = (
     ["to_q", "to_k", "to_v", "to_out.0"],
     ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
 )
+# Output heads and embeddings: a LoRA there is vocabulary-sized (llm.allow_embedding_lora_targets).
+EMBEDDING_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings")
+MAX_LORA_RANK = 1024  # any job; LLM jobs are bounded by llm.max_lora_rank too
+
+# What a field left at zero (or unset) becomes, unless the model folder's training defaults say otherwise
+# (epochs, learning_rate) or the data decides (max_seq_length is capped by the model's context).
+DEFAULTS: dict = {
+    "method": "lora",
+    "lr_scheduler": "cosine",
+    "mixed_precision": "no",
+    "epochs": 3,
+    "learning_rate": {"adapter": 2e-4, "p_tuning": 1e-2},
+    "batch_size": {"llm": 4, "diffusion": 1},  # then rounded up to a multiple of the worker's GPUs
+    "gradient_accumulation_steps": 1,
+    "lora_r": {"llm": 16, "diffusion": 8},  # lora_alpha defaults to twice the rank
+    "max_grad_norm": 1.0,
+    "max_seq_length": 512,
+    "num_virtual_tokens": 20,
+    "validation_fraction": 0.1,
+    "validation_min_records": 20,  # fewer records: no validation split by default
+    "seed": 42,
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +118,8 @@ class TrainingData:
     max_steps_limit: int = 1_000_000
     devices: int = 1  # DDP ranks per worker: the batch must split evenly across them
     targets: tuple[list[str], list[str] | None] = field(default=UNET_TARGETS)
+    max_lora_rank: int = MAX_LORA_RANK  # LLM jobs: llm.max_lora_rank
+    allow_embedding_targets: bool = False  # llm.allow_embedding_lora_targets
 
 
 def optimizer_steps_per_epoch(train_records: int, batch_size: int, accumulation: int) -> int:
@@ -121,18 +145,70 @@ def _at_most(name: str, value: int, high: int) -> None:
 
 def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, int]:
     """Check every field and fill in the defaults; returns the resolved set and the job's total steps."""
-    is_llm = data.kind == "llm"
-    method = hp.method or "lora"
-    allowed = LLM_METHODS if is_llm else DIFFUSION_METHODS
+    method = _method(hp, data)
+    _check_bounds(hp, data)
+    lr_scheduler, mixed_precision = _choices(hp, data)
+    target_modules = _target_modules(hp, method, data)
+    max_seq_length, resolution = _input_size(hp, method, data)
+    validation_fraction, train_records = _validation_split(hp, data)
+    batch_size, accumulation = _batching(hp, data)
+    suggested = {**data.model_defaults, **data.model_defaults.get(method, {})}
+    epochs = hp.epochs or int(suggested.get("epochs", DEFAULTS["epochs"]))
+    steps_per_epoch = optimizer_steps_per_epoch(train_records, batch_size, accumulation)
+    total_steps = hp.max_steps or steps_per_epoch * epochs
+    if total_steps > data.max_steps_limit:
+        raise InvalidArgument(
+            f"this job would train {total_steps} steps; the limit is {data.max_steps_limit}: "
+            "lower epochs or set max_steps"
+        )
+    p_tuning = method == "p_tuning"
+    lora_r = 0 if p_tuning else _lora_rank(hp, data)
+    resolved = replace(
+        hp,
+        method=method,
+        epochs=epochs,
+        learning_rate=hp.learning_rate or float(suggested.get("learning_rate", _default_learning_rate(method))),
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        lora_r=lora_r,
+        lora_alpha=0.0 if p_tuning else (hp.lora_alpha or 2.0 * lora_r),
+        target_modules=target_modules,
+        lr_scheduler=lr_scheduler,
+        max_grad_norm=hp.max_grad_norm or DEFAULTS["max_grad_norm"],
+        mixed_precision=mixed_precision,
+        validation_fraction=validation_fraction,
+        seed=DEFAULTS["seed"] if hp.seed is None else hp.seed % 2**63,  # room for seed + epoch in a torch seed
+        max_seq_length=max_seq_length,
+        resolution=resolution,
+        save_steps=hp.save_steps or max(1, min(100, total_steps // 4)),
+        num_virtual_tokens=_virtual_tokens(hp, method),
+        eval_steps=hp.eval_steps or max(1, steps_per_epoch),
+    )
+    return resolved, total_steps
+
+
+def _method(hp: Hyperparameters, data: TrainingData) -> str:
+    method = hp.method or DEFAULTS["method"]
+    allowed = LLM_METHODS if data.kind == "llm" else DIFFUSION_METHODS
     if method not in allowed:
         raise InvalidArgument(
             f"hyperparameters.method {method!r} is not available for {data.kind} models; "
             f"use one of {', '.join(allowed)}"
         )
+    return method
+
+
+def _check_bounds(hp: Hyperparameters, data: TrainingData) -> None:
+    """Numbers a client sent, each against its range (zero, the default, always passes)."""
     for name, high in (("epochs", 1000), ("batch_size", 1024), ("gradient_accumulation_steps", 1024)):
         _at_most(name, getattr(hp, name), high)
     _at_most("max_steps", hp.max_steps, data.max_steps_limit)
-    _at_most("lora_r", hp.lora_r, 1024)
+    _at_most("lora_r", hp.lora_r, MAX_LORA_RANK)
+    if data.kind == "llm" and hp.lora_r > data.max_lora_rank:
+        raise InvalidArgument(
+            f"hyperparameters.lora_r must be at most {data.max_lora_rank} (the server's llm.max_lora_rank), "
+            f"got {hp.lora_r}"
+        )
     _at_most("profile_steps", hp.profile_steps, 50)
     _at_most("num_virtual_tokens", hp.num_virtual_tokens, 512)
     _at_most("early_stopping_patience", hp.early_stopping_patience, 1000)
@@ -145,10 +221,15 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
     _in_range("max_grad_norm", hp.max_grad_norm, 0.0, 1e4)
     if hp.validation_fraction is not None:
         _in_range("validation_fraction", hp.validation_fraction, 0.0, 0.5)
-    lr_scheduler = hp.lr_scheduler or "cosine"
+    if data.kind == "llm" and (hp.random_crop or hp.random_flip):
+        raise InvalidArgument("hyperparameters.random_crop and random_flip apply to diffusion jobs only")
+
+
+def _choices(hp: Hyperparameters, data: TrainingData) -> tuple[str, str]:
+    lr_scheduler = hp.lr_scheduler or DEFAULTS["lr_scheduler"]
     if lr_scheduler not in LR_SCHEDULERS:
         raise InvalidArgument(f"hyperparameters.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
-    mixed_precision = hp.mixed_precision or "no"
+    mixed_precision = hp.mixed_precision or DEFAULTS["mixed_precision"]
     if mixed_precision not in MIXED_PRECISION:
         raise InvalidArgument(f"hyperparameters.mixed_precision must be one of {', '.join(MIXED_PRECISION)}")
     if mixed_precision == "fp16" and data.cuda_workers is False:
@@ -156,51 +237,69 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
             "hyperparameters.mixed_precision fp16 needs a CUDA worker and every worker here runs on the CPU; "
             "use bf16 or no"
         )
+    return lr_scheduler, mixed_precision
 
-    target_modules = hp.target_modules
+
+def _target_modules(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[str, ...]:
+    """The layers a LoRA trains: the architecture's default, or the client's choice among its layers."""
+    if data.record_type == "chat" and not data.has_chat_template:
+        raise InvalidArgument("the dataset holds chat records but the base model has no chat template")
     if method == "p_tuning":
-        if target_modules:
+        if hp.target_modules:
             raise InvalidArgument("hyperparameters.target_modules does not apply to p_tuning (it trains no layers)")
         if data.record_type == "text":
             raise InvalidArgument("p_tuning needs prompts to condition: use prompt/completion or chat records")
-    else:
-        defaults, allowed_targets = data.targets
-        target_modules = target_modules or tuple(defaults)
-        unknown = [t for t in target_modules if allowed_targets is not None and t not in allowed_targets]
-        if unknown:
-            raise InvalidArgument(
-                f"hyperparameters.target_modules {', '.join(unknown)} are not LoRA-able layers of this "
-                f"{data.architecture} model; choose from {', '.join(allowed_targets)}"
-            )
-    if data.record_type == "chat" and not data.has_chat_template:
-        raise InvalidArgument("the dataset holds chat records but the base model has no chat template")
+        return ()
+    defaults, allowed = data.targets
+    target_modules = tuple(hp.target_modules or defaults)
+    unknown = [t for t in target_modules if allowed is not None and t not in allowed]
+    if unknown:
+        raise InvalidArgument(
+            f"hyperparameters.target_modules {', '.join(unknown)} are not LoRA-able layers of this "
+            f"{data.architecture} model; choose from {', '.join(allowed)}"
+        )
+    embeddings = [t for t in target_modules if t.rsplit(".", 1)[-1] in EMBEDDING_MODULES]
+    if embeddings and not data.allow_embedding_targets:
+        raise InvalidArgument(
+            f"hyperparameters.target_modules {', '.join(embeddings)} are the output head or the embeddings, "
+            "whose LoRA is vocabulary-sized; this server refuses them (llm.allow_embedding_lora_targets is off)"
+        )
+    return target_modules
 
-    max_seq_length = resolution = 0
-    if is_llm:
-        max_seq_length = hp.max_seq_length or min(512, data.context_length or 512)
-        virtual = (hp.num_virtual_tokens or 20) if method == "p_tuning" else 0
-        if data.context_length and max_seq_length + virtual > data.context_length:
-            raise InvalidArgument(
-                f"hyperparameters.max_seq_length {max_seq_length}"
-                + (f" plus {virtual} virtual tokens" if virtual else "")
-                + f" exceeds the model's context of {data.context_length}"
-            )
-        if hp.resolution:
-            raise InvalidArgument("hyperparameters.resolution applies to diffusion jobs only")
-    else:
+
+def _input_size(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[int, int]:
+    """(max_seq_length, 0) for an LLM job, (0, resolution) for a diffusion job."""
+    if data.kind != "llm":
         resolution = hp.resolution or data.native_resolution
         if resolution % 8 or not 8 <= resolution <= 2048:
             raise InvalidArgument(f"hyperparameters.resolution must be a multiple of 8 in [8, 2048], got {resolution}")
         if hp.max_seq_length:
             raise InvalidArgument("hyperparameters.max_seq_length applies to LLM jobs only")
-
-    validation_fraction = hp.validation_fraction
-    if validation_fraction is None:
-        validation_fraction = 0.1 if data.num_records >= 20 else 0.0
-    validation_records = math.floor(data.num_records * validation_fraction)
-    if validation_fraction and validation_records < 1:
+        return 0, resolution
+    max_seq_length = hp.max_seq_length or min(
+        DEFAULTS["max_seq_length"], data.context_length or DEFAULTS["max_seq_length"]
+    )
+    virtual = _virtual_tokens(hp, method)
+    if data.context_length and max_seq_length + virtual > data.context_length:
         raise InvalidArgument(
-            f"hyperparameters.validation_fraction {validation_fraction:g} of {data.num_records} records leaves no "
+            f"hyperparameters.max_seq_length {max_seq_length}"
+            + (f" plus {virtual} virtual tokens" if virtual else "")
+            + f" exceeds the model's context of {data.context_length}"
+        )
+    if hp.resolution:
+        raise InvalidArgument("hyperparameters.resolution applies to diffusion jobs only")
+    return max_seq_length, 0
+
+
+def _validation_split(hp: Hyperparameters, data: TrainingData) -> tuple[float, int]:
+    """The validation fraction (by default a tenth, with enough records) and the records left to train on."""
+    fraction = hp.validation_fraction
+    if fraction is None:
+        fraction = DEFAULTS["validation_fraction"] if data.num_records >= DEFAULTS["validation_min_records"] else 0.0
+    validation_records = math.floor(data.num_records * fraction)
+    if fraction and validation_records < 1:
+        raise InvalidArgument(
+            f"hyperparameters.validation_fraction {fraction:g} of {data.num_records} records leaves no "
             "validation record; raise it or upload more data"
         )
     train_records = data.num_records - validation_records
@@ -208,46 +307,29 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         raise InvalidArgument("the dataset leaves no training record after the validation split")
     if hp.early_stopping_patience and not validation_records:
         raise InvalidArgument("hyperparameters.early_stopping_patience needs a validation split (validation_fraction)")
+    return fraction, train_records
 
-    suggested = {**data.model_defaults, **data.model_defaults.get(method, {})}
-    batch_size = hp.batch_size or math.lcm(4 if is_llm else 1, data.devices)
+
+def _batching(hp: Hyperparameters, data: TrainingData) -> tuple[int, int]:
+    """(batch size, gradient accumulation); the batch splits evenly over a worker's GPUs."""
+    batch_size = hp.batch_size or math.lcm(DEFAULTS["batch_size"][data.kind], data.devices)
     if batch_size % data.devices:
         raise InvalidArgument(
             f"hyperparameters.batch_size {batch_size} must be a multiple of the {data.devices} GPUs each worker "
             "trains on (finetune.devices)"
         )
-    accumulation = hp.gradient_accumulation_steps or 1
-    epochs = hp.epochs or int(suggested.get("epochs", 3))
-    steps_per_epoch = optimizer_steps_per_epoch(train_records, batch_size, accumulation)
-    total_steps = hp.max_steps or steps_per_epoch * epochs
-    lora_r = hp.lora_r or (16 if is_llm else 8)
-    default_lr = 1e-2 if method == "p_tuning" else 2e-4
-    resolved = replace(
-        hp,
-        method=method,
-        epochs=epochs,
-        learning_rate=hp.learning_rate or float(suggested.get("learning_rate", default_lr)),
-        batch_size=batch_size,
-        gradient_accumulation_steps=accumulation,
-        lora_r=0 if method == "p_tuning" else lora_r,
-        lora_alpha=0.0 if method == "p_tuning" else (hp.lora_alpha or 2.0 * lora_r),
-        target_modules=tuple(target_modules),
-        lr_scheduler=lr_scheduler,
-        max_grad_norm=hp.max_grad_norm or 1.0,
-        mixed_precision=mixed_precision,
-        validation_fraction=validation_fraction,
-        seed=42 if hp.seed is None else hp.seed % 2**63,  # room for seed + epoch in a torch seed
-        max_seq_length=max_seq_length,
-        resolution=resolution,
-        save_steps=hp.save_steps or max(1, min(100, total_steps // 4)),
-        num_virtual_tokens=(hp.num_virtual_tokens or 20) if method == "p_tuning" else 0,
-        eval_steps=hp.eval_steps or max(1, steps_per_epoch),
-    )
-    if total_steps > data.max_steps_limit:
-        raise InvalidArgument(
-            f"this job would train {total_steps} steps; the limit is {data.max_steps_limit}: "
-            "lower epochs or set max_steps"
-        )
-    if is_llm and (hp.random_crop or hp.random_flip):
-        raise InvalidArgument("hyperparameters.random_crop and random_flip apply to diffusion jobs only")
-    return resolved, total_steps
+    return batch_size, hp.gradient_accumulation_steps or DEFAULTS["gradient_accumulation_steps"]
+
+
+def _lora_rank(hp: Hyperparameters, data: TrainingData) -> int:
+    """The client's rank, else the default capped by the server's limit (LLM jobs)."""
+    default = DEFAULTS["lora_r"][data.kind]
+    return hp.lora_r or (min(default, data.max_lora_rank) if data.kind == "llm" else default)
+
+
+def _default_learning_rate(method: str) -> float:
+    return DEFAULTS["learning_rate"]["p_tuning" if method == "p_tuning" else "adapter"]
+
+
+def _virtual_tokens(hp: Hyperparameters, method: str) -> int:
+    return (hp.num_virtual_tokens or DEFAULTS["num_virtual_tokens"]) if method == "p_tuning" else 0

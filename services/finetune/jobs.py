@@ -28,7 +28,7 @@ from enum import StrEnum
 
 import redis
 
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 
 PREFIX = "modelworks"
 JOB_ID_RE = re.compile(r"^ftjob-[0-9a-f]{16}$")
@@ -73,6 +73,7 @@ class JobRecord:
     cancel_requested: bool = False
     queued_at: float = 0.0  # when it last became QUEUED
     dispatched_attempt: int = 0  # the attempt whose Celery message was sent
+    owner: str = ""  # the name of the API key that created it (shared.auth.Caller.name)
 
     def to_hash(self) -> dict[str, str]:
         data = asdict(self)
@@ -146,19 +147,26 @@ class Report:
     cancel_requested: bool
 
 
-# KEYS: job, events, active, adapter claim, index. ARGV: job id, hash fields (flattened), event fields, created_at
+# KEYS: job, events, active, adapter claim, index, the owner's active, the owner's index. ARGV: job id,
+# created_at, the owner's limit of unfinished jobs ('' for none), max events, n, hash fields (flattened),
+# event fields.
+# Returns false (created), {'taken', job id holding the adapter name} or {'full', the owner's unfinished jobs}.
 _CREATE = """
-if redis.call('EXISTS', KEYS[4]) == 1 then return redis.call('GET', KEYS[4]) end
+if redis.call('EXISTS', KEYS[4]) == 1 then return {'taken', redis.call('GET', KEYS[4])} end
+local active = redis.call('SCARD', KEYS[6])
+if ARGV[3] ~= '' and active >= tonumber(ARGV[3]) then return {'full', active} end
 redis.call('SET', KEYS[4], ARGV[1])
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[5])
 local hash = {}
-for i = 1, n do hash[i] = ARGV[2 + i] end
+for i = 1, n do hash[i] = ARGV[5 + i] end
 redis.call('HSET', KEYS[1], unpack(hash))
 local event = {}
-for i = 3 + n, #ARGV - 1 do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[2], '*', unpack(event))
+for i = 6 + n, #ARGV do event[#event + 1] = ARGV[i] end
+redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[4], '*', unpack(event))
 redis.call('SADD', KEYS[3], ARGV[1])
-redis.call('ZADD', KEYS[5], ARGV[#ARGV], ARGV[1])
+redis.call('SADD', KEYS[6], ARGV[1])
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[7], ARGV[2], ARGV[1])
 return false
 """
 
@@ -187,63 +195,66 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[
 return 0
 """
 
-# KEYS: job, lease, events. ARGV: token, report id, n hash values, hash..., then per event: n fields,
-# fields... Idempotent: a retry after a lost reply (Redis restarting after it ran the script) finds its
-# report id already written and adds nothing twice.
+# KEYS: job, lease, events. ARGV: token, report id, max events, n hash values, hash..., then per event:
+# n fields, fields... Idempotent: a retry after a lost reply (Redis restarting after it ran the script)
+# finds its report id already written and adds nothing twice.
 _REPORT = """
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return {0, 0} end
 local cancel = redis.call('HGET', KEYS[1], 'cancel_requested') == '1' and 1 or 0
 if redis.call('HGET', KEYS[1], 'last_report') == ARGV[2] then return {1, cancel} end
-local n = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
 local hash = {'last_report', ARGV[2]}
-for i = 1, n do hash[2 + i] = ARGV[3 + i] end
+for i = 1, n do hash[2 + i] = ARGV[4 + i] end
 redis.call('HSET', KEYS[1], unpack(hash))
-local i = 4 + n
+local i = 5 + n
 while i <= #ARGV do
   local count = tonumber(ARGV[i])
   local event = {}
   for j = 1, count do event[j] = ARGV[i + j] end
-  redis.call('XADD', KEYS[3], '*', unpack(event))
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*', unpack(event))
   i = i + count + 1
 end
 return {1, cancel}
 """
 
-# KEYS: job, lease, events, active, adapter claim. ARGV: token (or '' to skip the lease check), hash..., event...
-# Idempotent: a retry after a lost reply finds the job ended by the same token and returns 1 again.
+# KEYS: job, lease, events, active, adapter claim, the owner's active. ARGV: token (or '' to skip the lease
+# check), max events, n, hash..., event... Idempotent: a retry after a lost reply finds the job ended by
+# the same token and returns 1 again.
 _FINISH = """
 if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'finished_by') == ARGV[1] then return 1 end
 if ARGV[1] ~= '' and redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'finished_by', ARGV[1])
-local n = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local hash = {}
-for i = 1, n do hash[i] = ARGV[2 + i] end
+for i = 1, n do hash[i] = ARGV[3 + i] end
 redis.call('HSET', KEYS[1], unpack(hash))
 local event = {}
-for i = 3 + n, #ARGV do event[#event + 1] = ARGV[i] end
-redis.call('XADD', KEYS[3], '*', unpack(event))
+for i = 4 + n, #ARGV do event[#event + 1] = ARGV[i] end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[2], '*', unpack(event))
 redis.call('DEL', KEYS[2])
 redis.call('SREM', KEYS[4], redis.call('HGET', KEYS[1], 'id'))
+redis.call('SREM', KEYS[6], redis.call('HGET', KEYS[1], 'id'))
 if redis.call('GET', KEYS[5]) == redis.call('HGET', KEYS[1], 'id') then redis.call('DEL', KEYS[5]) end
 return 1
 """
 
-# KEYS: job, events, active, adapter claim. ARGV: now
+# KEYS: job, events, active, adapter claim, the owner's active. ARGV: now, max events
 _CANCEL = """
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return 'missing' end
 if state == 'queued' then
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[1], 'cancel_requested', '1')
-  redis.call('XADD', KEYS[2], '*', 'type', 'state', 'state', 'cancelled', 'time', ARGV[1],
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', 'state', 'state', 'cancelled', 'time', ARGV[1],
     'message', 'cancelled before it started')
   redis.call('SREM', KEYS[3], redis.call('HGET', KEYS[1], 'id'))
+  redis.call('SREM', KEYS[5], redis.call('HGET', KEYS[1], 'id'))
   if redis.call('GET', KEYS[4]) == redis.call('HGET', KEYS[1], 'id') then redis.call('DEL', KEYS[4]) end
   return 'done'
 end
 if state == 'running' then
   if redis.call('HGET', KEYS[1], 'cancel_requested') ~= '1' then
     redis.call('HSET', KEYS[1], 'cancel_requested', '1')
-    redis.call('XADD', KEYS[2], '*', 'type', 'log', 'state', 'running', 'time', ARGV[1],
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', 'type', 'log', 'state', 'running', 'time', ARGV[1],
       'message', 'cancel requested; the job stops within a few steps')
   end
   return 'requested'
@@ -281,14 +292,28 @@ return attempt
 """
 
 
+# KEYS: job, events, lease, index, the owner's index. ARGV: job id, cutoff. Removes a job that ended before
+# the cutoff (or an index entry whose record is gone); an unfinished job, or one that ended later, stays.
+_EXPIRE = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if state and state ~= 'succeeded' and state ~= 'failed' and state ~= 'cancelled' then return 0 end
+if state and tonumber(redis.call('HGET', KEYS[1], 'finished_at') or '0') >= tonumber(ARGV[2]) then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+redis.call('ZREM', KEYS[4], ARGV[1])
+redis.call('ZREM', KEYS[5], ARGV[1])
+return 1
+"""
+
+
 def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
 
 class JobStore:
-    def __init__(self, client: redis.Redis, prefix: str = PREFIX):
+    def __init__(self, client: redis.Redis, prefix: str = PREFIX, max_events: int = 100_000):
         self.redis = client
         self.prefix = prefix
+        self.max_events = max_events  # per job stream, trimmed approximately (finetune.max_events_per_job)
         self._create = client.register_script(_CREATE)
         self._claim = client.register_script(_CLAIM)
         self._renew = client.register_script(_RENEW)
@@ -297,6 +322,7 @@ class JobStore:
         self._cancel = client.register_script(_CANCEL)
         self._requeue = client.register_script(_REQUEUE)
         self._release = client.register_script(_RELEASE)
+        self._expire = client.register_script(_EXPIRE)
 
     # -- keys -----------------------------------------------------------------------------------------
 
@@ -316,6 +342,13 @@ class JobStore:
     def active_key(self) -> str:
         return f"{self.prefix}:jobs:active"
 
+    def owner_active_key(self, owner: str) -> str:
+        """The unfinished jobs of one API key (names are `[A-Za-z0-9._-]`, safe in a key)."""
+        return f"{self.prefix}:jobs:active-of:{owner}"
+
+    def owner_index_key(self, owner: str) -> str:
+        return f"{self.prefix}:jobs:of:{owner}"
+
     @property
     def index_key(self) -> str:
         return f"{self.prefix}:jobs"
@@ -329,27 +362,47 @@ class JobStore:
     def new_id() -> str:
         return f"ftjob-{secrets.token_hex(8)}"
 
-    def create(self, record: JobRecord) -> JobRecord:
-        """Store a QUEUED job, reserving its adapter name; ALREADY_EXISTS if a live job has that name."""
+    def create(
+        self, record: JobRecord, max_active: int | None = None, limit_setting: str = "finetune.max_queued_jobs"
+    ) -> JobRecord:
+        """Store a QUEUED job, reserving its adapter name; ALREADY_EXISTS if a live job has that name, and
+        RESOURCE_EXHAUSTED if its owner already has `max_active` jobs queued or running (checked in the
+        same atomic step, so concurrent creates cannot overshoot)."""
         record.created_at = record.created_at or time.time()
         record.queued_at = record.created_at
         hash_fields = _flatten(record.to_hash())
         event = JobEvent(
             "state", state="queued", total_steps=record.total_steps, message="queued", time=record.created_at
         )
-        holder = self._create(
+        refused = self._create(
             keys=[
                 self.job_key(record.id),
                 self.events_key(record.id),
                 self.active_key,
                 self.claim_key(record.adapter_name),
                 self.index_key,
+                self.owner_active_key(record.owner),
+                self.owner_index_key(record.owner),
             ],
-            args=[record.id, len(hash_fields), *hash_fields, *_flatten(event.to_fields()), record.created_at],
+            args=[
+                record.id,
+                record.created_at,
+                "" if max_active is None else max_active,
+                self.max_events,
+                len(hash_fields),
+                *hash_fields,
+                *_flatten(event.to_fields()),
+            ],
         )
-        if holder:
-            raise AlreadyExists(
-                f"adapter name {record.adapter_name!r} is taken by job {holder.decode()}, which has not finished"
+        if refused:
+            reason, detail = refused
+            if reason == b"taken":
+                raise AlreadyExists(
+                    f"adapter name {record.adapter_name!r} is taken by job {detail.decode()}, which has not finished"
+                )
+            raise ResourceExhausted(
+                f"API key {record.owner!r} already has {detail} jobs queued or running; the limit is {max_active} "
+                f"({limit_setting}): wait for one to end or cancel one"
             )
         return record
 
@@ -359,7 +412,9 @@ class JobStore:
         pipe = self.redis.pipeline()
         pipe.delete(self.job_key(job_id), self.events_key(job_id), self.lease_key(job_id))
         pipe.srem(self.active_key, job_id)
+        pipe.srem(self.owner_active_key(record.owner), job_id)
         pipe.zrem(self.index_key, job_id)
+        pipe.zrem(self.owner_index_key(record.owner), job_id)
         pipe.eval(
             "if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end",
             1,
@@ -374,11 +429,13 @@ class JobStore:
             raise NotFound(f"job {job_id!r} not found")
         return JobRecord.from_hash(raw)
 
-    def list(self, state: JobState | None = None, limit: int = 100) -> list[JobRecord]:
+    def list(self, state: JobState | None = None, limit: int = 100, owner: str | None = None) -> list[JobRecord]:
+        """Newest first, of one state and one owner when given."""
+        index = self.index_key if owner is None else self.owner_index_key(owner)
         records = []
         start = 0
         while len(records) < limit:
-            ids = self.redis.zrevrange(self.index_key, start, start + 4 * limit - 1)
+            ids = self.redis.zrevrange(index, start, start + 4 * limit - 1)
             if not ids:
                 break
             start += len(ids)
@@ -394,15 +451,46 @@ class JobStore:
 
     def cancel(self, job_id: str) -> JobRecord:
         self.get(job_id)  # NOT_FOUND for unknown or malformed ids before any key is built from them
+        claim_key, owner_active_key = self._held_keys_of(job_id)
         outcome = self._cancel(
-            keys=[self.job_key(job_id), self.events_key(job_id), self.active_key, self._claim_key_of(job_id)],
-            args=[time.time()],
+            keys=[self.job_key(job_id), self.events_key(job_id), self.active_key, claim_key, owner_active_key],
+            args=[time.time(), self.max_events],
         ).decode()
         if outcome == "missing":
             raise NotFound(f"job {job_id!r} not found")
         if outcome not in ("done", "requested"):
             raise FailedPrecondition(f"job {job_id!r} already {outcome}; only queued or running jobs can be cancelled")
         return self.get(job_id)
+
+    def unfinished_using(self, dataset_id: str) -> list[str]:
+        """The queued or running jobs that will read this dataset."""
+        ids = [raw.decode() for raw in self.redis.smembers(self.active_key)]
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(self.job_key(job_id), "dataset_id")
+        return [job_id for job_id, used in zip(ids, pipe.execute(), strict=True) if used == dataset_id.encode()]
+
+    def expire_finished(self, cutoff: float, batch: int = 500) -> list[str]:
+        """Remove every job that ended before `cutoff` (record, events, index entry); returns their ids so
+        the caller can remove their folders. Only jobs created before the cutoff can qualify."""
+        expired: list[str] = []
+        offset = 0
+        while ids := self.redis.zrangebyscore(self.index_key, "-inf", cutoff, start=offset, num=batch):
+            removed = [job_id.decode() for job_id in ids if self._expire_one(job_id.decode(), cutoff)]
+            expired += removed
+            offset += len(ids) - len(removed)
+        return expired
+
+    def _expire_one(self, job_id: str, cutoff: float) -> bool:
+        owner = self.redis.hget(self.job_key(job_id), "owner")
+        keys = [
+            self.job_key(job_id),
+            self.events_key(job_id),
+            self.lease_key(job_id),
+            self.index_key,
+            self.owner_index_key(owner.decode() if owner else ""),
+        ]
+        return bool(self._expire(keys=keys, args=[job_id, cutoff]))
 
     def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> list[JobEvent]:
         raw = self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-", count=count)
@@ -438,7 +526,7 @@ class JobStore:
             event_args += [len(flat), *flat]
         owned, cancel = self._report(
             keys=[self.job_key(job_id), self.lease_key(job_id), self.events_key(job_id)],
-            args=[token, report_id or secrets.token_hex(8), len(values), *values, *event_args],
+            args=[token, report_id or secrets.token_hex(8), self.max_events, len(values), *values, *event_args],
         )
         return Report(bool(owned), bool(cancel))
 
@@ -456,6 +544,7 @@ class JobStore:
             message=message,
             time=now,
         )
+        claim_key, owner_active_key = self._held_keys_of(job_id)
         return bool(
             self._finish(
                 keys=[
@@ -463,9 +552,10 @@ class JobStore:
                     self.lease_key(job_id),
                     self.events_key(job_id),
                     self.active_key,
-                    self._claim_key_of(job_id),
+                    claim_key,
+                    owner_active_key,
                 ],
-                args=[token or "", len(values), *values, *_flatten(event.to_fields())],
+                args=[token or "", self.max_events, len(values), *values, *_flatten(event.to_fields())],
             )
         )
 
@@ -511,19 +601,26 @@ class JobStore:
         return int(attempt) if attempt else None
 
     def mark_dispatched(self, job_id: str, attempt: int) -> None:
-        self.redis.hset(self.job_key(job_id), "dispatched_attempt", attempt)
+        self.redis.hset(self.job_key(job_id), mapping={"dispatched_attempt": attempt, "dispatched_at": time.time()})
 
-    def undispatched(self, older_than_s: float) -> list[tuple[str, int]]:
+    def undispatched(self, older_than_s: float, sent_before_s: float | None = None) -> list[tuple[str, int]]:
         """QUEUED jobs whose current attempt's message was never sent (a crash or a broker error between
-        the state change and the send): (job id, attempt) to send again. Duplicates are harmless."""
-        found = []
+        the state change and the send) for `older_than_s`, and, with `sent_before_s`, those whose message
+        went out longer ago than that and is still unclaimed (the caller checks whether it still waits in
+        the queue: if not, a worker took it and died before claiming). (job id, attempt) to send again;
+        a duplicate is harmless, as claim runs each attempt once."""
+        found, now = [], time.time()
         for raw_id in self.redis.smembers(self.active_key):
             raw = self.redis.hgetall(self.job_key(raw_id.decode()))
             if not raw:
                 continue
             job = JobRecord.from_hash(raw)
-            stale = time.time() - job.queued_at > older_than_s
-            if job.state == JobState.QUEUED and job.dispatched_attempt != job.attempt and stale:
+            if job.state != JobState.QUEUED:
+                continue
+            if job.dispatched_attempt != job.attempt:
+                if now - job.queued_at > older_than_s:
+                    found.append((job.id, job.attempt))
+            elif sent_before_s is not None and now - float(raw.get(b"dispatched_at", 0)) > sent_before_s:
                 found.append((job.id, job.attempt))
         return found
 
@@ -535,6 +632,8 @@ class JobStore:
         values = self.redis.mget(keys) if keys else []
         return [json.loads(v) for v in values if v]
 
-    def _claim_key_of(self, job_id: str) -> str:
-        adapter = self.redis.hget(self.job_key(job_id), "adapter_name")
-        return self.claim_key(adapter.decode() if adapter else "-")
+    def _held_keys_of(self, job_id: str) -> tuple[str, str]:
+        """The keys an unfinished job holds besides its own: its adapter name's claim, its owner's active set."""
+        raw = self.redis.hmget(self.job_key(job_id), ["adapter_name", "owner"])
+        adapter, owner = (value.decode() if value else "" for value in raw)
+        return self.claim_key(adapter or "-"), self.owner_active_key(owner)

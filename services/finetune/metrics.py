@@ -1,4 +1,5 @@
-"""Fine-tuning metrics: the worker's (jobs, steps, step time, loss, throughput) and the queue as seen by all."""
+"""Fine-tuning metrics: the worker's (jobs, steps, step time, loss, throughput), the queue as seen by all, and the
+API server's (open watchers, expired jobs)."""
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -15,6 +16,8 @@ STEP_SECONDS = Histogram(
 TRAIN_LOSS = Gauge("modelworks_finetune_train_loss", "Training loss of the latest step", ["kind"])
 THROUGHPUT = Gauge("modelworks_finetune_throughput", "Items trained per second (tokens or images)", ["kind", "unit"])
 REQUEUED = Counter("modelworks_finetune_requeued", "Jobs this worker's sweeper requeued after their lease lapsed")
+WATCHERS = Gauge("modelworks_finetune_watchers", "WatchJob streams open on this API server (finetune.max_watchers)")
+EXPIRED = Counter("modelworks_finetune_jobs_expired", "Finished jobs removed after finetune.job_retention_days")
 
 
 def export_every_series() -> None:

@@ -1,18 +1,25 @@
-"""gRPC servicer: translates `modelworks.finetune.v1` messages to `FineTuneAPI` calls and back."""
+"""gRPC servicer: translates `modelworks.finetune.v1` messages to `FineTuneAPI` calls and back.
+
+Redis faults (unreachable, timed out) answer UNAVAILABLE from every RPC, translated in one place here.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
+
+import redis
 
 from modelworks.finetune.v1 import finetune_pb2 as pb
 from modelworks.finetune.v1 import finetune_pb2_grpc
 from services.finetune.api import FineTuneAPI
 from services.finetune.datasets import DatasetRecord
-from services.finetune.events import follow_events
+from services.finetune.events import EventFollower
 from services.finetune.hyperparams import Hyperparameters
 from services.finetune.jobs import JobEvent, JobRecord, JobState
 from shared.adapters import AdapterInfo
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, Unavailable
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
 
@@ -74,6 +81,7 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         throughput=job.throughput,
         resumed_from_step=job.resumed_from_step,
         skipped_steps=job.skipped_steps,
+        owner=job.owner,
     )
 
 
@@ -106,6 +114,7 @@ def dataset_to_proto(record: DatasetRecord) -> pb.Dataset:
         created_at=record.created_at,
         record_type=record.record_type,
         bundled=record.bundled,
+        owner=record.owner,
     )
 
 
@@ -119,13 +128,52 @@ def adapter_to_proto(info: AdapterInfo) -> pb.Adapter:
         created_at=info.created_at,
         metrics={k: float(v) for k, v in info.metrics.items() if isinstance(v, int | float)},
         version=info.version,
+        owner=info.owner,
     )
 
 
+REDIS_FAULTS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+def _store_unreachable(exc: Exception) -> Unavailable:
+    return Unavailable(f"the job store (Redis) is unreachable: {exc}; retry later")
+
+
+def _redis_faults_unavailable(method):
+    """Wrap one RPC method (unary or streaming) so a Redis fault answers UNAVAILABLE, not INTERNAL."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def streaming(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except REDIS_FAULTS as exc:
+                raise _store_unreachable(exc) from exc
+
+        return streaming
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except REDIS_FAULTS as exc:
+            raise _store_unreachable(exc) from exc
+
+    return unary
+
+
+def _every_rpc_redis_faults_unavailable(cls):
+    for rpc in pb.DESCRIPTOR.services_by_name["FineTuneService"].methods:
+        setattr(cls, rpc.name, _redis_faults_unavailable(getattr(cls, rpc.name)))
+    return cls
+
+
+@_every_rpc_redis_faults_unavailable
 class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
-    def __init__(self, api: FineTuneAPI, redis_url: str):
+    def __init__(self, api: FineTuneAPI, watchers: EventFollower):
         self.api = api
-        self._redis_url = redis_url
+        self.watchers = watchers
 
     async def UploadDataset(self, request_iterator, context):
         upload = None
@@ -142,7 +190,7 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
                     raise InvalidArgument("only the first UploadDatasetRequest may carry `info`; send chunks after it")
             if upload is None:
                 raise InvalidArgument("the upload was empty: send `info`, then the file in chunks")
-            record = await asyncio.to_thread(self.api.datasets.accept, upload)
+            record = await asyncio.to_thread(self.api.accept_upload, upload)
             upload = None
             return dataset_to_proto(record)
         finally:
@@ -179,7 +227,7 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
 
     async def WatchJob(self, request, context):
         await asyncio.to_thread(self.api.get_job, request.id)  # NOT_FOUND before the stream starts
-        async for event in follow_events(self._redis_url, self.api.jobs, request.id):
+        async for event in self.watchers.follow(request.id):
             yield event_to_proto(request.id, event)
 
     async def ListAdapters(self, request, context):
@@ -191,6 +239,10 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
     async def DeleteAdapter(self, request, context):
         await asyncio.to_thread(self.api.delete_adapter, request.name)
         return pb.DeleteAdapterResponse()
+
+    async def DeleteDataset(self, request, context):
+        await asyncio.to_thread(self.api.delete_dataset, request.id)
+        return pb.DeleteDatasetResponse()
 
     async def ListBaseModels(self, request, context):
         models = await asyncio.to_thread(self.api.base_models)

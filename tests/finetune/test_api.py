@@ -286,6 +286,16 @@ BAD_JOBS = {
         grpc.StatusCode.INVALID_ARGUMENT,
         "c_attn are not LoRA-able layers of this llama model; choose from q_proj",
     ),
+    "a rank past the server's limit": (
+        job_request("llm", "lora", "x", lora_r=128),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"lora_r must be at most 64 \(the server's llm.max_lora_rank\), got 128",
+    ),
+    "the output head as a target": (
+        job_request("llm", "lora", "x", target_modules=["q_proj", "lm_head"]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "lm_head are the output head or the embeddings.*llm.allow_embedding_lora_targets is off",
+    ),
     "sequences longer than the context": (
         job_request("llm", "lora", "x", max_seq_length=200_000),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -354,6 +364,15 @@ def test_batches_must_split_evenly_over_a_workers_gpus():
     assert resolved.batch_size == 2
     with pytest.raises(InvalidArgument, match="multiple of the 2 GPUs"):
         resolve(Hyperparameters(batch_size=3), data)
+
+
+def test_embedding_targets_and_ranks_follow_the_servers_settings():
+    from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
+
+    data = TrainingData(kind="llm", num_records=40, architecture="llama", targets=LLM_TARGETS["llama"], max_lora_rank=8)
+    assert resolve(Hyperparameters(), data)[0].lora_r == 8  # the default rank (16) capped by the limit
+    allowed = TrainingData(**{**data.__dict__, "allow_embedding_targets": True})
+    assert resolve(Hyperparameters(target_modules=("lm_head",)), allowed)[0].target_modules == ("lm_head",)
 
 
 @pytest.mark.parametrize("call", ["GetJob", "CancelJob", "WatchJob"])

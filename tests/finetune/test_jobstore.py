@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import redis
 
 from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound
+from shared.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 
 
 @pytest.fixture
@@ -106,3 +107,67 @@ def test_malformed_or_unknown_ids_are_not_found(store, job_id):
         store.get(job_id)
     with pytest.raises(NotFound):
         store.cancel(job_id)
+
+
+def owned_job(store: JobStore, owner: str, adapter: str, limit: int | None = None) -> JobRecord:
+    record = JobRecord(store.new_id(), "llm", "tiny-llm", "ds", adapter, {}, total_steps=10, owner=owner)
+    return store.create(record, max_active=limit)
+
+
+def test_concurrent_creates_never_overshoot_an_owners_quota(store):
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(lambda i: _try(lambda: owned_job(store, "bob", f"q{i}", limit=3)), range(8)))
+    created = [o for o in outcomes if isinstance(o, JobRecord)]
+    assert len(created) == 3
+    assert all(isinstance(o, ResourceExhausted) and "the limit is 3" in o.message for o in outcomes if o not in created)
+    owned_job(store, "alice", "other-owner", limit=3)  # another key's quota is its own
+    store.cancel(created[0].id)
+    store.claim(created[1].id, 1, "w", "t", 30)
+    store.finish(created[1].id, "t", JobState.SUCCEEDED, {}, "done")
+    owned_job(store, "bob", "freed-1", limit=3)  # a cancelled and a finished job free their places
+    owned_job(store, "bob", "freed-2", limit=3)
+    with pytest.raises(ResourceExhausted, match="already has 3 jobs"):
+        owned_job(store, "bob", "over", limit=3)
+
+
+def test_listing_by_owner_shows_only_that_owners_jobs(store):
+    mine = {owned_job(store, "alice", f"mine-{i}").id for i in range(3)}
+    owned_job(store, "bob", "theirs")
+    assert {j.id for j in store.list(owner="alice")} == mine
+    assert len(store.list()) == 4
+
+
+def test_a_job_event_stream_is_trimmed_to_about_its_limit(redis_server):
+    client = redis.Redis.from_url(redis_server.url)
+    store = JobStore(client, prefix=f"test-{time.time_ns()}", max_events=100)
+    job = new_job(store)
+    store.claim(job.id, 1, "w", "t", 30)
+    event = JobEvent("progress", state="running", step=1, total_steps=10)
+    for _ in range(50):
+        assert store.report(job.id, "t", {"step": 1}, [event] * 10).owned
+    length = client.xlen(store.events_key(job.id))
+    assert 100 <= length <= 300, length  # MAXLEN ~ trims whole stream nodes (100 entries each)
+
+
+def test_finished_jobs_expire_after_the_cutoff_and_unfinished_ones_stay(store):
+    done, cancelled, queued = owned_job(store, "alice", "done"), new_job(store, "c"), owned_job(store, "alice", "q")
+    store.claim(done.id, 1, "w", "t", 30)
+    store.finish(done.id, "t", JobState.SUCCEEDED, {}, "done")
+    store.cancel(cancelled.id)
+    ended_by = time.time()
+    assert store.expire_finished(cutoff=ended_by - 3600) == []  # ended after the cutoff: kept
+    assert sorted(store.expire_finished(cutoff=ended_by + 3600)) == sorted([done.id, cancelled.id])
+    for job_id in (done.id, cancelled.id):
+        with pytest.raises(NotFound):
+            store.get(job_id)
+        assert store.events(job_id) == []
+    assert [j.id for j in store.list()] == [queued.id] == [j.id for j in store.list(owner="alice")]
+    assert store.get(queued.id).state == JobState.QUEUED
+    assert store.expire_finished(cutoff=ended_by + 3600) == []
+
+
+def _try(action):
+    try:
+        return action()
+    except ResourceExhausted as exc:
+        return exc
