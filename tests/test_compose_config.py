@@ -15,7 +15,7 @@ import yaml
 from tests.harness import REPO_ROOT
 
 GPU_SERVICES = {"llm": "0", "diffusion": "1", "worker": "2"}
-MODELWORKS_SERVICES = ["redis", "models", "llm", "diffusion", "finetune", "worker", "gateway"]
+MODELWORKS_SERVICES = ["secrets", "redis", "models", "llm", "diffusion", "finetune", "worker", "gateway"]
 
 
 def compose_config(*files: str, env: dict | None = None) -> dict:
@@ -83,7 +83,7 @@ def test_ports_are_published_on_loopback_unless_the_operator_opts_in():
     for name, service in services.items():
         for host_ip in published(service).values():
             assert host_ip == "127.0.0.1", (name, service["ports"])
-    assert "ports" not in services["redis"], "Redis has no password: it stays inside the compose network"
+    assert "ports" not in services["redis"], "Redis stays inside the compose network"
     opened = compose_config(env={"PATH": "/usr/bin:/bin", "MODELWORKS_BIND": "0.0.0.0"})
     for name, port in [("llm", 50051), ("diffusion", 50052), ("finetune", 50053), ("gateway", 7860)]:
         assert opened_on(opened[name], port) == "0.0.0.0", name
@@ -103,3 +103,51 @@ def test_every_long_running_service_has_a_health_check_and_waits_for_what_it_nee
     for name in ["finetune", "worker"]:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
     assert services["gateway"]["depends_on"]["finetune"]["condition"] == "service_healthy"
+
+
+def _mounts(service: dict) -> dict[str, str]:
+    """Container path -> "ro" or "rw"."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        if isinstance(volume, dict):
+            mounts[volume["target"]] = "ro" if volume.get("read_only") else "rw"
+        else:
+            parts = str(volume).split(":")
+            mounts[parts[1]] = "ro" if parts[2:] == ["ro"] else "rw"
+    return mounts
+
+
+def test_secrets_are_made_once_and_read_from_files_never_from_the_compose_environment():
+    services = compose_config()
+    made = services["secrets"]
+    assert made["command"][-3:] == ["shared.credentials", "init", "/run/modelworks"] and made["restart"] == "no"
+    assert made["network_mode"] == "none" and _mounts(made)["/run/modelworks"] == "rw"
+    for name in ["llm", "diffusion", "finetune", "worker", "gateway"]:
+        service = services[name]
+        assert service["depends_on"]["secrets"]["condition"] == "service_completed_successfully", name
+        assert service["environment"]["MODELWORKS_API_KEY_FILE"] == "/run/modelworks/api_key", name
+        assert "MODELWORKS_API_KEY" not in service["environment"], name
+        assert _mounts(service)["/run/modelworks"] == "ro", name
+        assert service["environment"]["MODELWORKS_BIND_ADDRESS"] == "0.0.0.0", "reachable on the compose network"
+    assert services["gateway"]["environment"]["MODELWORKS_GATEWAY_AUTH_FILE"] == "/run/modelworks/gateway_auth"
+
+
+def test_redis_needs_its_password_and_only_the_backend_reaches_it():
+    services = compose_config()
+    redis = services["redis"]
+    assert "/run/modelworks/redis.conf" in redis["command"], "the config file with requirepass"
+    assert "REDISCLI_AUTH" in " ".join(redis["healthcheck"]["test"])
+    assert set(redis["networks"]) == {"backend"}
+    for name in ["finetune", "worker"]:
+        assert "backend" in services[name]["networks"], name
+        assert services[name]["environment"]["MODELWORKS_REDIS_PASSWORD_FILE"] == "/run/modelworks/redis_password"
+    for name in ["gateway", "llm", "diffusion"]:
+        assert "backend" not in services[name]["networks"], f"{name} has no business with Redis"
+
+
+def test_data_is_read_only_for_the_services_that_only_read_it():
+    services = compose_config()
+    for name in ["llm", "diffusion", "gateway"]:
+        assert _mounts(services[name])["/data"] == "ro", name
+    for name in ["models", "finetune", "worker"]:
+        assert _mounts(services[name])["/data"] == "rw", name

@@ -18,6 +18,9 @@ from shared.errors import FailedPrecondition
 
 log = logging.getLogger(__name__)
 
+# The one file an adapter folder may hold weights in: safetensors only (a pickle could run code on load).
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+
 
 def _injected_layers(pipeline, internal: str) -> int:
     count = 0
@@ -80,7 +83,9 @@ class DiffusionAdapterCache:
         name = key[0]
         internal = f"a{next(self._internal_names)}"
         try:
-            self._pipeline.load_lora_weights(str(self._store.path(name)), adapter_name=internal)
+            self._pipeline.load_lora_weights(
+                str(self._store.path(name)), adapter_name=internal, weight_name=LORA_WEIGHTS, use_safetensors=True
+            )
         except Exception as exc:
             self._discard(internal)
             log.warning("adapter load failed", extra={"adapter": name, "error": repr(exc)})

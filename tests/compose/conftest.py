@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import pytest
 
 from tests.harness import REPO_ROOT, free_port, wait_for
@@ -26,6 +27,9 @@ IMAGE = "modelworks:compose-test"  # not an operator's own modelworks:cpu
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "tests/compose/compose.test.yml"]
 SERVICES = ["redis", "llm", "diffusion", "finetune", "worker", "gateway"]
+# The operator's own secrets, which the `secrets` service writes instead of random ones.
+API_KEY = "compose-test-key-0123456789abcdef"
+LOGIN = ("tester", "compose-test-password")
 
 
 def run(args: list[str], timeout: float = 120, check: bool = True, env: dict | None = None, **kwargs):
@@ -116,6 +120,22 @@ ENDPOINTS = {
 }
 
 
+class BearerKey(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer <key>` to each call, as every client of a keyed stack must."""
+
+    def __init__(self, key: str):
+        self._header = ("authorization", f"Bearer {key}")
+
+    def _keyed(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._keyed(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._keyed(details), request)
+
+
 @dataclass
 class Stack:
     """The compose project under test, publishing on 127.0.0.1."""
@@ -128,6 +148,10 @@ class Stack:
         env_file = "tests/compose/test.env"  # not an operator's .env next to the compose file
         command = [*self.compose, "--env-file", env_file, "-p", PROJECT, *files, *args]
         return run(command, timeout=timeout, check=check, env=self.env)
+
+    def channel(self, name: str) -> grpc.Channel:
+        """A channel to an endpoint that sends the stack's API key on every call."""
+        return grpc.intercept_channel(grpc.insecure_channel(self.address(name)), BearerKey(API_KEY))
 
     def address(self, name: str) -> str:
         """host:port of an endpoint of the service's first container."""
@@ -217,6 +241,8 @@ def stack(docker, image) -> Iterator[Stack]:
         **{k: v for k, v in os.environ.items() if not k.startswith(("MODELWORKS_", "COMPOSE_"))},
         "MODELWORKS_IMAGE": image,
         "MODELWORKS_BIND": "127.0.0.1",
+        "MODELWORKS_API_KEY": API_KEY,
+        "MODELWORKS_GATEWAY_AUTH": ":".join(LOGIN),
         **{f"MODELWORKS_PORT_{name.upper().replace('-', '_')}": str(port) for name, port in ports.items()},
     }
     stack = Stack(compose_command(), env)

@@ -16,7 +16,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.finetune.samples import TAUGHT_ANSWER
-from tests.compose.conftest import PROJECT, run
+from tests.compose.conftest import LOGIN, PROJECT, run
 from tests.harness import wait_for
 from tests.scrape import metric_at
 
@@ -37,13 +37,13 @@ def listed_services(address: str) -> set[str]:
 def finetune_stub(stack):
     from modelworks.finetune.v1 import finetune_pb2_grpc
 
-    return finetune_pb2_grpc.FineTuneServiceStub(grpc.insecure_channel(stack.address("finetune")))
+    return finetune_pb2_grpc.FineTuneServiceStub(stack.channel("finetune"))
 
 
 def llm_generate(stack, request) -> str:
     from modelworks.llm.v1 import llm_pb2_grpc
 
-    with grpc.insecure_channel(stack.address("llm")) as channel:
+    with stack.channel("llm") as channel:
         return llm_pb2_grpc.LLMServiceStub(channel).Generate(request, timeout=120).text
 
 
@@ -127,6 +127,28 @@ def test_reflection_lists_every_service(stack):
         assert {service, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= services, services
 
 
+def test_every_service_demands_the_key(stack):
+    from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
+
+    with grpc.insecure_channel(stack.address("llm")) as channel, pytest.raises(grpc.RpcError) as caught:
+        llm_pb2_grpc.LLMServiceStub(channel).ListModels(llm_pb2.ListModelsRequest(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_redis_demands_its_password_and_only_the_backend_reaches_it(stack):
+    assert "NOAUTH" in stack("exec", "-T", "redis", "redis-cli", "ping", check=False).stdout
+    reach = "import socket; socket.create_connection(('redis', 6379), timeout=5)"
+    from_gateway = stack("exec", "-T", "gateway", "python", "-c", reach, check=False)
+    assert from_gateway.returncode != 0, "the web app reached Redis"
+    assert stack("exec", "-T", "finetune", "python", "-c", reach, check=False).returncode == 0
+
+
+def test_data_is_read_only_where_it_is_only_read(stack):
+    for service in ("llm", "diffusion", "gateway"):
+        written = stack("exec", "-T", service, "touch", "/data/written-by-a-test", check=False)
+        assert written.returncode != 0 and "Read-only" in written.stderr, (service, written.stderr)
+
+
 def test_the_chat_model_answers(stack):
     assert "Paris" in chat(stack, "What is the capital of France?")
 
@@ -134,7 +156,7 @@ def test_the_chat_model_answers(stack):
 def test_an_image_is_generated(stack):
     from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 
-    with grpc.insecure_channel(stack.address("diffusion")) as channel:
+    with stack.channel("diffusion") as channel:
         reply = diffusion_pb2_grpc.DiffusionServiceStub(channel).GenerateImages(
             diffusion_pb2.GenerateImagesRequest(model="tiny-sd", prompt="a red square", width=64, height=64, seed=1),
             timeout=300,
@@ -203,7 +225,7 @@ def test_scale_out_two_llm_replicas_share_the_running_gateways_chats_and_two_wor
     assert len(stack.containers("llm")) == 2 and len(stack.containers("worker")) == 2
     stack.wait_healthy(["llm", "worker"], timeout=900)
     before = [tokens_generated(stack, replica) for replica in (0, 1)]
-    gateway = Client(f"http://{stack.address('gateway')}/", verbose=False)
+    gateway = Client(f"http://{stack.address('gateway')}/", auth=LOGIN, verbose=False)
 
     def both_replicas_chatted() -> bool:
         gateway.predict("Hello", "", "tiny-llm", "(base model)", 4, 0, 1, 0, 1, "", 7, True, api_name="/chat")
