@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from bench import diffusion, finetune, gateway, llm, prefill, realmodel, robustness
+from bench import dataset_limits, diffusion, finetune, gateway, key_limits, llm, prefill, realmodel, robustness
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
 
@@ -21,6 +21,8 @@ BENCHMARKS = {
     "finetune": ("Fine-tuning service", finetune),
     "gateway": ("The web app (gateway) over the LLM service", gateway),
     "robustness": ("Robustness: fuzzing and load", robustness),
+    "dataset_limits": ("Dataset validation: memory and time against hostile uploads", dataset_limits),
+    "key_limits": ("Per-key limits: a second client while one key floods the LLM service", key_limits),
 }
 
 
