@@ -4,12 +4,13 @@
      streams asking, with the flood key's limits (`max_concurrent_requests` 4, `requests_per_minute`
      6,000), over the same client's TTFT on the idle server; and the same flood from a key with no limits,
      for reference (the batch fills with the flood's rows and every step gets slower).
-The flood retries a refused call after 100 ms, as an impatient client would.
+The flood runs in a process of its own and retries a refused call after 100 ms, as an impatient client would.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import statistics
 import time
 from pathlib import Path
@@ -58,40 +59,61 @@ async def _ttft(stub, llm_pb2, key: str) -> float:
     return first - started
 
 
-async def _flood(stub, llm_pb2, key: str, stop: asyncio.Event) -> None:
+async def _flood(address: str, key: str, stop) -> None:
+    from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
+
     request = llm_pb2.GenerateRequest(
         prompt="def flood(x):", sampling=llm_pb2.SamplingParams(max_new_tokens=FLOOD_TOKENS, ignore_eos=True)
     )
     metadata = [("authorization", f"Bearer {key}")]
-    while not stop.is_set():
-        call = stub.GenerateStream(request, metadata=metadata)
-        try:
-            async for _ in call:
-                if stop.is_set():
-                    call.cancel()
-                    break
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = llm_pb2_grpc.LLMServiceStub(channel)
+
+        async def one_stream() -> None:
+            while not stop.is_set():
+                call = stub.GenerateStream(request, metadata=metadata)
+                try:
+                    async for _ in call:
+                        if stop.is_set():
+                            call.cancel()
+                            break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.1)
+
+        await asyncio.gather(*(one_stream() for _ in range(FLOOD_STREAMS)))
+
+
+def _flood_process(address: str, key: str, stop) -> None:
+    """The flooding client, in a process of its own: the measuring client's event loop stays its own."""
+    asyncio.run(_flood(address, key, stop))
 
 
 def _phase(address: str, flood_key: str | None) -> float:
     """TTFT p50 of the `app` key over PROBES sequential streams, with `flood_key` flooding meanwhile."""
     from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 
-    async def main() -> float:
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    flooder = None
+    if flood_key:
+        flooder = context.Process(target=_flood_process, args=(address, flood_key, stop), daemon=True)
+        flooder.start()
+        time.sleep(5.0)  # the flooder starts and reaches its steady state before the probes
+
+    async def probes() -> list[float]:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = llm_pb2_grpc.LLMServiceStub(channel)
-            stop = asyncio.Event()
-            flooders = []
-            if flood_key:
-                flooders = [asyncio.ensure_future(_flood(stub, llm_pb2, flood_key, stop)) for _ in range(FLOOD_STREAMS)]
-                await asyncio.sleep(2.0)  # the flood reaches its steady state before the probes start
-            samples = [await _ttft(stub, llm_pb2, APP_KEY) for _ in range(PROBES)]
-            stop.set()
-            await asyncio.gather(*flooders, return_exceptions=True)
-            return statistics.median(samples)
+            return [await _ttft(stub, llm_pb2, APP_KEY) for _ in range(PROBES)]
 
-    return asyncio.run(main())
+    try:
+        samples = asyncio.run(probes())
+    finally:
+        stop.set()
+        if flooder is not None:
+            flooder.join(60)
+            if flooder.is_alive():
+                flooder.kill()
+    return statistics.median(samples)
 
 
 def run(workdir: Path) -> list[Row]:

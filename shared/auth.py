@@ -1,9 +1,10 @@
 """Who is calling: named API keys with scopes, and the caller of the RPC being handled.
 
 The interceptor resolves a call's `authorization: Bearer <key>` to a `Caller` and sets it for the
-handler (a context variable, so the servicer and what it calls read it with `current_caller()` and no
-parameter threading). With no key configured every call is `LOCAL`: a loopback-only server whose one
-user may do everything (the bind rule in `shared/serving.py` keeps such a server off the network).
+handler (a context variable, so the servicer and what it calls, threads started with `asyncio.to_thread`
+included, read it with `current_caller()` and no parameter threading). With no key configured every call
+is `LOCAL`: a loopback-only server whose one user may do everything (the bind rule in `shared/serving.py`
+keeps such a server off the network).
 
 Keys are compared by SHA-256 (constant time), so a config may hold only the hash; the key itself never
 reaches a log or a metric label, its name does. Torch-free.
@@ -61,11 +62,16 @@ class Caller:
 # No key configured: the one local user, allowed everything (the server listens on loopback only).
 LOCAL = Caller("local", frozenset(SCOPES))
 
-_current: ContextVar[Caller] = ContextVar("modelworks_caller", default=LOCAL)
+# No default: code that runs outside an RPC (a thread the context did not reach) fails loudly instead of
+# acting as LOCAL, which may do everything.
+_current: ContextVar[Caller] = ContextVar("modelworks_caller")
 
 
 def current_caller() -> Caller:
-    return _current.get()
+    try:
+        return _current.get()
+    except LookupError:
+        raise RuntimeError("no caller is set: current_caller() runs only inside an RPC, or under calling_as") from None
 
 
 @contextlib.contextmanager

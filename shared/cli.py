@@ -38,6 +38,7 @@ def run_service(
     section = getattr(settings, name)
     options = ServerOptions(
         bind_address=settings.bind_address if args.bind is None else args.bind,
+        metrics_bind_address=settings.metrics_bind_address,
         port=section.port if args.port is None else args.port,
         metrics_port=section.metrics_port if args.metrics_port is None else args.metrics_port,
         ready_file=args.ready_file,

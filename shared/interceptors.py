@@ -163,8 +163,9 @@ def _wrap_handler(handler, service: str, method: str, admission: _Admission):
             outcome = _Outcome(service, method, admission.caller)
             try:
                 with admission:
-                    async for response in behavior(request, context):
-                        yield response
+                    async with contextlib.aclosing(behavior(request, context)) as responses:
+                        async for response in responses:
+                            yield response
             except grpc.aio.AbortError:
                 outcome.code = _code_of(context) if outcome.code == "OK" else outcome.code
                 raise

@@ -41,7 +41,8 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 @dataclass
 class ServerOptions:
-    bind_address: str = "127.0.0.1"  # the interface the gRPC and metrics ports listen on
+    bind_address: str = "127.0.0.1"  # the interface the gRPC port listens on
+    metrics_bind_address: str = "127.0.0.1"  # and the metrics port (no login: loopback unless a scraper needs it)
     port: int = 0
     metrics_port: int = -1
     ready_file: Path | None = None  # written with the bound ports once the service is ready
@@ -120,7 +121,7 @@ class GrpcService:
         for sig in (signal.SIGTERM, signal.SIGINT):  # from here on, also while models load
             loop.add_signal_handler(sig, self.stop_requested.set)
         await self.server.start()
-        self.metrics_port = start_metrics_server(self.options.metrics_port, self.options.bind_address)
+        self.metrics_port = start_metrics_server(self.options.metrics_port, self.options.metrics_bind_address)
         log.info("grpc server started", extra={"port": self.port, "metrics_port": self.metrics_port})
 
     async def set_ready(self) -> None:

@@ -286,6 +286,11 @@ class Settings(_Section):
         "127.0.0.1",
         description="the interface every server (gRPC, metrics) listens on; beyond loopback an API key is required",
     )
+    metrics_bind_address: str = Field(
+        "127.0.0.1",
+        description="the interface the Prometheus endpoints listen on; they have no login, so keep them off the "
+        "network unless a scraper needs them (compose's Prometheus does, inside the compose network)",
+    )
     allow_unauthenticated: bool = Field(
         False,
         description="DANGEROUS: serve on a non-loopback address with no API key; anyone who reaches the port may "
@@ -340,6 +345,11 @@ class Settings(_Section):
             raise ValueError(
                 f"API key names must be unique; repeated: {', '.join(repeated)} (api_key is named 'admin')"
             )
+        digests = [entry.digest for entry in self.api_keys]
+        if self.api_key is not None:
+            digests.append(key_digest(self.api_key.get_secret_value()))
+        if len(set(digests)) != len(digests):
+            raise ValueError("two API keys (api_key or api_keys entries) are the same secret: give each its own key")
         if self.published_on and not is_loopback(self.published_on) and not self.keys_configured:
             raise ValueError(
                 f"the ports are published on {self.published_on} (MODELWORKS_BIND), beyond this host, but no API "
@@ -379,10 +389,12 @@ class Settings(_Section):
         if parts.password:
             return url
         password = urllib.parse.quote(self.redis_password.get_secret_value(), safe="")
+        if parts.scheme == "unix":  # a socket path has no host: the password goes in the query
+            query = "&".join(filter(None, [parts.query, f"password={password}"]))
+            return f"unix://{parts.path}?{query}"
         user = urllib.parse.quote(parts.username or "", safe="")
-        return urllib.parse.urlunsplit(
-            parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port or 6379}")
-        )
+        host = parts.netloc.rpartition("@")[2]  # host and port as written, IPv6 brackets included
+        return urllib.parse.urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
 
     @property
     def datasets_dir(self) -> Path:

@@ -225,7 +225,7 @@ class FineTuneAPI:
         caller.require_owner(dataset.owner, f"dataset {dataset_id!r}")
         if users := self.jobs.unfinished_using(dataset_id):
             raise FailedPrecondition(
-                f"dataset {dataset_id!r} is used by unfinished job {users[0]}; cancel it or let it end first"
+                f"dataset {dataset_id!r} is used by {len(users)} unfinished job(s); cancel them or let them end first"
             )
         self.datasets.delete(dataset_id)
 

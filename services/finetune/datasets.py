@@ -157,7 +157,7 @@ def _parse_line(line_no: int, text: str, max_depth: int | None):
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"line {line_no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-    except RecursionError:  # only without a depth limit (the worker reads data validated at upload)
+    except RecursionError:  # also with a limit: unbalanced brackets pass the depth scan, then json.loads recurses
         raise InvalidArgument(f"line {line_no}: nested too deeply to read") from None
 
 

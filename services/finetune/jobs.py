@@ -262,7 +262,7 @@ end
 return state
 """
 
-# KEYS: job, lease, events. ARGV: now, reason
+# KEYS: job, lease, events. ARGV: now, reason, max attempts
 _REQUEUE = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
 if redis.call('EXISTS', KEYS[2]) == 1 then return false end
@@ -398,7 +398,8 @@ class JobStore:
             reason, detail = refused
             if reason == b"taken":
                 raise AlreadyExists(
-                    f"adapter name {record.adapter_name!r} is taken by job {detail.decode()}, which has not finished"
+                    f"adapter name {record.adapter_name!r} is reserved by a job that has not finished; pick another "
+                    "name, or wait for that job to end"
                 )
             raise ResourceExhausted(
                 f"API key {record.owner!r} already has {detail} jobs queued or running; the limit is {max_active} "

@@ -6,8 +6,10 @@ Redis faults (unreachable, timed out) answer UNAVAILABLE from every RPC, transla
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import logging
 
 import redis
 
@@ -20,6 +22,8 @@ from services.finetune.hyperparams import Hyperparameters
 from services.finetune.jobs import JobEvent, JobRecord, JobState
 from shared.adapters import AdapterInfo
 from shared.errors import InvalidArgument, Unavailable
+
+log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["FineTuneService"].full_name
 
@@ -136,7 +140,8 @@ REDIS_FAULTS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def _store_unreachable(exc: Exception) -> Unavailable:
-    return Unavailable(f"the job store (Redis) is unreachable: {exc}; retry later")
+    log.warning("the job store (Redis) is unreachable", extra={"error": repr(exc)})
+    return Unavailable("the job store (Redis) is unreachable; retry later")
 
 
 def _redis_faults_unavailable(method):
@@ -227,8 +232,9 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
 
     async def WatchJob(self, request, context):
         await asyncio.to_thread(self.api.get_job, request.id)  # NOT_FOUND before the stream starts
-        async for event in self.watchers.follow(request.id):
-            yield event_to_proto(request.id, event)
+        async with contextlib.aclosing(self.watchers.follow(request.id)) as events:  # its slot freed at once
+            async for event in events:
+                yield event_to_proto(request.id, event)
 
     async def ListAdapters(self, request, context):
         if request.kind and request.kind not in KINDS:

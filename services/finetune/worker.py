@@ -35,7 +35,6 @@ from shared.cli import check_required_gpu
 from shared.devices import is_fatal_device_error
 from shared.logs import configure_logging
 from shared.metrics import start_metrics_server
-from shared.serving import check_exposure
 from shared.settings import Settings, load_settings
 
 log = logging.getLogger("services.finetune.worker")
@@ -145,14 +144,13 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory_for_reuse()
     settings = load_settings(args.config)
     configure_logging("finetune-worker", settings.log_level, settings.log_format)
-    check_exposure(settings, settings.bind_address)  # its metrics port listens there
     check_required_gpu(settings)
     app, context = build(settings, args.name)
     for kind in RECIPES:  # import the recipes (transformers, peft, diffusers: seconds) before the first job
         load_recipe(kind)
     port = settings.finetune.worker_metrics_port if args.metrics_port is None else args.metrics_port
     metrics.export_every_series()
-    metrics_port = start_metrics_server(port, settings.bind_address)
+    metrics_port = start_metrics_server(port, settings.metrics_bind_address)
     maintenance = Maintenance(context, device_info() | {"name": args.name, "pid": os.getpid()})
     maintenance.start()
 

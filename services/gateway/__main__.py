@@ -59,7 +59,7 @@ def main(argv=None) -> int | str:
 
     metrics_port = config.metrics_port if args.metrics_port is None else args.metrics_port
     if metrics_port >= 0:
-        metrics_server, _ = start_http_server(metrics_port, addr=bind)
+        metrics_server, _ = start_http_server(metrics_port, addr=config.metrics_bind_address)
         metrics_port = metrics_server.server_port
     port = config.port if args.port is None else args.port
     port = port or free_port(bind)

@@ -34,6 +34,7 @@ ENV = {
     "metrics_port": "MODELWORKS_GATEWAY_METRICS_PORT",
     "published_on": "MODELWORKS_PUBLISHED_ON",
     "bind_address": "MODELWORKS_BIND_ADDRESS",
+    "metrics_bind_address": "MODELWORKS_METRICS_BIND_ADDRESS",
     "allow_unauthenticated": "MODELWORKS_ALLOW_UNAUTHENTICATED",
 }
 
@@ -58,7 +59,8 @@ class GatewayConfig(BaseModel):
     published_on: str | None = Field(
         None, description="the host address compose publishes the port on; beyond loopback a login is required"
     )
-    bind_address: str = Field("127.0.0.1", description="the interface the web app and its metrics listen on")
+    bind_address: str = Field("127.0.0.1", description="the interface the web app listens on")
+    metrics_bind_address: str = Field("127.0.0.1", description="the interface its Prometheus endpoint listens on")
     allow_unauthenticated: bool = Field(
         False, description="DANGEROUS: listen beyond loopback with no login; anyone who reaches it uses the stack"
     )

@@ -159,6 +159,7 @@ class MultiLoraLinear(nn.Module):
 
     def adopt(self, buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         self.lora_A, self.lora_B, self.dora_scale = buffers
+        self._views = None  # they point into the old buffers, which the budget now counts as freed
 
     def write_slot(self, slot: int, rank: int, weights: LayerWeights | None) -> None:
         """Put an adapter's layer in `slot`, or clear the slot when `weights` is None."""

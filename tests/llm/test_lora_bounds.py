@@ -7,7 +7,9 @@ injected into the re-layout, as the suite injects a GPU's out-of-memory elsewher
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 
 import pytest
 import torch
@@ -211,6 +213,24 @@ def test_a_re_layout_that_runs_out_of_memory_midway_changes_no_layer(settings, t
             assert run(engine, loaded, "def parse(text):", adapter=name)[0] == text, "re-laid, not lost"
     finally:
         engine.shutdown()
+
+
+def test_a_re_layout_frees_the_old_buffers_at_once_as_the_budget_assumes(settings, tmp_path):
+    """The budget counts the old layout as freed when the new one is adopted: nothing may keep it alive, not
+    even the views a layer keeps between forwards, while only base-model rows run."""
+    a = save_adapter(settings, tmp_path / "a", seed=1)
+    wider = save_adapter(settings, tmp_path / "wider", seed=2, r=8)
+    base = fresh_model(settings).model
+    lora = MultiLora(base, slots=1)
+    lora.load(0, a)
+    lora.set_rows([0])
+    logits(base, [PROMPT])  # the layers now keep views into their buffers
+    old = [weakref.ref(layer.lora_A) for layer in lora.layers.values()]
+    lora.load(1, wider)  # more slots and a larger rank: every layer re-laid
+    lora.set_rows([None])
+    logits(base, [PROMPT])  # a base-model forward: no LoRA product, so no layer refreshes its views
+    gc.collect()
+    assert lora.rank == 8 and not [ref for ref in old if ref() is not None], "an old buffer outlived its re-layout"
 
 
 # -- the KV budget --------------------------------------------------------------------------------------

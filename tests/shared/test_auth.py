@@ -227,3 +227,12 @@ def test_bad_key_entries_are_refused_at_start(entry, message):
 def test_key_names_are_unique():
     with pytest.raises(ValueError, match="repeated: admin"):
         Settings(api_key="k", api_keys=[{"name": "admin", "key": ALICE}])
+
+
+def test_code_outside_an_rpc_has_no_caller_rather_than_every_scope():
+    from shared.auth import LOCAL, calling_as
+
+    with pytest.raises(RuntimeError, match="no caller is set"):
+        current_caller()
+    with calling_as(LOCAL):
+        assert current_caller() is LOCAL

@@ -71,11 +71,15 @@ def spec_for(job, attempt: int, settings: Settings) -> TrainingSpec:
     except NotFound:
         raise TrainingInputError(f"base model {job.base_model!r} is not configured on this worker") from None
     datasets = DatasetStore(settings.datasets_dir, settings.finetune)
+    try:
+        dataset = datasets.get(job.dataset_id)
+    except NotFound:  # deleted after the job was queued
+        raise TrainingInputError(f"dataset {job.dataset_id!r} no longer exists") from None
     return TrainingSpec(
         job_id=job.id,
         kind=job.kind,
         base_model=entry,
-        dataset_path=datasets.data_path(datasets.get(job.dataset_id)),
+        dataset_path=datasets.data_path(dataset),
         hyperparameters=Hyperparameters.from_dict(job.hyperparameters),
         total_steps=job.total_steps,
         job_dir=settings.jobs_dir / job.id,
