@@ -21,7 +21,7 @@ from celery import Celery
 from services.finetune import hyperparams, metrics
 from services.finetune.datasets import DatasetRecord, DatasetStore, DatasetUpload
 from services.finetune.hyperparams import Hyperparameters, TrainingData
-from services.finetune.jobs import JobRecord, JobState, JobStore
+from services.finetune.jobs import AdapterNameTaken, JobRecord, JobState, JobStore
 from services.finetune.queue import dispatch
 from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
 from shared.auth import Caller, current_caller
@@ -169,12 +169,24 @@ class FineTuneAPI:
         )
 
     def _store_within_quota(self, record: JobRecord, caller: Caller) -> None:
-        """Store the job unless its key already has its quota of unfinished jobs (RESOURCE_EXHAUSTED)."""
+        """Store the job unless its key already has its quota of unfinished jobs (RESOURCE_EXHAUSTED) or an
+        unfinished job holds its adapter name (ALREADY_EXISTS, naming that job only to a key that may see it)."""
         if caller.max_queued_jobs is not None:
             limit, setting = caller.max_queued_jobs, f"max_queued_jobs of the API key {caller.name!r}"
         else:
             limit, setting = self.settings.finetune.max_queued_jobs, "finetune.max_queued_jobs"
-        self.jobs.create(record, max_active=limit, limit_setting=setting)
+        try:
+            self.jobs.create(record, max_active=limit, limit_setting=setting)
+        except AdapterNameTaken as taken:
+            if not self._sees_job(caller, taken.holder):
+                raise taken.hidden() from None
+            raise
+
+    def _sees_job(self, caller: Caller, job_id: str) -> bool:
+        try:
+            return caller.sees(self.jobs.get(job_id).owner)
+        except NotFound:  # ended and expired meanwhile
+            return False
 
     def get_job(self, job_id: str) -> JobRecord:
         """The job, if the caller may see it; another key's job is NOT_FOUND, as an unknown one is."""
@@ -224,8 +236,11 @@ class FineTuneAPI:
         dataset = self._visible_dataset(dataset_id, caller)
         caller.require_owner(dataset.owner, f"dataset {dataset_id!r}")
         if users := self.jobs.unfinished_using(dataset_id):
+            shown = [job_id for job_id in users if self._sees_job(caller, job_id)]
+            named = f" ({', '.join(shown)})" if shown else ""
             raise FailedPrecondition(
-                f"dataset {dataset_id!r} is used by {len(users)} unfinished job(s); cancel them or let them end first"
+                f"dataset {dataset_id!r} is used by {len(users)} unfinished job(s){named}; cancel them or let them "
+                "end first"
             )
         self.datasets.delete(dataset_id)
 

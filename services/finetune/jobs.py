@@ -46,6 +46,20 @@ class JobState(StrEnum):
         return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
 
 
+class AdapterNameTaken(AlreadyExists):
+    """An unfinished job will write this adapter name; `holder` is its id (the API hides it from other keys)."""
+
+    def __init__(self, adapter_name: str, holder: str):
+        self.adapter_name, self.holder = adapter_name, holder
+        super().__init__(f"adapter name {adapter_name!r} is taken by job {holder}, which has not finished")
+
+    def hidden(self) -> AlreadyExists:
+        return AlreadyExists(
+            f"adapter name {self.adapter_name!r} is reserved by another key's job that has not finished; pick "
+            "another name"
+        )
+
+
 @dataclass
 class JobRecord:
     id: str
@@ -397,10 +411,7 @@ class JobStore:
         if refused:
             reason, detail = refused
             if reason == b"taken":
-                raise AlreadyExists(
-                    f"adapter name {record.adapter_name!r} is reserved by a job that has not finished; pick another "
-                    "name, or wait for that job to end"
-                )
+                raise AdapterNameTaken(record.adapter_name, detail.decode())
             raise ResourceExhausted(
                 f"API key {record.owner!r} already has {detail} jobs queued or running; the limit is {max_active} "
                 f"({limit_setting}): wait for one to end or cancel one"

@@ -94,6 +94,11 @@ def test_another_keys_job_and_dataset_are_not_found_and_unlisted(stub):
         assert dataset.id not in bobs_datasets and "sample-llm-lighthouse" in bobs_datasets  # samples: everyone's
         error = refused(stub.DeleteDataset, pb.DeleteDatasetRequest(id=dataset.id), metadata=as_key("alice"))
         assert error.code() == grpc.StatusCode.FAILED_PRECONDITION and job.id in error.details()
+        error = refused(stub.CreateJob, job_request("llm", "lora", "alice-private"), metadata=as_key("bob"))
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and "another key's job" in error.details()
+        assert job.id not in error.details(), "another key's job id is not revealed"
+        error = refused(stub.CreateJob, job_request("llm", "lora", "alice-private"), metadata=as_key("alice"))
+        assert error.code() == grpc.StatusCode.ALREADY_EXISTS and job.id in error.details(), "its owner is told"
     finally:
         stub.CancelJob(pb.CancelJobRequest(id=job.id), metadata=as_key("alice"))
     stub.DeleteDataset(pb.DeleteDatasetRequest(id=dataset.id), metadata=as_key("alice"))
