@@ -150,5 +150,13 @@ def test_stack_starts_every_service_a_worker_and_the_web_app_and_stops_cleanly(d
         assert stack.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "the stack left processes behind"
     finally:
-        if stack.poll() is None:
-            stack.kill()
+        if stack.poll() is None:  # a failed check: stop the stack as Ctrl-C would, or kill what is left
+            left = descendants_of(stack.pid)
+            stack.send_signal(signal.SIGINT)
+            try:
+                stack.wait(30)
+            except subprocess.TimeoutExpired:
+                stack.kill()
+            for pid in left:
+                if alive(pid):
+                    os.kill(pid, signal.SIGKILL)
