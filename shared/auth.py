@@ -58,6 +58,10 @@ class Caller:
         """Listings show a non-admin key only what it created."""
         return self.is_admin or owner == self.name
 
+    def sees_shared(self, owner: str) -> bool:
+        """As `sees`, but what no key owns (the bundled samples, adapters an operator placed) is everyone's."""
+        return not owner or self.sees(owner)
+
 
 # No key configured: the one local user, allowed everything (the server listens on loopback only).
 LOCAL = Caller("local", frozenset(SCOPES))

@@ -218,7 +218,7 @@ class FineTuneAPI:
 
     def _visible_dataset(self, dataset_id: str, caller: Caller) -> DatasetRecord:
         dataset = self.datasets.get(dataset_id)
-        if dataset.owner and not caller.sees(dataset.owner):
+        if not caller.sees_shared(dataset.owner):
             raise NotFound(f"dataset {dataset_id!r} not found")
         return dataset
 
@@ -228,7 +228,7 @@ class FineTuneAPI:
 
     def list_datasets(self) -> list[DatasetRecord]:
         caller = current_caller()
-        return [d for d in self.datasets.list() if not d.owner or caller.sees(d.owner)]
+        return [d for d in self.datasets.list() if caller.sees_shared(d.owner)]
 
     def delete_dataset(self, dataset_id: str) -> None:
         """The owner or an admin; the bundled samples (no owner) only an admin. Not while a job needs it."""
@@ -246,17 +246,13 @@ class FineTuneAPI:
 
     def list_adapters(self, kind: str | None) -> list[AdapterInfo]:
         caller = current_caller()
-        return [
-            a
-            for a in self.adapters.list()
-            if (kind is None or a.kind == kind) and (not a.owner or caller.sees(a.owner))
-        ]
+        return [a for a in self.adapters.list() if (kind is None or a.kind == kind) and caller.sees_shared(a.owner)]
 
     def delete_adapter(self, name: str) -> None:
         """The owner or an admin; an adapter with no owner (placed by an operator) only an admin."""
         caller = current_caller()
         owner = self._adapter_owner(validate_adapter_name(name))
-        if owner and not caller.sees(owner):
+        if not caller.sees_shared(owner):
             raise NotFound(f"adapter {name!r} not found in the adapter store")
         caller.require_owner(owner, f"adapter {name!r}")
         self.adapters.delete(name)

@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from torch.nn import functional as F
 
@@ -328,11 +327,10 @@ def read_peft_lora(adapter_dir: Path, model: nn.Module, limits: LoraLimits = DEF
     `limits` (from the file's header, before its tensors are read)."""
     config = _read_config(adapter_dir)
     weights_file = str(adapter_dir / "adapter_model.safetensors")
-    with safe_open(weights_file, framework="pt") as header:
-        names = header.keys()  # a safe_open handle is not iterable
-        shapes = {key: header.get_slice(key).get_shape() for key in names}
-    _check_limits(adapter_dir.name, config, shapes, model, limits)
-    tensors = load_file(weights_file)
+    with safe_open(weights_file, framework="pt") as weights:  # one open: the header, then the tensors
+        names = weights.keys()  # a safe_open handle is not iterable
+        _check_limits(adapter_dir.name, config, {k: weights.get_slice(k).get_shape() for k in names}, model, limits)
+        tensors = {key: weights.get_tensor(key) for key in names}
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         if match := _MAGNITUDE_RE.match(key):

@@ -15,14 +15,11 @@ from shared.ratelimit import RateLimiter
 from shared.serving import ExposedWithoutKey, GrpcService, ServerOptions
 from shared.settings import Settings
 from tests.harness import REPO_ROOT
+from tests.shared.test_serving import identity, with_service
 
 LLM = "modelworks.llm.v1.LLMService"  # needs the `inference` scope
 FINETUNE = "modelworks.finetune.v1.FineTuneService"  # needs `finetune`
 ALICE, BOB, OPS = "alice-key-0123456789", "bob-key-0123456789ab", "ops-key-0123456789abc"
-
-
-def identity(x):
-    return x
 
 
 async def whoami(request: bytes, context) -> bytes:
@@ -61,25 +58,8 @@ def keyed_settings(**extra) -> Settings:
 
 
 def with_services(settings: Settings, body, metrics_port: int = -1):
-    async def main():
-        service = GrpcService(settings, ServerOptions(bind_address="127.0.0.1", metrics_port=metrics_port), [LLM])
-        for name in (LLM, FINETUNE):
-            handler = grpc.method_handlers_generic_handler(
-                name,
-                {
-                    "WhoAmI": grpc.unary_unary_rpc_method_handler(whoami, identity, identity),
-                    "Hold": grpc.unary_unary_rpc_method_handler(hold, identity, identity),
-                },
-            )
-            service.server.add_generic_rpc_handlers((handler,))
-        await service.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-                await body(channel, service)
-        finally:
-            await service.server.stop(0)
-
-    asyncio.run(main())
+    methods = {name: {"WhoAmI": whoami, "Hold": hold} for name in (LLM, FINETUNE)}
+    with_service(settings, body, methods, metrics_port)
 
 
 def call(channel, service: str, key: str | None):

@@ -28,15 +28,16 @@ def identity(x):
     return x
 
 
-def with_service(settings: Settings, body):
-    """Run `body(channel, service)` against a started server that also serves a raw-bytes Echo method."""
+def with_service(settings: Settings, body, methods: dict[str, dict] | None = None, metrics_port: int = -1):
+    """Run `body(channel, service)` against a started server that also serves raw-bytes unary `methods`
+    ({service name: {method name: behaviour}}; by default an Echo service's Say)."""
 
     async def main():
-        service = GrpcService(settings, ServerOptions(bind_address="127.0.0.1"), [SERVICE])
-        handler = grpc.method_handlers_generic_handler(
-            SERVICE, {"Say": grpc.unary_unary_rpc_method_handler(echo, identity, identity)}
-        )
-        service.server.add_generic_rpc_handlers((handler,))
+        options = ServerOptions(bind_address="127.0.0.1", metrics_port=metrics_port)
+        service = GrpcService(settings, options, [SERVICE])
+        for name, behaviours in (methods or {SERVICE: {"Say": echo}}).items():
+            handlers = {m: grpc.unary_unary_rpc_method_handler(b, identity, identity) for m, b in behaviours.items()}
+            service.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
         await service.start()
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
