@@ -6,6 +6,10 @@
      for reference (the batch fills with the flood's rows and every step gets slower). The calls a limit
      admits still share the engine's steps: each makes the steps the second client waits for longer, and on
      SmolLM2-135M (the default chat model, where a step is mostly the model's work) that is most of its TTFT.
+Each probe is sent after a random pause (0 to THINK_S, seeded), as a user's next request would be: a probe
+sent the instant the last one ended reaches the engine just after its next step began, so every probe would
+wait a whole step for its prefill to start, where a request arriving at an independent moment waits half a
+step on average.
 The flood runs in a process of its own at the lowest CPU priority (nice 19), retrying a refused call after
 100 ms as an impatient client would: a flood comes from other hosts, and on a 2-core machine a flooding
 process at normal priority takes its CPU from the server it floods.
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+import random
 import statistics
 import time
 from pathlib import Path
@@ -33,6 +38,8 @@ FLOOD_TOKENS = 512
 RETRY_S = 0.1  # a refused flood call is sent again after this
 PROBES = 15
 PROBE_TOKENS = 4
+THINK_S = 0.3  # the longest pause before a probe: a few engine steps of the slowest model here
+SEED = 22
 MODELS = [
     {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},
     {
@@ -120,9 +127,14 @@ def _phase(address: str, model: str, flood_key: str | None) -> float:
         time.sleep(5.0)  # the flooder starts and reaches its steady state before the probes
 
     async def probes() -> list[float]:
+        pauses = random.Random(SEED)
+        samples = []
         async with grpc.aio.insecure_channel(address) as channel:
             stub = llm_pb2_grpc.LLMServiceStub(channel)
-            return [await _ttft(stub, llm_pb2, model) for _ in range(PROBES)]
+            for _ in range(PROBES):
+                await asyncio.sleep(pauses.uniform(0, THINK_S))
+                samples.append(await _ttft(stub, llm_pb2, model))
+        return samples
 
     try:
         samples = asyncio.run(probes())
