@@ -323,6 +323,14 @@ def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
 
+@dataclass
+class Expired:
+    """What one sweep for lapsed leases did: attempts to send, and jobs it ended."""
+
+    requeued: list[tuple[str, int]] = field(default_factory=list)  # (job id, attempt)
+    ended: list[str] = field(default_factory=list)
+
+
 class JobStore:
     def __init__(self, client: redis.Redis, prefix: str = PREFIX, max_events: int = 100_000):
         self.redis = client
@@ -581,9 +589,10 @@ class JobStore:
         )
         return self._settle(job_id, token, attempt, max_attempts)
 
-    def requeue_expired(self, max_attempts: int) -> list[tuple[str, int]]:
-        """RUNNING jobs whose lease lapsed become QUEUED at the next attempt; returns (job id, attempt) to send."""
-        requeued = []
+    def requeue_expired(self, max_attempts: int) -> Expired:
+        """RUNNING jobs whose lease lapsed become QUEUED at the next attempt (to send), or end: CANCELLED if
+        they were being cancelled, FAILED when out of attempts (their checkpoints are the caller's to remove)."""
+        expired = Expired()
         for raw_id in self.redis.smembers(self.active_key):
             job_id = raw_id.decode()
             attempt = self._requeue(
@@ -594,9 +603,13 @@ class JobStore:
                     max_attempts,
                 ],
             )
+            if not attempt:
+                continue  # its lease holds, or it is not RUNNING
             if (settled := self._settle(job_id, None, attempt, max_attempts)) is not None:
-                requeued.append((job_id, settled))
-        return requeued
+                expired.requeued.append((job_id, settled))
+            else:
+                expired.ended.append(job_id)
+        return expired
 
     def _settle(self, job_id: str, token: str | None, attempt, max_attempts: int) -> int | None:
         """Act on what a requeue or release script answered: an attempt to send, or the job's end."""

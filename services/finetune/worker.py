@@ -29,6 +29,7 @@ from services.finetune import metrics
 from services.finetune.jobs import JobState, JobStore
 from services.finetune.queue import TRAIN_TASK, dispatch, make_celery, task_id, waiting_task_ids
 from services.finetune.runner import REDIS_ERRORS, WorkerContext, run_job
+from services.finetune.training import checkpoint
 from services.finetune.training.recipe import RECIPES, load_recipe
 from shared.allocator import keep_freed_memory_for_reuse
 from shared.cli import check_required_gpu
@@ -80,10 +81,14 @@ class Maintenance(threading.Thread):
 
     def sweep(self) -> None:
         options = self.context.settings.finetune
-        for job_id, attempt in self.context.store.requeue_expired(options.max_attempts):
+        expired = self.context.store.requeue_expired(options.max_attempts)
+        for job_id, attempt in expired.requeued:
             log.warning("requeued a job whose worker was lost", extra={"job": job_id, "attempt": attempt})
             metrics.REQUEUED.inc()
             self.context.enqueue(job_id, attempt)
+        for job_id in expired.ended:  # cancelled, or out of attempts: nothing resumes it
+            log.warning("ended a job whose worker was lost", extra={"job": job_id})
+            checkpoint.remove_all(self.context.settings.jobs_dir / job_id)
         for job_id, attempt in self._unsent_or_lost():
             log.warning("re-sent a job's message: never sent, or lost", extra={"job": job_id, "attempt": attempt})
             self.context.enqueue(job_id, attempt)

@@ -8,8 +8,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import redis
 
-from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
+from services.finetune.jobs import Expired, JobEvent, JobRecord, JobState, JobStore
+from services.finetune.runner import WorkerContext
+from services.finetune.training import checkpoint
+from services.finetune.worker import Maintenance
 from shared.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from shared.settings import Settings
 
 
 @pytest.fixture
@@ -78,10 +82,10 @@ def test_a_lapsed_lease_is_requeued_until_the_attempts_run_out(store):
     job = new_job(store)
     store.claim(job.id, 1, "w", "t", 0.05)
     time.sleep(0.1)  # let the 50 ms lease lapse (the sweeper's condition, not a wait for other work)
-    assert store.requeue_expired(max_attempts=2) == [(job.id, 2)]
+    assert store.requeue_expired(max_attempts=2) == Expired(requeued=[(job.id, 2)])
     assert store.claim(job.id, 2, "w", "t", 0.05) == "claimed"
     time.sleep(0.1)
-    assert store.requeue_expired(max_attempts=2) == []
+    assert store.requeue_expired(max_attempts=2) == Expired(ended=[job.id])
     record = store.get(job.id)
     assert record.state == JobState.FAILED and "2 times" in record.error
     assert states(store, job.id) == ["queued", "running", "queued", "running", "failed"]
@@ -171,3 +175,23 @@ def _try(action):
         return action()
     except ResourceExhausted as exc:
         return exc
+
+
+def test_the_sweeper_removes_the_checkpoints_of_a_job_it_fails(store, tmp_path):
+    """A job whose last allowed attempt lost its worker ends FAILED in the sweep; nothing resumes it, so its
+    checkpoints go with it (while a requeued job keeps them to resume from)."""
+    settings = Settings.model_validate({"data_dir": str(tmp_path), "finetune": {"max_attempts": 2}})
+    sent = []
+    context = WorkerContext(settings, store, "w", lambda job_id, attempt: sent.append((job_id, attempt)))
+    job = new_job(store)
+    saved = checkpoint.attempt_folder(settings.jobs_dir / job.id, 1)
+    saved.mkdir(parents=True)
+    store.claim(job.id, 1, "w", "t", 0.05)
+    time.sleep(0.1)  # let the 50 ms lease lapse (the sweeper's condition, not a wait for other work)
+    Maintenance(context, {}).sweep()
+    assert sent == [(job.id, 2)] and saved.is_dir(), "requeued: the next attempt resumes from it"
+    store.claim(job.id, 2, "w", "t2", 0.05)
+    time.sleep(0.1)
+    Maintenance(context, {}).sweep()
+    assert store.get(job.id).state == JobState.FAILED
+    assert not (settings.jobs_dir / job.id / checkpoint.CHECKPOINTS).exists()
