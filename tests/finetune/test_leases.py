@@ -4,6 +4,7 @@ worker waking after another resumed its job: `test_recovery`.)"""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,24 @@ def test_a_failed_job_keeps_no_checkpoints_but_keeps_its_tensorboard_events(redi
     assert store.get(job.id).state == "failed"
     assert not (job_dir / checkpoint.CHECKPOINTS).exists()
     assert (job_dir / "tensorboard").is_dir()
+
+
+def test_a_job_checkpointed_before_per_attempt_folders_resumes_from_them_and_prunes_only_them(tmp_path):
+    """An older release wrote `checkpoint-<k>/` and `latest` in the job's folder: a job running across the
+    upgrade resumes from there, and its new attempt's pruning removes those, nothing else of the job's."""
+    parts = Parts()
+    saved = parts.save(tmp_path, 1, 10)
+    saved.rename(tmp_path / "checkpoint-10")  # the older release's layout
+    (tmp_path / checkpoint.LATEST).write_text("checkpoint-10")
+    shutil.rmtree(tmp_path / checkpoint.CHECKPOINTS)
+    (tmp_path / "tensorboard").mkdir()
+    state, _ = Parts(seed=1).restore(tmp_path, 1)
+    assert state.step == 10
+    parts.save(tmp_path, 1, 20)
+    assert (tmp_path / "checkpoint-10").is_dir(), "kept until the attempt has two of its own"
+    parts.save(tmp_path, 1, 30)
+    assert not (tmp_path / "checkpoint-10").exists() and not (tmp_path / checkpoint.LATEST).exists()
+    assert steps_of(tmp_path, 1) == ["step-20", "step-30"] and (tmp_path / "tensorboard").is_dir()
+    (tmp_path / "checkpoint-7").mkdir()
+    checkpoint.remove_all(tmp_path)  # the job ended: both layouts go, its TensorBoard events stay
+    assert files(tmp_path) == ["tensorboard"]

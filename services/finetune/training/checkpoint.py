@@ -1,7 +1,8 @@
 """Training checkpoints: everything needed to resume a job exactly where it stopped.
 
 Each attempt of a job writes into its own folder, `checkpoints/attempt-<n>/` in the job's folder, and
-resumes from the newest readable checkpoint of the latest earlier attempt that left one. A checkpoint
+resumes from the newest readable checkpoint of the latest earlier attempt that left one (those of releases
+before per-attempt folders, `checkpoint-<k>/` in the job's folder, count as attempt 0). A checkpoint
 is a folder `step-<k>/` with the trainable weights (`trainable.safetensors`; the best-so-far weights in
 `best.safetensors` when validation tracks them) and `state.pt`: optimizer, LR scheduler, gradient
 scaler, RNG states, the step and the early-stopping state. The data position follows from the step.
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+LEGACY_ATTEMPT = 0  # checkpoints an older release wrote into the job's folder (attempts start at 1)
+LEGACY_PREFIX = "checkpoint-"  # and how it named them
 
 
 class LeaseLost(Exception):
@@ -106,6 +109,13 @@ def attempt_folder(job_dir: Path, attempt: int) -> Path:
 def remove_all(job_dir: Path) -> None:
     """Every attempt's checkpoints (the job has ended; its logs and TensorBoard events stay)."""
     shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
+    _remove_legacy(job_dir)
+
+
+def _remove_legacy(job_dir: Path) -> None:
+    for old in job_dir.glob(f"{LEGACY_PREFIX}*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (job_dir / LATEST).unlink(missing_ok=True)
 
 
 def save(
@@ -173,17 +183,22 @@ def _prune(job_dir: Path, attempt: int, keep: set[Path | None]) -> None:
     if None in keep:
         return
     for number, folder in _attempt_folders(job_dir):
-        if number < attempt:
+        if number == LEGACY_ATTEMPT:  # the job's own folder: only the checkpoints in it
+            _remove_legacy(job_dir)
+        elif number < attempt:
             shutil.rmtree(folder, ignore_errors=True)
 
 
 def _attempt_folders(job_dir: Path) -> list[tuple[int, Path]]:
-    """(attempt, folder), newest attempt first."""
+    """(attempt, folder), newest attempt first; the job's folder itself last when an older release's
+    checkpoints are in it."""
     found = []
     for folder in (job_dir / CHECKPOINTS).glob("attempt-*"):
         number = folder.name.removeprefix("attempt-")
         if number.isdigit():
             found.append((int(number), folder))
+    if any(job_dir.glob(f"{LEGACY_PREFIX}*")):
+        found.append((LEGACY_ATTEMPT, job_dir))
     return sorted(found, reverse=True)
 
 
@@ -192,10 +207,10 @@ def _named(folder: Path) -> Path | None:
     return folder / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _candidates(folder: Path) -> list[Path]:
+def _candidates(folder: Path, prefix: str = "step-") -> list[Path]:
     """One attempt's checkpoints, the one `latest` names first, then newest first."""
-    steps = [p for p in folder.glob("step-*") if p.name.removeprefix("step-").isdigit()]
-    steps.sort(key=lambda p: int(p.name.removeprefix("step-")), reverse=True)
+    steps = [p for p in folder.glob(f"{prefix}*") if p.name.removeprefix(prefix).isdigit()]
+    steps.sort(key=lambda p: int(p.name.removeprefix(prefix)), reverse=True)
     newest = _named(folder)
     if newest is not None and newest in steps:
         steps.remove(newest)
@@ -209,7 +224,7 @@ def restore_latest(job_dir: Path, attempt: int, model, optimizer, scheduler, sca
     for number, folder in _attempt_folders(job_dir):
         if number > attempt:  # a later attempt's: another worker's now
             continue
-        for checkpoint in _candidates(folder):
+        for checkpoint in _candidates(folder, LEGACY_PREFIX if number == LEGACY_ATTEMPT else "step-"):
             try:
                 return restore(checkpoint, model, optimizer, scheduler, scaler)
             except Exception as exc:  # a torn write: try the one before
