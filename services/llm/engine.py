@@ -213,6 +213,12 @@ class LLMEngine:
                 self.kv.free(slot)
 
     def submit(self, seq: Sequence) -> None:
+        """Queue `seq`: the one place a request is checked against this engine. A prompt past the limit is
+        INVALID_ARGUMENT; one whose KV could never fit the cache, or a full queue, RESOURCE_EXHAUSTED."""
+        if seq.prompt_cost > self._max_prompt_tokens:
+            raise prompt_too_long(seq.prompt_cost, self._max_prompt_tokens)
+        if seq.reserved_tokens > self.kv.max_tokens_alone:
+            raise self.kv_too_small(seq.prompt_cost, seq.config.max_new_tokens)
         self._waiting.put(seq)
 
     def shutdown(self, timeout: float = 10.0) -> None:
@@ -302,10 +308,7 @@ class LLMEngine:
                 seq = waiting.items[0]
                 if seq.cancelled:
                     unfit.append((waiting.items.popleft(), None))
-                elif seq.prompt_cost > self._max_prompt_tokens:
-                    error = prompt_too_long(seq.prompt_cost, self._max_prompt_tokens)
-                    unfit.append((waiting.items.popleft(), error))
-                elif seq.reserved_tokens > self.kv.max_tokens_alone:
+                elif seq.reserved_tokens > self.kv.max_tokens_alone:  # LoRA slots took budget since submit
                     error = self.kv_too_small(seq.prompt_cost, seq.config.max_new_tokens)
                     unfit.append((waiting.items.popleft(), error))
                 elif self.kv.fits(seq.reserved_tokens):
@@ -316,7 +319,7 @@ class LLMEngine:
             if taken:  # counted as running before they leave the waiting count: never in neither gauge
                 self._metrics.requests_running.set(self.num_running + len(taken))
             waiting.publish()
-        for seq, error in unfit:  # validation refuses these; a caller that skipped it gets told here
+        for seq, error in unfit:
             if error is not None:
                 self._finish(seq, error=error)
         if not taken:

@@ -9,7 +9,7 @@ from jinja2 import TemplateError
 
 from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import check_cache_support
-from services.llm.engine import LLMEngine, Sequence, eos_token_ids, prompt_too_long
+from services.llm.engine import LLMEngine, Sequence, eos_token_ids
 from services.llm.lora import LoraLimits
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from services.llm.prefix_cache import PrefixCache
@@ -57,7 +57,6 @@ class ServedLLM:
             self.entry.source,
             limits=LoraLimits.from_settings(settings),
         )
-        self.max_prompt_tokens = settings.max_prompt_tokens
         self.max_prompt_chars = settings.max_prompt_chars
         self.engine = LLMEngine(
             loaded.model,
@@ -114,7 +113,8 @@ class ServedLLM:
         on_event,
         deadline: float | None,
     ) -> Sequence:
-        """Validate a request and turn it into an engine sequence (not yet submitted)."""
+        """Validate a request's form and sampling, and turn it into an engine sequence; `engine.submit` checks
+        it against the engine's limits."""
         if bool(prompt) == bool(messages):
             raise InvalidArgument("set exactly one of prompt or messages")
         virtual_tokens = 0
@@ -126,10 +126,6 @@ class ServedLLM:
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
-        if len(prompt_ids) + virtual_tokens > self.max_prompt_tokens:
-            raise prompt_too_long(len(prompt_ids) + virtual_tokens, self.max_prompt_tokens)
-        if len(prompt_ids) + virtual_tokens + config.max_new_tokens > self.engine.kv.max_tokens_alone:
-            raise self.engine.kv_too_small(len(prompt_ids) + virtual_tokens, config.max_new_tokens)
         seq = Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq
