@@ -5,9 +5,11 @@ loading and eviction happens on the engine thread between steps, so weights neve
 running forward pass. Adapters in use by running sequences are pinned and never evicted; if every slot
 is pinned, the slots grow.
 
-Every acquire reads the adapter's metadata from the store (one small file), so a deleted adapter is
-refused and a replaced one (a new `version`) is loaded afresh: a slot is keyed by name and version, and
-sequences still running on the old version finish on it.
+A request reads the adapter's metadata once, when it arrives (`resolve`: a deleted adapter is refused
+there), and the engine acquires the version it found without reading the store again; a replaced adapter
+(a new `version`) is loaded afresh by the requests that find the new version. A slot is keyed by name and
+version, and sequences still running on the old version finish on it. A first load reads the version again
+after the files, so an adapter replaced while they are read is read again.
 
 P-tuning adapters (peft's `P_TUNING`) hold no layer weights, only virtual-token embeddings that the
 engine puts in front of the prompt at prefill; they share the LRU but take no LoRA slot.
@@ -86,9 +88,10 @@ class LoraAdapterCache:
     def loaded(self) -> list[str]:
         return [name for name, _ in self._slots]
 
-    def acquire(self, name: str) -> AdapterKey:
-        """Load the store's current version of `name` if needed and pin it for one sequence (engine thread)."""
-        key = (name, self.resolve(name).version)
+    def acquire(self, name: str, version: str | None = None) -> AdapterKey:
+        """Pin `version` of `name` (the one the request resolved; None: the store's current one) for one
+        sequence, loading it first if needed (engine thread)."""
+        key = (name, version if version is not None else self.resolve(name).version)
         if key not in self._slots:
             key = self._load(name, key)
         self._users[key] += 1

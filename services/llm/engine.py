@@ -82,11 +82,13 @@ class Sequence:
         on_event: Callable[[GenerationEvent], None],
         adapter: str | None = None,
         deadline: float | None = None,  # time.monotonic() value
+        adapter_version: str | None = None,  # the version the request resolved; None: the current one
     ):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
         self.config = config
         self.adapter = adapter
+        self.adapter_version = adapter_version
         self.deadline = deadline
         self.on_event = on_event
         self.output_ids: list[int] = []
@@ -336,7 +338,7 @@ class LLMEngine:
         for seq in taken:
             if seq.adapter and self.adapters is not None:
                 try:
-                    seq.adapter_key = self.adapters.acquire(seq.adapter)
+                    seq.adapter_key = self.adapters.acquire(seq.adapter, seq.adapter_version)
                 except Exception as exc:  # this request's adapter, not the batch's problem
                     if is_fatal_device_error(exc):
                         raise

@@ -117,16 +117,18 @@ class ServedLLM:
         it against the engine's limits."""
         if bool(prompt) == bool(messages):
             raise InvalidArgument("set exactly one of prompt or messages")
-        virtual_tokens = 0
+        virtual_tokens, version = 0, None
         if adapter:
             validate_adapter_name(adapter)
-            self.adapters.resolve(adapter)
+            version = self.adapters.resolve(adapter).version  # the one read of its metadata for this request
             virtual_tokens = self.adapters.virtual_tokens(adapter)  # p-tuning: they take context too
         prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages)
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
-        seq = Sequence(prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline)
+        seq = Sequence(
+            prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline, adapter_version=version
+        )
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq
 

@@ -100,16 +100,15 @@ def test_a_fatal_device_error_stops_the_engine_and_fails_everything_with_unavail
         engine.shutdown()
 
 
-def test_a_prompt_over_the_prompt_limit_is_refused_and_blocks_nobody(loaded, settings):
+def test_a_prompt_over_the_prompt_limit_is_refused_at_submit_and_blocks_nobody(loaded, settings):
     engine = make_engine(loaded, settings, max_prompt_tokens=8)
     engine.start()
     try:
         long_prompt = encode(loaded, "word " * 30)
         assert len(long_prompt) > 8
-        refused = Collector()
-        engine.submit(Sequence(long_prompt, SamplingConfig(max_new_tokens=4), refused))
-        _, final = refused.wait()
-        assert isinstance(final.error, InvalidArgument) and "at most 8 tokens" in final.error.message
+        with pytest.raises(InvalidArgument, match="at most 8 tokens"):
+            engine.submit(Sequence(long_prompt, SamplingConfig(max_new_tokens=4), Collector()))
+        assert engine.num_waiting == 0
         _, after = run(engine, loaded, "x", max_new_tokens=4)
         assert after.error is None and after.completion_tokens == 4
     finally:

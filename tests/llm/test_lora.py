@@ -186,3 +186,27 @@ def _copy(source, target):
 
     for item in source.iterdir():
         shutil.copy2(item, target / item.name)
+
+
+def test_a_request_reads_its_adapters_metadata_once_and_the_engine_not_again(settings, tmp_path, base):
+    """The request resolves the adapter's version when it arrives; acquiring that version on the engine
+    thread reads nothing more once it is loaded (a first load checks the version once more, after its files)."""
+    from services.llm.adapters import LoraAdapterCache
+    from shared.adapters import AdapterInfo, AdapterStore
+
+    class CountingStore(AdapterStore):
+        reads = 0
+
+        def get(self, name):
+            CountingStore.reads += 1
+            return super().get(name)
+
+    store = CountingStore(tmp_path / "adapters")
+    lora_folder = save_adapter(settings, tmp_path / "lora", seed=7)
+    store.save(AdapterInfo("plain", "llm", "tiny-llm"), lambda folder: _copy(lora_folder, folder))
+    cache = LoraAdapterCache(base, store, 4, "tiny-llm", "builtin:tiny-llm")
+    first = cache.acquire("plain", cache.resolve("plain").version)
+    assert CountingStore.reads == 2, "the request's read and the first load's check after the files"
+    cache.release(first)
+    again = cache.acquire("plain", cache.resolve("plain").version)
+    assert again == first and CountingStore.reads == 3, "the next request reads once, the engine not at all"

@@ -21,7 +21,7 @@ from services.llm.kv_slots import MIN_CAPACITY, SlotKV, kv_shape
 from services.llm.lora import DEFAULT_LIMITS, LoraLimits, MultiLora, MultiLoraLinear
 from services.llm.params import SamplingConfig
 from shared.adapters import AdapterInfo, AdapterStore
-from shared.errors import FailedPrecondition, ResourceExhausted
+from shared.errors import FailedPrecondition, ResourceExhausted, ServiceError
 from shared.loaders import load_causal_lm
 from tests.llm.engine_helpers import Collector, encode, run
 from tests.llm.test_kv_slots import Config
@@ -78,10 +78,13 @@ def kv_bytes_per_token(loaded) -> int:
 
 
 def refusal(engine, loaded, adapter, max_new_tokens=8):
-    """The error a request for `adapter` ends with."""
+    """The error a request for `adapter` ends with: refused at submit, or when its adapter loads."""
     collector = Collector()
     config = SamplingConfig(max_new_tokens=max_new_tokens, ignore_eos=True)
-    engine.submit(Sequence(encode(loaded, "x = ["), config, collector, adapter=adapter))
+    try:
+        engine.submit(Sequence(encode(loaded, "x = ["), config, collector, adapter=adapter))
+    except ServiceError as refused:
+        return refused
     _, final = collector.wait()
     assert final.error is not None, "the request was expected to be refused"
     return final.error
