@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+STEP_PREFIX = "step-"  # a checkpoint folder: step-<k>
 LEGACY_ATTEMPT = 0  # checkpoints an older release wrote into the job's folder (attempts start at 1)
 LEGACY_PREFIX = "checkpoint-"  # and how it named them
 
@@ -143,7 +144,7 @@ def save(
 
 
 def _write(folder: Path, model, optimizer, scheduler, scaler, state: LoopState, best) -> Path:
-    target = folder / f"step-{state.step}"
+    target = folder / f"{STEP_PREFIX}{state.step}"
     staging = folder / f".step-{state.step}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -177,7 +178,7 @@ def _write(folder: Path, model, optimizer, scheduler, scaler, state: LoopState, 
 def _prune(job_dir: Path, attempt: int, keep: set[Path | None]) -> None:
     """This attempt's checkpoints but the newest two; and once it has two, the folders of earlier attempts
     (until then, they are what a torn write falls back to)."""
-    for old in attempt_folder(job_dir, attempt).glob("step-*"):
+    for old in attempt_folder(job_dir, attempt).glob(f"{STEP_PREFIX}*"):
         if old not in keep:
             shutil.rmtree(old, ignore_errors=True)
     if None in keep:
@@ -207,7 +208,7 @@ def _named(folder: Path) -> Path | None:
     return folder / pointer.read_text().strip() if pointer.is_file() else None
 
 
-def _candidates(folder: Path, prefix: str = "step-") -> list[Path]:
+def _candidates(folder: Path, prefix: str) -> list[Path]:
     """One attempt's checkpoints, the one `latest` names first, then newest first."""
     steps = [p for p in folder.glob(f"{prefix}*") if p.name.removeprefix(prefix).isdigit()]
     steps.sort(key=lambda p: int(p.name.removeprefix(prefix)), reverse=True)
@@ -224,7 +225,8 @@ def restore_latest(job_dir: Path, attempt: int, model, optimizer, scheduler, sca
     for number, folder in _attempt_folders(job_dir):
         if number > attempt:  # a later attempt's: another worker's now
             continue
-        for checkpoint in _candidates(folder, LEGACY_PREFIX if number == LEGACY_ATTEMPT else "step-"):
+        prefix = LEGACY_PREFIX if number == LEGACY_ATTEMPT else STEP_PREFIX
+        for checkpoint in _candidates(folder, prefix):
             try:
                 return restore(checkpoint, model, optimizer, scheduler, scaler)
             except Exception as exc:  # a torn write: try the one before
