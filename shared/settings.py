@@ -63,6 +63,9 @@ class ModelEntry(_Section):
     dtype: DTypeName = "auto"
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = False
+    tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = Field(
+        "auto", description="how the model writes tool calls (auto: detected from its chat template, else hermes)"
+    )
     diffusion: DiffusionDefaults = DiffusionDefaults()
 
     @field_validator("name")
@@ -118,6 +121,15 @@ class LLMSettings(_Section):
     )
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(4096, ge=1)
+    grammar_cache_size: int = Field(
+        64, ge=1, description="compiled output formats (JSON schemas, regexes, grammars, tool sets) kept per model"
+    )
+    max_grammar_compile_s: float = Field(
+        10.0, gt=0, description="a response_format or tool set that takes longer to compile is refused"
+    )
+    max_grammar_chars: int = Field(
+        65536, ge=1, description="characters a response_format's schema, regex or grammar may have"
+    )
     adapter_cache_size: int = Field(8, ge=1, description="LoRA adapters kept loaded per model (LRU)")
     max_lora_rank: int = Field(
         64, ge=1, le=4096, description="largest LoRA rank an adapter may have (checked at CreateJob and at load)"

@@ -97,6 +97,10 @@ def message_strategy(descriptor: Descriptor, likely: dict[str, list[str]], depth
     """Field dicts for `descriptor`: each field present or absent, of its type, nested messages included."""
     fields = {}
     for field in descriptor.fields:
+        if _is_map(field):
+            key, value = (field.message_type.fields_by_name[n] for n in ("key", "value"))
+            fields[field.name] = st.dictionaries(_scalar(key, likely), _scalar(value, likely), max_size=3)
+            continue
         if field.type == FieldDescriptor.TYPE_MESSAGE:
             value = message_strategy(field.message_type, likely, depth + 1) if depth < 3 else st.just({})
         else:
@@ -105,6 +109,10 @@ def message_strategy(descriptor: Descriptor, likely: dict[str, list[str]], depth
             value = st.lists(value, max_size=3)
         fields[field.name] = value
     return st.fixed_dictionaries({}, optional=fields)
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.type == FieldDescriptor.TYPE_MESSAGE and field.message_type.GetOptions().map_entry
 
 
 def build(message_class, values: dict):
@@ -117,7 +125,9 @@ def build(message_class, values: dict):
 def _fill(message, values: dict) -> None:
     for name, value in values.items():
         field = message.DESCRIPTOR.fields_by_name[name]
-        if field.type == FieldDescriptor.TYPE_MESSAGE:
+        if _is_map(field):
+            getattr(message, name).update(value)
+        elif field.type == FieldDescriptor.TYPE_MESSAGE:
             if field.is_repeated:
                 for item in value:
                     _fill(getattr(message, name).add(), item)
@@ -188,6 +198,9 @@ LLM_LIKELY = {
     "model": ["", "tiny-llm"],
     "adapter": ["", "", "lora-a", "lora-b"],
     "role": ["user", "assistant", "system"],
+    "json_schema": ['{"type": "object"}', '{"type": "string", "maxLength": 5}', '{"enum": ["a", "b"]}'],
+    "regex": ["[ab]{1,3}", "x|y"],
+    "grammar": ['root ::= "a" | "b"'],
 }
 DIFFUSION_LIKELY = {
     "model": ["", "tiny-sd"],

@@ -31,11 +31,12 @@ from services.llm.adapters import AdapterKey, LoraAdapterCache
 from services.llm.batch import Work, forward, use_slot_attention
 from services.llm.cuda_graphs import StaticDecode
 from services.llm.detokenizer import IncrementalDetokenizer
+from services.llm.grammar import Constraint
 from services.llm.kv_slots import Slot, SlotKV, default_budget_bytes
 from services.llm.params import SamplingConfig
 from services.llm.prefill_budget import BURST_TOKENS, SHORT_PROMPT_TOKENS, PrefillBudget
 from services.llm.prefix_cache import PrefixCache
-from services.llm.sampling import RowSampler, next_tokens
+from services.llm.sampling import Picks, RowSampler, TokenLogprobs, sample
 from services.llm.stop import StopStringMatcher
 from shared.devices import is_fatal_device_error
 from shared.engine_thread import EngineThread
@@ -63,10 +64,24 @@ class GenerationEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seed: int = 0  # the sampling seed, on the last event: sent back so clients can reproduce
+    logprobs: tuple[GeneratedLogprob, ...] = ()  # of the tokens generated since the previous event
 
     @property
     def final(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class GeneratedLogprob:
+    """A generated token, its log-probability and the likeliest alternatives ((id, log-probability), ...)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def of(cls, token_id: int, picked: TokenLogprobs) -> GeneratedLogprob:
+        return cls(token_id, picked.logprob, tuple(zip(picked.top_ids, picked.top_logprobs, strict=True)))
 
 
 _ids = itertools.count()
@@ -83,6 +98,7 @@ class Sequence:
         adapter: str | None = None,
         deadline: float | None = None,  # time.monotonic() value
         adapter_version: str | None = None,  # the version the request resolved; None: the current one
+        grammar=None,  # an xgrammar CompiledGrammar the output must follow (`grammar.py`)
     ):
         self.id = next(_ids)
         self.prompt_ids = prompt_ids
@@ -90,7 +106,9 @@ class Sequence:
         self.adapter = adapter
         self.adapter_version = adapter_version
         self.deadline = deadline
+        self.grammar = grammar
         self.on_event = on_event
+        self.pending_logprobs: list[GeneratedLogprob] = []  # sent with the next event
         self.output_ids: list[int] = []
         self.cancelled = False
         self.finished = False
@@ -207,7 +225,7 @@ class LLMEngine:
             chunk = Work(slots[2], 0, [self._pad_id] * WARM_UP_TOKENS)
             logits = forward(self._model, self.kv, decode, [chunk])
             greedy, sampled = SamplingConfig(max_new_tokens=1), SamplingConfig(max_new_tokens=1, temperature=1.0)
-            next_tokens(
+            sample(
                 logits, [RowSampler.create(c, [self._pad_id], self._model.device) for c in (greedy, sampled, sampled)]
             )
         finally:
@@ -428,10 +446,10 @@ class LLMEngine:
         else:
             logits = forward(self._model, self.kv, decode_work, prefill_work)
         for seq in completing:
-            seq.sampler = RowSampler.create(seq.config, seq.prompt_ids, self._model.device)
+            seq.sampler = self._sampler(seq, logits.shape[-1])
             seq.detokenizer = IncrementalDetokenizer(self._tokenizer, seq.prompt_ids)
         seqs = [*decoding, *completing]
-        tokens = next_tokens(logits, [seq.sampler for seq in seqs])
+        picks = sample(logits, [seq.sampler for seq in seqs])
         self.prefill_budget.observe_step(len(decoding), sum(t for _, t in plan), time.perf_counter() - started)
         for seq, count in plan:
             seq.prefilled += count
@@ -440,7 +458,18 @@ class LLMEngine:
             self._metrics.batch_size.observe(len(decoding))
         if completing:
             self._join(completing)
-        self._accept(seqs, tokens)
+        self._accept(seqs, picks)
+
+    def _sampler(self, seq: Sequence, vocab_size: int) -> RowSampler:
+        constraint = Constraint(seq.grammar, self._eos) if seq.grammar is not None else None
+        return RowSampler.create(
+            seq.config,
+            seq.prompt_ids,
+            self._model.device,
+            vocab_size=vocab_size,
+            end_ids=self._eos,
+            constraint=constraint,
+        )
 
     def _chunk(self, seq: Sequence, tokens: int) -> Work:
         """The work of prefilling `seq`'s next `tokens` positions: its virtual tokens first, then the prompt."""
@@ -472,32 +501,44 @@ class LLMEngine:
             seq.in_prefix_cache = done
             self._metrics.prefix_cache_bytes.set(self.prefix_cache.nbytes)
 
-    def _accept(self, seqs: list[Sequence], tokens: list[int]) -> None:
+    def _accept(self, seqs: list[Sequence], picks: Picks) -> None:
         """Hand each sequence its new token, then drop the finished from the running batch."""
         now = time.perf_counter()
-        self._metrics.generation_tokens.inc(len(tokens))
-        for seq, token in zip(seqs, tokens, strict=True):
+        self._metrics.generation_tokens.inc(len(picks.tokens))
+        for seq, token, logprobs in zip(seqs, picks.tokens, picks.logprobs, strict=True):
             if seq.last_token_at is None:
                 self._metrics.time_to_first_token.observe(now - seq.arrival)
             else:
                 self._metrics.inter_token_latency.observe(now - seq.last_token_at)
             seq.last_token_at = now
-            self._advance(seq, token)
+            self._advance(seq, token, logprobs)
         self._remove_finished()
 
-    def _advance(self, seq: Sequence, token: int) -> None:
+    def _advance(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
         seq.output_ids.append(token)
-        seq.sampler.observe(token)
-        if token in self._eos and not seq.config.ignore_eos:
-            self._finish(seq, FinishReason.EOS)
+        if not seq.sampler.observe(token):
+            log.error("a constrained row took a token its grammar refused", extra={"model": self.model_name})
+            self._finish(seq, error=ServiceError("constrained decoding failed; the server logged it"))
             return
+        grammar_done = seq.sampler.constraint is not None and seq.sampler.constraint.terminated
+        if token in self._eos and (grammar_done or not seq.config.ignore_eos):
+            self._finish(seq, FinishReason.EOS)  # the end token itself is neither text nor a logprob
+            return
+        if logprobs is not None:
+            seq.pending_logprobs.append(GeneratedLogprob.of(token, logprobs))
         text = seq.stop_matcher.feed(seq.detokenizer.push(token))
-        if seq.stop_matcher.stopped:
+        if seq.stop_matcher.stopped or grammar_done or token in seq.config.stop_token_ids:
             self._finish(seq, FinishReason.STOP, text)
         elif len(seq.output_ids) >= seq.config.max_new_tokens:
             self._finish(seq, FinishReason.LENGTH, text)
-        elif text:
-            seq.on_event(GenerationEvent(text))
+        elif text or seq.pending_logprobs:
+            seq.on_event(GenerationEvent(text, logprobs=self._take_logprobs(seq)))
+
+    @staticmethod
+    def _take_logprobs(seq: Sequence) -> tuple[GeneratedLogprob, ...]:
+        taken = tuple(seq.pending_logprobs)
+        seq.pending_logprobs.clear()
+        return taken
 
     def _finish(
         self, seq: Sequence, reason: FinishReason | None = None, text: str = "", error: ServiceError | None = None
@@ -505,7 +546,7 @@ class LLMEngine:
         if seq.finished:
             return
         seq.finished = True
-        if reason in (FinishReason.EOS, FinishReason.LENGTH) and seq.detokenizer is not None:
+        if reason is not None and not seq.stop_matcher.stopped and seq.detokenizer is not None:
             # release what the detokenizer and the stop matcher held back (EOS itself decodes to nothing)
             text += seq.stop_matcher.feed(seq.detokenizer.flush())
             if seq.stop_matcher.stopped:
@@ -526,6 +567,7 @@ class LLMEngine:
                 prompt_tokens=len(seq.prompt_ids),
                 completion_tokens=len(seq.output_ids),
                 seed=seq.config.seed,
+                logprobs=self._take_logprobs(seq),
             )
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass
 
@@ -10,9 +11,12 @@ from jinja2 import TemplateError
 from services.llm.adapters import LoraAdapterCache
 from services.llm.batch import check_cache_support
 from services.llm.engine import LLMEngine, Sequence, eos_token_ids
+from services.llm.grammar import FormatSpec, GrammarCompiler
 from services.llm.lora import LoraLimits
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from services.llm.prefix_cache import PrefixCache
+from services.llm.tool_formats import FORMATS, Call, detect
+from services.llm.tools import AUTO, ToolChoice, ToolSpec, offered_tools, tool_grammar
 from shared.adapters import AdapterStore, validate_adapter_name
 from shared.devices import dtype_name
 from shared.errors import InvalidArgument
@@ -26,10 +30,20 @@ _FALLBACK_CONTEXT = 2048
 class ChatTurn:
     role: str
     content: str
+    tool_calls: tuple[tuple[str, str, str], ...] = ()  # an assistant turn's calls: (id, name, arguments JSON)
+    tool_call_id: str = ""  # a tool turn: the call it answers
 
 
 def _first_line(exc: Exception) -> str:
     return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else "no reason given"
+
+
+def _with_system_text(conversation: list[dict], text: str) -> list[dict]:
+    """The conversation with `text` at the start of its system message (one is added if it has none)."""
+    if conversation and conversation[0]["role"] == "system":
+        first = dict(conversation[0], content=text + "\n\n" + conversation[0]["content"])
+        return [first, *conversation[1:]]
+    return [{"role": "system", "content": text}, *conversation]
 
 
 def context_length(model, tokenizer) -> int:
@@ -48,7 +62,22 @@ class ServedLLM:
         self.dtype = dtype_name(loaded.dtype)
         self.tokenizer = loaded.tokenizer
         self.context_length = context_length(loaded.model, loaded.tokenizer)
-        self.limits = Limits(settings.default_max_new_tokens, settings.max_new_tokens_limit, self.context_length)
+        vocab_size = loaded.model.get_output_embeddings().weight.shape[0]  # the logits' width
+        self.limits = Limits(
+            settings.default_max_new_tokens, settings.max_new_tokens_limit, self.context_length, vocab_size
+        )
+        self.grammars = GrammarCompiler(
+            loaded.tokenizer,
+            vocab_size,
+            cache_size=settings.grammar_cache_size,
+            max_compile_s=settings.max_grammar_compile_s,
+            max_chars=settings.max_grammar_chars,
+        )
+        self._token_texts: list[str] | None = None
+        template = getattr(loaded.tokenizer, "chat_template", None) or ""
+        self.tool_format = FORMATS.get(self.entry.tool_parser) or detect(template)
+        self._template_renders_tools = "tools" in template
+        self._template_renders_calls = "tool_calls" in template
         self.adapters = LoraAdapterCache(
             loaded.model,
             store,
@@ -86,22 +115,56 @@ class ServedLLM:
         with self._encode_lock:
             return list(self.tokenizer(text)["input_ids"])
 
-    def encode_chat(self, messages: list[ChatTurn]) -> list[int]:
+    def encode_chat(self, messages: list[ChatTurn], tools: list[ToolSpec] = ()) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidArgument(f"model {self.entry.name!r} has no chat template; send a prompt instead of messages")
         for i, turn in enumerate(messages):
             if not turn.role:
-                raise InvalidArgument(f"messages[{i}].role is empty; use system, user or assistant")
+                raise InvalidArgument(f"messages[{i}].role is empty; use system, user, assistant or tool")
         self._check_size(sum(len(t.role) + len(t.content) for t in messages), "conversation")
-        conversation = [{"role": t.role, "content": t.content} for t in messages]
+        conversation = [self._turn(i, t) for i, t in enumerate(messages)]
+        schemas = [t.as_openai() for t in tools] or None
+        if schemas and not self._template_renders_tools:  # the template knows no tools: we describe them
+            conversation = _with_system_text(conversation, self.tool_format.instructions(schemas))
         try:
             with self._encode_lock:
-                encoded = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True)
+                encoded = self.tokenizer.apply_chat_template(
+                    conversation,
+                    tools=schemas if self._template_renders_tools else None,
+                    add_generation_prompt=True,
+                    tokenize=True,
+                )
         except TemplateError as exc:  # the template's own checks, e.g. "roles must alternate"
             raise InvalidArgument(f"the model's chat template rejected the messages: {_first_line(exc)}") from exc
         except Exception as exc:
             raise InvalidArgument("the model's chat template could not render these messages") from exc
         return list(encoded["input_ids"] if hasattr(encoded, "keys") else encoded)
+
+    def _turn(self, index: int, turn: ChatTurn) -> dict:
+        """A message as chat templates take it; calls the template cannot render go into the content."""
+        message = {"role": turn.role, "content": turn.content}
+        if turn.tool_call_id:
+            message["tool_call_id"] = turn.tool_call_id
+        if not turn.tool_calls:
+            return message
+        calls = []
+        for call_id, name, arguments in turn.tool_calls:
+            try:
+                parsed = json.loads(arguments or "{}")
+            except ValueError:
+                raise InvalidArgument(
+                    f"messages[{index}] has a tool call to {name!r} whose arguments are not JSON"
+                ) from None
+            calls.append((call_id, Call(name, parsed)))
+        if self._template_renders_calls:
+            message["tool_calls"] = [
+                {"id": i, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for i, c in calls
+            ]
+        else:
+            message["content"] = (turn.content + "\n" if turn.content else "") + self.tool_format.render_calls(
+                [c for _, c in calls]
+            )
+        return message
 
     def new_sequence(
         self,
@@ -112,6 +175,9 @@ class ServedLLM:
         sampling: SamplingRequest,
         on_event,
         deadline: float | None,
+        response_format: FormatSpec | None = None,
+        tools: list[ToolSpec] = (),
+        tool_choice: ToolChoice = AUTO,
     ) -> Sequence:
         """Validate a request's form and sampling, and turn it into an engine sequence; `engine.submit` checks
         it against the engine's limits."""
@@ -122,18 +188,47 @@ class ServedLLM:
             validate_adapter_name(adapter)
             version = self.adapters.resolve(adapter).version  # the one read of its metadata for this request
             virtual_tokens = self.adapters.virtual_tokens(adapter)  # p-tuning: they take context too
-        prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages)
+        offered = offered_tools(list(tools), tool_choice)
+        if tools and prompt:
+            raise InvalidArgument("tools need messages (a conversation), not a prompt")
+        if offered and response_format is not None:
+            raise InvalidArgument("set either tools or a response_format, not both")
+        if offered:
+            response_format = tool_grammar(self.tool_format, offered, tool_choice)
+        prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages, offered)
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
         config = resolve_sampling(sampling, len(prompt_ids) + virtual_tokens, self.limits)
+        grammar = None
+        if response_format is not None:
+            if config.min_new_tokens:
+                raise InvalidArgument("min_new_tokens cannot be combined with a response_format or tools")
+            grammar = self.grammars.compile(response_format)  # on the request's thread, never the engine's
         seq = Sequence(
-            prompt_ids, config, on_event, adapter=adapter or None, deadline=deadline, adapter_version=version
+            prompt_ids,
+            config,
+            on_event,
+            adapter=adapter or None,
+            deadline=deadline,
+            adapter_version=version,
+            grammar=grammar,
         )
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """A token's bytes as the vocabulary holds them (part of a UTF-8 character, for some tokens)."""
+        return self.grammars.info.decoded_vocab[token_id]
+
+    def token_text(self, token_id: int) -> str:
+        """A token's text for log-probabilities: its bytes, with an incomplete character shown as U+FFFD."""
+        if self._token_texts is None:  # built once, on the first request that asks for logprobs
+            self._token_texts = [b.decode("utf-8", errors="replace") for b in self.grammars.info.decoded_vocab]
+        return self._token_texts[token_id]
 
     def start(self, on_death=None) -> None:
         self.engine.start(on_death)
 
     def shutdown(self) -> None:
         self.engine.shutdown()
+        self.grammars.shutdown()

@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.llm.engine import FinishReason, GenerationEvent
+from services.llm.engine import FinishReason, GeneratedLogprob, GenerationEvent
+from services.llm.grammar import FormatSpec
 from services.llm.params import SamplingRequest
 from services.llm.served import ChatTurn, ServedLLM
+from services.llm.tools import ToolCall, ToolCallStream, ToolChoice, parse_tools
 from shared.aiobridge import EventRelay
 from shared.hosting import ModelHost
 
@@ -34,7 +36,66 @@ def sampling_from_proto(params: llm_pb2.SamplingParams) -> SamplingRequest:
         stop=tuple(params.stop),
         seed=params.seed if params.HasField("seed") else None,
         ignore_eos=params.ignore_eos,
+        presence_penalty=params.presence_penalty if params.HasField("presence_penalty") else None,
+        frequency_penalty=params.frequency_penalty if params.HasField("frequency_penalty") else None,
+        min_p=params.min_p if params.HasField("min_p") else None,
+        logit_bias=dict(params.logit_bias),
+        stop_token_ids=tuple(params.stop_token_ids),
+        min_new_tokens=params.min_new_tokens,
+        logprobs=params.logprobs,
+        top_logprobs=params.top_logprobs,
     )
+
+
+def format_from_proto(request: llm_pb2.GenerateRequest) -> FormatSpec | None:
+    """The request's response_format, or None when the output is free text."""
+    if not request.HasField("response_format"):
+        return None
+    kind = request.response_format.WhichOneof("format")
+    if kind is None or (kind == "json_object" and not request.response_format.json_object):
+        return None
+    return FormatSpec(kind, "" if kind == "json_object" else getattr(request.response_format, kind))
+
+
+_CHOICE_MODES = {
+    llm_pb2.ToolChoice.MODE_UNSPECIFIED: "auto",
+    llm_pb2.ToolChoice.AUTO: "auto",
+    llm_pb2.ToolChoice.NONE: "none",
+    llm_pb2.ToolChoice.REQUIRED: "required",
+}
+
+
+def tool_choice_from_proto(request: llm_pb2.GenerateRequest) -> ToolChoice:
+    choice = request.tool_choice
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    if choice.WhichOneof("choice") == "function":
+        return ToolChoice("function", choice.function, parallel)
+    return ToolChoice(_CHOICE_MODES.get(choice.mode, f"unknown mode {choice.mode}"), parallel=parallel)
+
+
+def turn_from_proto(message: llm_pb2.ChatMessage) -> ChatTurn:
+    calls = tuple((c.id, c.name, c.arguments) for c in message.tool_calls)
+    return ChatTurn(message.role, message.content, calls, message.tool_call_id)
+
+
+def calls_to_proto(calls: list[ToolCall]) -> list[llm_pb2.ToolCall]:
+    return [llm_pb2.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls]
+
+
+def logprobs_to_proto(served: ServedLLM, logprobs: tuple[GeneratedLogprob, ...]) -> list[llm_pb2.TokenLogprob]:
+    return [
+        llm_pb2.TokenLogprob(
+            token=served.token_text(lp.token_id),
+            id=lp.token_id,
+            logprob=lp.logprob,
+            token_bytes=served.token_bytes(lp.token_id),
+            top=[
+                llm_pb2.TopLogprob(token=served.token_text(i), id=i, logprob=v, token_bytes=served.token_bytes(i))
+                for i, v in lp.top
+            ],
+        )
+        for lp in logprobs
+    ]
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
@@ -44,45 +105,68 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
 
     async def _generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[GenerationEvent]:
+    ) -> AsyncIterator[tuple[ServedLLM, GenerationEvent]]:
         served = self.host.get(request.model)
         events, sink = self._events.sink()
         remaining = context.time_remaining()
         seq = await asyncio.to_thread(  # tokenizing a long prompt must not stall the event loop
             served.new_sequence,
             prompt=request.prompt,
-            messages=[ChatTurn(m.role, m.content) for m in request.messages],
+            messages=[turn_from_proto(m) for m in request.messages],
             adapter=request.adapter,
             sampling=sampling_from_proto(request.sampling),
+            response_format=format_from_proto(request),
+            tools=parse_tools([(t.name, t.description, t.parameters) for t in request.tools]),
+            tool_choice=tool_choice_from_proto(request),
             on_event=sink,
             deadline=time.monotonic() + remaining if remaining is not None else None,
         )
         served.engine.submit(seq)
         async for event in self._events.follow(events, seq.cancel):
-            yield event
+            yield served, event
+
+    def _calls_of(self, request: llm_pb2.GenerateRequest, served: ServedLLM) -> ToolCallStream | None:
+        """A reader of tool calls when the request offers tools, else None."""
+        if not request.tools or tool_choice_from_proto(request).mode == "none":
+            return None
+        return ToolCallStream(served.tool_format)
 
     async def Generate(self, request, context):
-        pieces = []
-        async for event in self._generate(request, context):
-            pieces.append(event.text)
+        pieces, logprobs, calls, reader = [], [], [], None
+        async for served, event in self._generate(request, context):
+            reader = reader or self._calls_of(request, served)
+            text, done = reader.feed(event.text) if reader else (event.text, [])
+            pieces.append(text)
+            calls.extend(done)
+            logprobs.extend(event.logprobs)
+        text = "".join(pieces) + (reader.flush() if reader else "")
         return llm_pb2.GenerateResponse(
-            text="".join(pieces),
-            finish_reason=_FINISH_REASONS[event.finish_reason],
+            text="" if calls and text.isspace() else text,
+            finish_reason=llm_pb2.FINISH_REASON_TOOL_CALLS if calls else _FINISH_REASONS[event.finish_reason],
             usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
             seed=event.seed,
+            logprobs=logprobs_to_proto(served, tuple(logprobs)),
+            tool_calls=calls_to_proto(calls),
         )
 
     async def GenerateStream(self, request, context):
-        async for event in self._generate(request, context):
-            if not event.final:
-                yield llm_pb2.GenerateStreamResponse(text=event.text)
-                continue
-            yield llm_pb2.GenerateStreamResponse(
-                text=event.text,
-                finish_reason=_FINISH_REASONS[event.finish_reason],
-                usage=llm_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-                seed=event.seed,
+        reader, called = None, False
+        async for served, event in self._generate(request, context):
+            reader = reader or self._calls_of(request, served)
+            text, calls = reader.feed(event.text) if reader else (event.text, [])
+            if event.final and reader:
+                text += reader.flush()
+            called = called or bool(calls)
+            message = llm_pb2.GenerateStreamResponse(
+                text=text, logprobs=logprobs_to_proto(served, event.logprobs), tool_calls=calls_to_proto(calls)
             )
+            if event.final:
+                reason = llm_pb2.FINISH_REASON_TOOL_CALLS if called else _FINISH_REASONS[event.finish_reason]
+                message.finish_reason = reason
+                message.usage.prompt_tokens = event.prompt_tokens
+                message.usage.completion_tokens = event.completion_tokens
+                message.seed = event.seed
+            yield message
 
     async def Tokenize(self, request, context):
         served = self.host.get(request.model)

@@ -190,12 +190,12 @@ def test_a_tiny_temperature_is_greedy_and_does_not_break_its_batch(engine, loade
 
 
 def test_overflowing_logits_fall_back_to_greedy_for_that_row_only():
-    from services.llm.sampling import RowSampler, next_tokens
+    from services.llm.sampling import RowSampler, sample
 
     logits = torch.tensor([[1.0, 3.0, 2.0], [0.5, 0.1, 0.2]])
     hot = RowSampler.create(SamplingConfig(max_new_tokens=1, temperature=1e-39, seed=1), [0], torch.device("cpu"))
     fine = RowSampler.create(SamplingConfig(max_new_tokens=1, temperature=1.0, seed=1), [0], torch.device("cpu"))
-    assert next_tokens(logits, [hot, fine])[0] == 1
+    assert sample(logits, [hot, fine]).tokens[0] == 1
 
 
 def test_an_internal_error_fails_only_its_batch_and_the_engine_goes_on(engine, loaded):

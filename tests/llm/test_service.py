@@ -170,6 +170,66 @@ BAD_REQUESTS = {
         grpc.StatusCode.NOT_FOUND,
         "served llm models: tiny-llm",
     ),
+    "presence penalty out of range": (
+        request(presence_penalty=2.5),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"presence_penalty must be in \[-2, 2\]",
+    ),
+    "frequency penalty not finite": (
+        request(frequency_penalty=float("nan")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "frequency_penalty must be a finite number",
+    ),
+    "min_p above one": (request(min_p=1.5), grpc.StatusCode.INVALID_ARGUMENT, r"min_p must be in \[0, 1\]"),
+    "logit bias out of range": (
+        request(logit_bias={5: 150.0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"logit_bias\[5\] must be in \[-100, 100\]",
+    ),
+    "logit bias past the vocabulary": (
+        request(logit_bias={99999: 1.0}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "names token 99999; this model's token ids are 0-",
+    ),
+    "stop token past the vocabulary": (
+        request(stop_token_ids=[2**31]),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "stop_token_ids names token",
+    ),
+    "too many top logprobs": (
+        request(top_logprobs=21),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"top_logprobs must be in \[0, 20\]",
+    ),
+    "min_new_tokens over max_new_tokens": (
+        request(min_new_tokens=20, max_new_tokens=10),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"min_new_tokens \(20\) must not exceed max_new_tokens \(10\)",
+    ),
+    "schema that is not JSON": (
+        llm_pb2.GenerateRequest(prompt="x", response_format=llm_pb2.ResponseFormat(json_schema="{oops")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "json_schema is not valid JSON",
+    ),
+    "unsupported regex": (
+        llm_pb2.GenerateRequest(prompt="x", response_format=llm_pb2.ResponseFormat(regex="(a")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "regex cannot be used",
+    ),
+    "grammar with an undefined rule": (
+        llm_pb2.GenerateRequest(prompt="x", response_format=llm_pb2.ResponseFormat(grammar="root ::= nothing")),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "grammar cannot be used",
+    ),
+    "min_new_tokens with a format": (
+        llm_pb2.GenerateRequest(
+            prompt="x",
+            response_format=llm_pb2.ResponseFormat(json_object=True),
+            sampling=SP(max_new_tokens=8, min_new_tokens=2),
+        ),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "min_new_tokens cannot be combined with a response_format",
+    ),
     "empty chat role": (
         llm_pb2.GenerateRequest(messages=[llm_pb2.ChatMessage(content="hi")]),
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -336,3 +396,62 @@ def test_error_messages_never_show_paths_or_library_internals(llm_stub, settings
         assert adapter in caught.value.details()
         assert_no_internals(caught.value.details(), settings)
     assert llm_stub.Generate(request(max_new_tokens=2)).usage.completion_tokens >= 1
+
+
+def test_greedy_logprobs_equal_the_models_own_log_softmax(llm_stub, tiny_llm):
+    import torch
+
+    prompt = "def parse(text):"
+    response = llm_stub.Generate(request(prompt, max_new_tokens=10, ignore_eos=True, top_logprobs=4))
+    assert len(response.logprobs) == 10
+    prompt_ids = tiny_llm.tokenizer(prompt)["input_ids"]
+    ids = prompt_ids + [lp.id for lp in response.logprobs]
+    with torch.no_grad():
+        logits = tiny_llm.model(torch.tensor([ids])).logits[0].float()
+    expected = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+    for position, lp in enumerate(response.logprobs):
+        assert abs(lp.logprob - expected[position, lp.id].item()) < 1e-3
+        assert lp.top[0].id == lp.id, "greedy picks the likeliest"
+        assert [t.logprob for t in lp.top] == sorted((t.logprob for t in lp.top), reverse=True)
+        assert lp.top[0].logprob == lp.logprob and len(lp.top) == 4
+    assert all(lp.token == lp.token_bytes.decode("utf-8", errors="replace") for lp in response.logprobs)
+    assert b"".join(lp.token_bytes for lp in response.logprobs).decode("utf-8", errors="replace").replace(
+        "\ufffd", ""
+    ) == response.text.replace("\ufffd", ""), "the tokens' bytes spell the text"
+
+
+def test_streamed_logprobs_cover_every_token_once(llm_stub):
+    unary = llm_stub.Generate(request("x = [", max_new_tokens=12, ignore_eos=True, logprobs=True))
+    chunks = list(llm_stub.GenerateStream(request("x = [", max_new_tokens=12, ignore_eos=True, logprobs=True)))
+    streamed = [lp for c in chunks for lp in c.logprobs]
+    assert [lp.id for lp in streamed] == [lp.id for lp in unary.logprobs]
+    assert all(not lp.top for lp in streamed), "no alternatives unless top_logprobs asks"
+
+
+def test_a_json_schema_through_the_service_gives_json_that_validates(llm_stub):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "sunny": {"type": "boolean"}},
+        "required": ["city", "sunny"],
+        "additionalProperties": False,
+    }
+    fmt = llm_pb2.ResponseFormat(json_schema=json.dumps(schema))
+    for seed in range(3):
+        response = llm_stub.Generate(
+            llm_pb2.GenerateRequest(
+                prompt="x", response_format=fmt, sampling=SP(max_new_tokens=200, temperature=1.0, seed=seed)
+            )
+        )
+        assert response.finish_reason == llm_pb2.FINISH_REASON_EOS
+        jsonschema.validate(json.loads(response.text), schema)
+
+
+def test_a_stop_token_id_ends_generation_with_stop(llm_stub):
+    free = llm_stub.Generate(request("x = [", max_new_tokens=12, ignore_eos=True, logprobs=True))
+    stop_at = free.logprobs[5].id
+    first = [lp.id for lp in free.logprobs].index(stop_at)
+    stopped = llm_stub.Generate(request("x = [", max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_at]))
+    assert stopped.finish_reason == llm_pb2.FINISH_REASON_STOP
+    assert stopped.usage.completion_tokens == first + 1
