@@ -50,6 +50,18 @@ def validate_adapter_name(name: str) -> str:
     return name
 
 
+def check_fits(info: AdapterInfo, kind: str, base_model_names: tuple[str, ...]) -> AdapterInfo:
+    """`info`, if it is of `kind` and was trained on one of `base_model_names` (a model's name and source)."""
+    if info.kind != kind:
+        raise FailedPrecondition(f"adapter {info.name!r} is for {info.kind} models, not {kind} models")
+    if info.base_model not in base_model_names:
+        raise FailedPrecondition(
+            f"adapter {info.name!r} was trained on base model {info.base_model!r}; "
+            f"use it with that model, not {base_model_names[0]!r}"
+        )
+    return info
+
+
 class AdapterStore:
     def __init__(self, root: Path):
         self.root = Path(root)
@@ -80,15 +92,7 @@ class AdapterStore:
 
     def get_for(self, name: str, kind: str, base_model_names: tuple[str, ...]) -> AdapterInfo:
         """The adapter's metadata, checked to be of `kind` and trained on one of `base_model_names`."""
-        info = self.get(name)
-        if info.kind != kind:
-            raise FailedPrecondition(f"adapter {name!r} is for {info.kind} models, not {kind} models")
-        if info.base_model not in base_model_names:
-            raise FailedPrecondition(
-                f"adapter {name!r} was trained on base model {info.base_model!r}; "
-                f"use it with that model, not {base_model_names[0]!r}"
-            )
-        return info
+        return check_fits(self.get(name), kind, base_model_names)
 
     def list(self) -> list[AdapterInfo]:
         """Every readable adapter; one with broken metadata is skipped (and logged), not fatal to the list."""

@@ -62,3 +62,20 @@ class ModelHost(Generic[T]):
     def shutdown(self) -> None:
         for served in list(self._served.values()):
             served.shutdown()
+
+
+class ModelHosts:
+    """Several hosts (of different kinds) served by one process, loaded, watched and shut down together."""
+
+    def __init__(self, *hosts: ModelHost):
+        self.hosts = hosts
+        self.on_engine_death: EngineDeath | None = None
+
+    def load_all(self) -> None:
+        for host in self.hosts:
+            host.on_engine_death = self.on_engine_death
+            host.load_all()
+
+    def shutdown(self) -> None:
+        for host in self.hosts:
+            host.shutdown()

@@ -60,16 +60,16 @@ def select_files(
     trust_remote_code: bool = False,
     model_index: dict[str, Any] | None = None,
 ) -> list[str]:
-    """The files to download, sorted. `kind` is "llm" or "diffusion"; `variant` (diffusion only, e.g. "fp16")
-    picks each component's variant weights where it has them; `model_index` is the repository's
+    """The files to download, sorted. `kind` is "llm", "embedding" or "diffusion"; `variant` (diffusion only,
+    e.g. "fp16") picks each component's variant weights where it has them; `model_index` is the repository's
     model_index.json (without it, every component folder is taken). InvalidArgument if the loader could not
     load the repository."""
     files = sorted(set(files))
-    if kind == "llm":
+    if kind in ("llm", "embedding"):
         return _llm_files(files, trust_remote_code)
     if kind == "diffusion":
         return _diffusion_files(files, variant, trust_remote_code, model_index)
-    raise InvalidArgument(f"unknown model kind {kind!r}: expected llm or diffusion")
+    raise InvalidArgument(f"unknown model kind {kind!r}: expected llm, embedding or diffusion")
 
 
 def pick_variant(files: Iterable[str], dtype: str, model_index: dict[str, Any] | None = None) -> str | None:

@@ -54,6 +54,19 @@ def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
     return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
 
 
+def load_encoder(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
+    """An embedding model's transformer without a head (`AutoModel`): encoders and decoder embedders alike."""
+    from transformers import AutoModel, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    location, kwargs, device, dtype = _placement(entry, settings)
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    model = AutoModel.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
+    model.to(device).eval()
+    return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+
+
 @dataclass
 class LoadedDiffusionPipeline:
     entry: ModelEntry

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from shared.addresses import exposure_refusal
-from shared.hosting import ModelHost
+from shared.hosting import ModelHost, ModelHosts
 from shared.interceptors import ServiceInterceptor
 from shared.metrics import start_metrics_server
 from shared.settings import Settings
@@ -163,7 +163,7 @@ async def serve_models(
     settings: Settings,
     options: ServerOptions,
     service_name: str,
-    models: ModelHost,
+    models: ModelHost | ModelHosts,
     register: Callable[[grpc.aio.Server], None],
 ) -> int:
     """Serve a model-backed service: port up first (health NOT_SERVING), models loaded, then SERVING.

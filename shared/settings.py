@@ -28,7 +28,7 @@ ENV_PREFIX = "MODELWORKS_"
 CONFIG_ENV = "MODELWORKS_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config/modelworks.yaml")
 
-ModelKind = Literal["llm", "diffusion"]
+ModelKind = Literal["llm", "diffusion", "embedding"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -50,6 +50,18 @@ class DiffusionDefaults(_Section):
     scheduler: str | None = Field(None, description="a scheduler name; unset: the checkpoint's own scheduler")
 
 
+class EmbeddingDefaults(_Section):
+    """How an embedding model turns its hidden states into one vector, unless a request says otherwise."""
+
+    pooling: Literal["mean", "last", "cls"] = Field(
+        "mean", description="mean of the tokens (BERT-style encoders), last token (decoder embedders), or the first"
+    )
+    normalize: bool = True
+    matryoshka: bool = Field(
+        False, description="the model was trained so that a prefix of its vector is an embedding too (dimensions)"
+    )
+
+
 class ModelEntry(_Section):
     """One served model: a name clients use, and where its weights come from."""
 
@@ -67,6 +79,7 @@ class ModelEntry(_Section):
         "auto", description="how the model writes tool calls (auto: detected from its chat template, else hermes)"
     )
     diffusion: DiffusionDefaults = DiffusionDefaults()
+    embedding: EmbeddingDefaults = EmbeddingDefaults()
 
     @field_validator("name")
     @classmethod
@@ -121,6 +134,13 @@ class LLMSettings(_Section):
     )
     default_max_new_tokens: int = Field(256, ge=1)
     max_new_tokens_limit: int = Field(4096, ge=1)
+    max_embed_inputs: int = Field(256, ge=1, description="texts one Embed call may have")
+    max_embed_input_tokens: int = Field(
+        8192, ge=1, description="tokens one embedded text may have (the model's own context caps it too)"
+    )
+    max_embed_batch_tokens: int = Field(
+        16384, ge=1, description="tokens (padded) one embedding forward runs at once; more inputs take several"
+    )
     grammar_cache_size: int = Field(
         64, ge=1, description="compiled output formats (JSON schemas, regexes, grammars, tool sets) kept per model"
     )

@@ -20,6 +20,7 @@ collect_ignore = [] if os.environ.get("MODELWORKS_TEST_COMPOSE") == "1" else ["c
 TEST_MODELS = [
     {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},
     {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd", "diffusion": {"steps": 4}},
+    {"name": "tiny-embed", "kind": "embedding", "source": "builtin:tiny-embed"},
 ]
 
 
@@ -31,6 +32,7 @@ def data_dir(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("data")
     ensure_builtin("tiny-llm", path / "models")
     ensure_builtin("tiny-sd", path / "models")
+    ensure_builtin("tiny-embed", path / "models")
     return path
 
 

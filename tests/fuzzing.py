@@ -202,6 +202,7 @@ LLM_LIKELY = {
     "regex": ["[ab]{1,3}", "x|y"],
     "grammar": ['root ::= "a" | "b"'],
 }
+EMBED_LIKELY = {"model": ["", "tiny-embed", "tiny-llm"], "inputs": ["hello", "def f(x):", "é日本🎉"]}
 DIFFUSION_LIKELY = {
     "model": ["", "tiny-sd"],
     "adapter": ["", "", "style-a"],
@@ -222,6 +223,7 @@ def fuzz_targets(llm_channel: grpc.Channel | None, diffusion_channel: grpc.Chann
             FuzzTarget("LLM GenerateStream", llm.GenerateRequest, stub.GenerateStream, True, LLM_LIKELY),
             FuzzTarget("LLM Tokenize", llm.TokenizeRequest, stub.Tokenize, False, LLM_LIKELY),
             FuzzTarget("LLM ListModels", llm.ListModelsRequest, stub.ListModels, False, LLM_LIKELY),
+            FuzzTarget("LLM Embed", llm.EmbedRequest, stub.Embed, False, EMBED_LIKELY),
         ]
     if diffusion_channel is not None:
         from modelworks.diffusion.v1 import diffusion_pb2 as diffusion

@@ -110,7 +110,8 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
 
     def refresh(current_model: str | None, current_adapter: str | None):
         def list_models():
-            return clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
+            listed = clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
+            return [m for m in listed if m.kind == "llm"]  # embedding models do not chat
 
         models = call_or_warn(llm, "list_models", list_models, [])
         names = [m.name for m in models]

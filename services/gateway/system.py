@@ -44,18 +44,28 @@ def scrape_gauges(url: str, wanted: list[tuple[str, str]]) -> list[tuple[str, st
 
 
 def _models(clients: ServiceClients) -> dict[str, str]:
-    """Loaded models per service ("—" where the service does not answer)."""
-    listings = {
-        "LLM": lambda: clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=QUICK_CALL_S),
-        "diffusion": lambda: clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S),
-    }
+    """Loaded models per service, the LLM service's embedding models named as such ("—" where the service does
+    not answer: the health column says why)."""
     out = {}
-    for label, call in listings.items():
-        try:
-            out[label] = ", ".join(f"{m.name} ({m.device}, {m.dtype})" for m in call().models) or "none"
-        except grpc.RpcError:
-            out[label] = "—"  # the health column says why
+    try:
+        listed = clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
+        out["LLM"] = _listing(m for m in listed if m.kind == "llm")
+        embedders = [m for m in listed if m.kind == "embedding"]
+        if embedders:
+            out["LLM"] += f"; embedding: {_listing(embedders)}"
+    except grpc.RpcError:
+        out["LLM"] = "—"
+    try:
+        out["diffusion"] = _listing(
+            clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
+        )
+    except grpc.RpcError:
+        out["diffusion"] = "—"
     return out
+
+
+def _listing(models) -> str:
+    return ", ".join(f"{m.name} ({m.device}, {m.dtype})" for m in models) or "none"
 
 
 def services_table(clients: ServiceClients) -> pd.DataFrame:

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from services.llm import metrics
 from services.llm.kv_slots import SlotKV
 from services.llm.lora import DEFAULT_LIMITS, LoraLimits, MultiLora
-from shared.adapters import AdapterInfo, AdapterStore
+from shared.adapters import AdapterInfo, AdapterStore, check_fits
 from shared.errors import FailedPrecondition, ServiceError
 
 log = logging.getLogger(__name__)
@@ -60,9 +60,9 @@ class LoraAdapterCache:
         self._users: dict[AdapterKey, int] = {}  # running sequences per loaded adapter
         self._prompts: dict[AdapterKey, torch.Tensor] = {}  # p-tuning: (virtual tokens, hidden) embeddings
 
-    def resolve(self, name: str) -> AdapterInfo:
-        """Check that adapter `name` exists and fits this model (any thread)."""
-        return self._store.get_for(name, "llm", (self._model_name, self._model_source))
+    def resolve(self, name: str, info: AdapterInfo | None = None) -> AdapterInfo:
+        """Check that adapter `name` exists and fits this model (any thread); `info`: its metadata, already read."""
+        return check_fits(info or self._store.get(name), "llm", (self._model_name, self._model_source))
 
     def virtual_tokens(self, name: str) -> int:
         """How many virtual tokens adapter `name` puts before a prompt (0 for LoRA adapters; any thread)."""

@@ -1,11 +1,12 @@
-"""The LLMs one server hosts, each a started `ServedLLM`."""
+"""The models one LLM server hosts: generative LLMs (each a `ServedLLM`) and embedding models."""
 
 from __future__ import annotations
 
 from services.llm.served import ServedLLM
+from services.llm.served_embedder import ServedEmbedder
 from shared.adapters import AdapterStore
 from shared.hosting import ModelHost
-from shared.loaders import load_causal_lm
+from shared.loaders import load_causal_lm, load_encoder
 from shared.settings import ModelEntry, Settings
 
 
@@ -16,3 +17,10 @@ def llm_host(settings: Settings) -> ModelHost[ServedLLM]:
         return ServedLLM(load_causal_lm(entry, settings), settings.llm, store)
 
     return ModelHost(settings, "llm", load)
+
+
+def embedding_host(settings: Settings) -> ModelHost[ServedEmbedder]:
+    def load(entry: ModelEntry) -> ServedEmbedder:
+        return ServedEmbedder(load_encoder(entry, settings), settings.llm)
+
+    return ModelHost(settings, "embedding", load)

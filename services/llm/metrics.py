@@ -45,6 +45,16 @@ KV_CACHE_BUDGET_BYTES = Gauge(
     "modelworks_llm_kv_cache_budget_bytes", "The KV cache's budget (llm.kv_cache_bytes)", ["model"]
 )
 
+EMBED_INPUTS = Counter("modelworks_llm_embedding_inputs", "Texts embedded", ["model"])
+EMBED_TOKENS = Counter("modelworks_llm_embedding_tokens", "Tokens of the texts embedded", ["model"])
+EMBED_LATENCY = Histogram(
+    "modelworks_llm_embedding_request_latency_seconds",
+    "Arrival to the vectors of an Embed call",
+    ["model"],
+    buckets=_LATENCY_BUCKETS,
+)
+EMBED_WAITING = Gauge("modelworks_llm_embedding_requests_waiting", "Embed calls in the waiting queue", ["model"])
+
 
 class ModelMetrics:
     """The per-model children, looked up once: the decode loop records several samples per token."""

@@ -17,7 +17,7 @@ from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from services.llm.prefix_cache import PrefixCache
 from services.llm.tool_formats import FORMATS, Call, detect
 from services.llm.tools import AUTO, ToolChoice, ToolSpec, offered_tools, tool_grammar
-from shared.adapters import AdapterStore, validate_adapter_name
+from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
 from shared.devices import dtype_name
 from shared.errors import InvalidArgument
 from shared.loaders import LoadedCausalLM
@@ -178,6 +178,7 @@ class ServedLLM:
         response_format: FormatSpec | None = None,
         tools: list[ToolSpec] = (),
         tool_choice: ToolChoice = AUTO,
+        adapter_info: AdapterInfo | None = None,  # the adapter's metadata, when the caller read it already
     ) -> Sequence:
         """Validate a request's form and sampling, and turn it into an engine sequence; `engine.submit` checks
         it against the engine's limits."""
@@ -186,7 +187,7 @@ class ServedLLM:
         virtual_tokens, version = 0, None
         if adapter:
             validate_adapter_name(adapter)
-            version = self.adapters.resolve(adapter).version  # the one read of its metadata for this request
+            version = self.adapters.resolve(adapter, adapter_info).version  # its metadata, read once per request
             virtual_tokens = self.adapters.virtual_tokens(adapter)  # p-tuning: they take context too
         offered = offered_tools(list(tools), tool_choice)
         if tools and prompt:

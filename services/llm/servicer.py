@@ -9,12 +9,15 @@ from collections.abc import AsyncIterator
 import grpc
 
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
-from services.llm.engine import FinishReason, GeneratedLogprob, GenerationEvent
+from services.llm.engine import FinishReason, GeneratedLogprob, GenerationEvent, Sequence
 from services.llm.grammar import FormatSpec
 from services.llm.params import SamplingRequest
 from services.llm.served import ChatTurn, ServedLLM
+from services.llm.served_embedder import ServedEmbedder
 from services.llm.tools import ToolCall, ToolCallStream, ToolChoice, parse_tools
+from shared.adapters import AdapterInfo, AdapterStore
 from shared.aiobridge import EventRelay
+from shared.errors import FailedPrecondition, NotFound
 from shared.hosting import ModelHost
 
 SERVICE_NAME = llm_pb2.DESCRIPTOR.services_by_name["LLMService"].full_name
@@ -56,6 +59,13 @@ def format_from_proto(request: llm_pb2.GenerateRequest) -> FormatSpec | None:
         return None
     return FormatSpec(kind, "" if kind == "json_object" else getattr(request.response_format, kind))
 
+
+_POOLINGS = {
+    llm_pb2.POOLING_UNSPECIFIED: "",
+    llm_pb2.POOLING_MEAN: "mean",
+    llm_pb2.POOLING_LAST: "last",
+    llm_pb2.POOLING_CLS: "cls",
+}
 
 _CHOICE_MODES = {
     llm_pb2.ToolChoice.MODE_UNSPECIFIED: "auto",
@@ -99,31 +109,57 @@ def logprobs_to_proto(served: ServedLLM, logprobs: tuple[GeneratedLogprob, ...])
 
 
 class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
-    def __init__(self, host: ModelHost[ServedLLM]):
+    def __init__(
+        self,
+        host: ModelHost[ServedLLM],
+        embedders: ModelHost[ServedEmbedder] | None = None,
+        store: AdapterStore | None = None,
+    ):
         self.host = host
+        self.embedders = embedders
+        self.store = store  # where an adapter's base model is looked up when a request names no model
         self._events = EventRelay()
 
     async def _generate(
         self, request: llm_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tuple[ServedLLM, GenerationEvent]]:
-        served = self.host.get(request.model)
         events, sink = self._events.sink()
         remaining = context.time_remaining()
-        seq = await asyncio.to_thread(  # tokenizing a long prompt must not stall the event loop
-            served.new_sequence,
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        # reading the adapter's metadata and tokenizing a long prompt must not stall the event loop
+        served, seq = await asyncio.to_thread(self._sequence, request, sink, deadline)
+        served.engine.submit(seq)
+        async for event in self._events.follow(events, seq.cancel):
+            yield served, event
+
+    def _sequence(self, request: llm_pb2.GenerateRequest, sink, deadline: float | None) -> tuple[ServedLLM, Sequence]:
+        served, info = self._target(request)
+        seq = served.new_sequence(
             prompt=request.prompt,
             messages=[turn_from_proto(m) for m in request.messages],
             adapter=request.adapter,
+            adapter_info=info,
             sampling=sampling_from_proto(request.sampling),
             response_format=format_from_proto(request),
             tools=parse_tools([(t.name, t.description, t.parameters) for t in request.tools]),
             tool_choice=tool_choice_from_proto(request),
             on_event=sink,
-            deadline=time.monotonic() + remaining if remaining is not None else None,
+            deadline=deadline,
         )
-        served.engine.submit(seq)
-        async for event in self._events.follow(events, seq.cancel):
-            yield served, event
+        return served, seq
+
+    def _target(self, request: llm_pb2.GenerateRequest) -> tuple[ServedLLM, AdapterInfo | None]:
+        """The model a request runs on: the one it names; with only an adapter named, the adapter's base."""
+        if request.model or not request.adapter or self.store is None:
+            return self.host.get(request.model), None
+        info = self.store.get(request.adapter)
+        for entry, _ in self.host.entries():
+            if info.base_model in (entry.name, entry.source):
+                return self.host.get(entry.name), info
+        raise FailedPrecondition(
+            f"adapter {info.name!r} was trained on base model {info.base_model!r}, which this server does not serve "
+            f"(served llm models: {', '.join(self.host.registry.names)})"
+        )
 
     def _calls_of(self, request: llm_pb2.GenerateRequest, served: ServedLLM) -> ToolCallStream | None:
         """A reader of tool calls when the request offers tools, else None."""
@@ -175,6 +211,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
     async def ListModels(self, request, context):
         default = self.host.registry.default_name
         models = []
+        adapters = await asyncio.to_thread(self._llm_adapters)
         for entry, served in self.host.entries():
             info = llm_pb2.ModelInfo(
                 name=entry.name, kind=entry.kind, source=entry.source, is_default=entry.name == default
@@ -183,5 +220,44 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
                 info.max_context_length = served.context_length
                 info.dtype = served.dtype
                 info.device = str(served.device)
+            info.adapters.extend(a.name for a in adapters if a.base_model in (entry.name, entry.source))
+            models.append(info)
+        for entry, embedder in self.embedders.entries() if self.embedders else ():
+            info = llm_pb2.ModelInfo(
+                name=entry.name,
+                kind=entry.kind,
+                source=entry.source,
+                is_default=entry.name == self.embedders.registry.default_name,
+            )
+            if embedder is not None:
+                info.max_context_length = embedder.max_input_tokens
+                info.dtype = embedder.dtype
+                info.device = str(embedder.device)
             models.append(info)
         return llm_pb2.ListModelsResponse(models=models)
+
+    def _llm_adapters(self) -> list[AdapterInfo]:
+        return [a for a in self.store.list() if a.kind == "llm"] if self.store is not None else []
+
+    async def Embed(self, request, context):
+        if self.embedders is None:
+            raise NotFound("this server hosts no embedding models")
+        embedder = self.embedders.get(request.model)
+        job = await asyncio.to_thread(  # tokenizing many texts must not stall the event loop
+            embedder.new_job,
+            list(request.inputs),
+            _POOLINGS.get(request.pooling, f"unknown pooling {request.pooling}"),
+            request.normalize if request.HasField("normalize") else None,
+            request.dimensions,
+        )
+        embedder.engine.submit(job)
+        try:
+            vectors = await asyncio.wrap_future(job.done)
+        except asyncio.CancelledError:
+            job.cancel()
+            raise
+        return llm_pb2.EmbedResponse(
+            embeddings=[llm_pb2.Embedding(values=row) for row in vectors.tolist()],
+            model=embedder.entry.name,
+            usage=llm_pb2.Usage(prompt_tokens=job.tokens),
+        )

@@ -22,6 +22,7 @@ _BUILDERS = {
     "tiny-llm": "shared.builtin.tiny_llm",
     "llm-100m": "shared.builtin.tiny_llm",
     "tiny-sd": "shared.builtin.tiny_sd",
+    "tiny-embed": "shared.builtin.tiny_embed",
 }
 
 

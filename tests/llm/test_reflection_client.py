@@ -39,7 +39,7 @@ def test_a_reflection_only_client_can_use_every_rpc(llm_server):
         assert set(llm.service.methods_by_name) >= {"Generate", "GenerateStream", "Tokenize", "ListModels"}
 
         models = llm.call("ListModels", llm.message("modelworks.llm.v1.ListModelsRequest")).models
-        assert [m.name for m in models] == ["tiny-llm"]
+        assert [m.name for m in models] == ["tiny-llm", "tiny-embed"]
 
         sampling = llm.message("modelworks.llm.v1.SamplingParams", max_new_tokens=8, temperature=0.7, seed=11)
         req = llm.message("modelworks.llm.v1.GenerateRequest", prompt="Hello", sampling=sampling)

@@ -37,9 +37,15 @@ def test_health_is_serving(llm_channel):
 
 
 def test_list_models(llm_stub):
-    (model,) = llm_stub.ListModels(llm_pb2.ListModelsRequest()).models
+    model, embedder = llm_stub.ListModels(llm_pb2.ListModelsRequest()).models
     assert (model.name, model.kind, model.is_default, model.device) == ("tiny-llm", "llm", True, "cpu")
     assert model.max_context_length == 131072
+    assert (embedder.name, embedder.kind, embedder.is_default, embedder.max_context_length) == (
+        "tiny-embed",
+        "embedding",
+        True,
+        512,
+    )
 
 
 def test_generate_and_stream_give_the_same_text(llm_stub):
@@ -455,3 +461,25 @@ def test_a_stop_token_id_ends_generation_with_stop(llm_stub):
     stopped = llm_stub.Generate(request("x = [", max_new_tokens=12, ignore_eos=True, stop_token_ids=[stop_at]))
     assert stopped.finish_reason == llm_pb2.FINISH_REASON_STOP
     assert stopped.usage.completion_tokens == first + 1
+
+
+def test_an_adapter_alone_runs_on_its_base_model_and_is_listed_under_it(llm_stub, adapters):
+    named = llm_stub.Generate(llm_pb2.GenerateRequest(prompt="x =", model="tiny-llm", adapter=adapters[0]))
+    alone = llm_stub.Generate(llm_pb2.GenerateRequest(prompt="x =", adapter=adapters[0]))
+    assert alone.text == named.text
+    (model,) = [m for m in llm_stub.ListModels(llm_pb2.ListModelsRequest()).models if m.kind == "llm"]
+    assert set(adapters) <= set(model.adapters)
+
+
+def test_an_adapter_whose_base_is_not_served_says_so(llm_stub, settings):
+    from shared.adapters import AdapterInfo, AdapterStore
+
+    store = AdapterStore(settings.adapters_dir)
+    store.save(AdapterInfo(name="orphan-adapter", kind="llm", base_model="llama-70b"), lambda folder: None)
+    try:
+        with pytest.raises(grpc.RpcError) as caught:
+            llm_stub.Generate(llm_pb2.GenerateRequest(prompt="x", adapter="orphan-adapter"))
+    finally:
+        store.delete("orphan-adapter")
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "trained on base model 'llama-70b', which this server does not serve" in caught.value.details()
