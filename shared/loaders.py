@@ -43,26 +43,22 @@ def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, An
 
 
 def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    location, kwargs, device, dtype = _placement(entry, settings)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
-    model.to(device).eval()
-    return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return _load_transformer("AutoModelForCausalLM", entry, settings)
 
 
 def load_encoder(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
     """An embedding model's transformer without a head (`AutoModel`): encoders and decoder embedders alike."""
-    from transformers import AutoModel, AutoTokenizer
+    return _load_transformer("AutoModel", entry, settings)
+
+
+def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     location, kwargs, device, dtype = _placement(entry, settings)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    model = AutoModel.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    model = getattr(transformers, auto_class).from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
     model.to(device).eval()
     return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
 
