@@ -9,7 +9,18 @@ from pathlib import Path
 
 import torch
 
-from bench import dataset_limits, diffusion, finetune, gateway, key_limits, llm, prefill, realmodel, robustness
+from bench import (
+    dataset_limits,
+    diffusion,
+    finetune,
+    gateway,
+    key_limits,
+    llm,
+    prefill,
+    realmodel,
+    robustness,
+    structured,
+)
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
 
@@ -17,6 +28,7 @@ BENCHMARKS = {
     "llm": ("LLM service", llm),
     "prefill": ("LLM prefill: chunked and prefix-cached", prefill),
     "realmodel": ("The default chat model (SmolLM2-135M-Instruct)", realmodel),
+    "structured": ("Structured output, logprobs and embeddings", structured),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),
     "gateway": ("The web app (gateway) over the LLM service", gateway),

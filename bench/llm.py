@@ -71,7 +71,18 @@ def inprocess_one_at_a_time(loaded, prompts: list[str]) -> tuple[float, list[flo
 def stream_all(
     address: str, pb2, pb2_grpc, model: str, prompts: list[str], concurrency: int, adapters: list[str] | None = None
 ) -> tuple[float, list[float]]:
-    """Run every prompt as a stream, `concurrency` in flight; returns (tokens/s, first-message latencies).
+    """Run every prompt as a stream, `concurrency` in flight; returns (tokens/s, first-message latencies)."""
+    requests = [
+        pb2.GenerateRequest(
+            model=model, prompt=prompt, adapter=adapters[i % len(adapters)] if adapters else "", sampling=_sampling(pb2)
+        )
+        for i, prompt in enumerate(prompts)
+    ]
+    return stream_requests(address, pb2_grpc, requests, concurrency)
+
+
+def stream_requests(address: str, pb2_grpc, requests: list, concurrency: int) -> tuple[float, list[float]]:
+    """Run every request as a stream, `concurrency` in flight; returns (tokens/s, first-message latencies).
 
     One asyncio client thread drives all streams, so the client takes as little of the machine's CPU as
     it can: the server shares this machine with it.
@@ -84,10 +95,8 @@ def stream_all(
         async with grpc.aio.insecure_channel(address) as channel:
             stub = pb2_grpc.LLMServiceStub(channel)
 
-            async def one(i: int) -> None:
+            async def one(request) -> None:
                 nonlocal tokens
-                adapter = adapters[i % len(adapters)] if adapters else ""
-                request = pb2.GenerateRequest(model=model, prompt=prompts[i], adapter=adapter, sampling=_sampling(pb2))
                 async with gate:
                     start = time.perf_counter()
                     first = None
@@ -98,7 +107,7 @@ def stream_all(
                 tokens += last.usage.completion_tokens
 
             start = time.perf_counter()
-            await asyncio.gather(*(one(i) for i in range(len(prompts))))
+            await asyncio.gather(*(one(r) for r in requests))
             return tokens / (time.perf_counter() - start), ttft
 
     return asyncio.run(main())

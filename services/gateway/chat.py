@@ -6,6 +6,7 @@ Stop closes the generator, which cancels the stream, so the LLM service frees th
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ FINISH_WORDS = {
     llm_pb2.FINISH_REASON_EOS: "the model ended its answer",
     llm_pb2.FINISH_REASON_LENGTH: "the token limit was reached",
     llm_pb2.FINISH_REASON_STOP: "a stop string was generated",
+    llm_pb2.FINISH_REASON_TOOL_CALLS: "the model called a tool",
 }
 
 
@@ -71,6 +73,34 @@ def sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalt
     )
 
 
+def structured_output(json_schema: str | None, tools: str | None) -> dict:
+    """The request fields for an optional JSON schema the answer must follow and optional tools (OpenAI's
+    function definitions, with or without the {"type": "function", "function": ...} wrapper)."""
+    fields = {}
+    schema = validation.optional_json(json_schema, "The JSON schema", dict)
+    if schema is not None:
+        fields["response_format"] = llm_pb2.ResponseFormat(json_schema=json.dumps(schema))
+    listed = validation.optional_json(tools, "Tools", list)
+    if listed:
+        functions = [t.get("function", t) if isinstance(t, dict) else None for t in listed]
+        if not all(isinstance(f, dict) and f.get("name") for f in functions):
+            raise gr.Error('Each tool needs at least a "name".', print_exception=False)
+        fields["tools"] = [
+            llm_pb2.Tool(
+                name=str(f["name"]),
+                description=str(f.get("description", "")),
+                parameters=json.dumps(f["parameters"]) if f.get("parameters") else "",
+            )
+            for f in functions
+        ]
+    return fields
+
+
+def call_text(call: llm_pb2.ToolCall) -> str:
+    """A tool call as the chat shows it."""
+    return f"\n\n🔧 Calls `{call.name}` with `{call.arguments}`"
+
+
 def finish_note(event: llm_pb2.GenerateStreamResponse) -> str:
     why = FINISH_WORDS.get(event.finish_reason, "finished")
     usage = event.usage
@@ -85,10 +115,11 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
 
     def respond(
         message, history, system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, stop, seed, ignore_eos,
+        repetition_penalty, stop, seed, ignore_eos, json_schema=None, tools=None,
     ) -> Iterator[tuple[str, str]]:  # fmt: skip
         text = validation.required_text(message, "The message")
         request = llm_pb2.GenerateRequest(
+            **structured_output(json_schema, tools),
             model=model or "",
             adapter="" if adapter in (None, "", NO_ADAPTER) else adapter,
             messages=history_messages(history, system_prompt or "", text),
@@ -100,7 +131,7 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
         with user_errors(llm, "chat"):
             for event in follow(clients.llm.GenerateStream(request)):
                 if event is not None:
-                    reply += event.text
+                    reply += event.text + "".join(call_text(c) for c in event.tool_calls)
                     if event.finish_reason:
                         note = finish_note(event)
                     elif time.monotonic() - sent < REDRAW_S:
@@ -150,12 +181,23 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
         ignore_eos = gr.Checkbox(
             label="Ignore end of sequence", info="keep generating to the token limit", elem_id="chat-ignore-eos"
         )
+    with gr.Accordion("Structured output and tools", open=False):
+        with gr.Row():
+            json_schema = gr.Code(
+                label="JSON schema", language="json", lines=4, elem_id="chat-json-schema",
+            )  # fmt: skip
+            tools = gr.Code(label="Tools", language="json", lines=4, elem_id="chat-tools")
+        gr.Markdown(
+            "Optional. With a **JSON schema** every answer is JSON that follows it. **Tools** is a JSON list of "
+            'functions the model may call (`[{"name": ..., "description": ..., "parameters": {JSON schema}}]`); '
+            "its calls show in the chat, their arguments checked against the schema."
+        )
     note = gr.Markdown(elem_id="chat-note")
     gr.ChatInterface(
         respond,
         additional_inputs=[
             system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed,
-            ignore_eos,
+            ignore_eos, json_schema, tools,
         ],
         additional_outputs=[note],
         chatbot=gr.Chatbot(label="Chat", height=420, elem_id="chat-history"),

@@ -6,6 +6,7 @@ round trip and words the message for the form rather than for the API.
 
 from __future__ import annotations
 
+import json
 import math
 
 import gradio as gr
@@ -69,3 +70,18 @@ def adapter_name(value: str | None) -> str:
     if not ADAPTER_NAME_RE.match(name) or ".." in name:
         raise gr.Error(f"Adapter name {name!r} is not allowed: use {ADAPTER_NAME_RULE}.", print_exception=False)
     return name
+
+
+def optional_json(value: str | None, what: str, kind: type) -> object | None:
+    """JSON text a person pasted: None when blank, else parsed and of `kind` (dict or list)."""
+    text = (value or "").strip()
+    if not text:
+        return None
+    try:
+        parsed = json.loads(text)
+    except ValueError as exc:
+        raise gr.Error(f"{what} is not valid JSON: {exc}.", print_exception=False) from None
+    if not isinstance(parsed, kind):
+        shape = "an object ({...})" if kind is dict else "a list ([...])"
+        raise gr.Error(f"{what} must be {shape}.", print_exception=False)
+    return parsed

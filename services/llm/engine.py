@@ -520,6 +520,7 @@ class LLMEngine:
             log.error("a constrained row took a token its grammar refused", extra={"model": self.model_name})
             self._finish(seq, error=ServiceError("constrained decoding failed; the server logged it"))
             return
+        # a grammar ends only on an end token (its stop tokens are the model's): then the row ends, ignore_eos or not
         grammar_done = seq.sampler.constraint is not None and seq.sampler.constraint.terminated
         if token in self._eos and (grammar_done or not seq.config.ignore_eos):
             self._finish(seq, FinishReason.EOS)  # the end token itself is neither text nor a logprob
@@ -527,7 +528,7 @@ class LLMEngine:
         if logprobs is not None:
             seq.pending_logprobs.append(GeneratedLogprob.of(token, logprobs))
         text = seq.stop_matcher.feed(seq.detokenizer.push(token))
-        if seq.stop_matcher.stopped or grammar_done or token in seq.config.stop_token_ids:
+        if seq.stop_matcher.stopped or token in seq.config.stop_token_ids:
             self._finish(seq, FinishReason.STOP, text)
         elif len(seq.output_ids) >= seq.config.max_new_tokens:
             self._finish(seq, FinishReason.LENGTH, text)

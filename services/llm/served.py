@@ -73,7 +73,7 @@ class ServedLLM:
             max_compile_s=settings.max_grammar_compile_s,
             max_chars=settings.max_grammar_chars,
         )
-        self._token_texts: list[str] | None = None
+        self._vocab: tuple[list[bytes], list[str]] | None = None
         template = getattr(loaded.tokenizer, "chat_template", None) or ""
         self.tool_format = FORMATS.get(self.entry.tool_parser) or detect(template)
         self._template_renders_tools = "tools" in template
@@ -189,13 +189,7 @@ class ServedLLM:
             validate_adapter_name(adapter)
             version = self.adapters.resolve(adapter, adapter_info).version  # its metadata, read once per request
             virtual_tokens = self.adapters.virtual_tokens(adapter)  # p-tuning: they take context too
-        offered = offered_tools(list(tools), tool_choice)
-        if tools and prompt:
-            raise InvalidArgument("tools need messages (a conversation), not a prompt")
-        if offered and response_format is not None:
-            raise InvalidArgument("set either tools or a response_format, not both")
-        if offered:
-            response_format = tool_grammar(self.tool_format, offered, tool_choice)
+        response_format, offered = self._output_format(bool(prompt), response_format, list(tools), tool_choice)
         prompt_ids = self.encode_prompt(prompt) if prompt else self.encode_chat(messages, offered)
         if not prompt_ids:
             raise InvalidArgument("the prompt encodes to no tokens")
@@ -217,15 +211,34 @@ class ServedLLM:
         seq.virtual_tokens = virtual_tokens  # prefill sets it from the adapter it loads
         return seq
 
+    def _output_format(
+        self, is_prompt: bool, response_format: FormatSpec | None, tools: list[ToolSpec], tool_choice: ToolChoice
+    ) -> tuple[FormatSpec | None, list[ToolSpec]]:
+        """The format the output must follow (the response_format, or the tools' calls), and the tools shown."""
+        offered = offered_tools(tools, tool_choice)
+        if tools and is_prompt:
+            raise InvalidArgument("tools need messages (a conversation), not a prompt")
+        if offered and response_format is not None:
+            raise InvalidArgument("set either tools or a response_format, not both")
+        if offered:
+            return tool_grammar(self.tool_format, offered, tool_choice), offered
+        return response_format, offered
+
     def token_bytes(self, token_id: int) -> bytes:
         """A token's bytes as the vocabulary holds them (part of a UTF-8 character, for some tokens)."""
-        return self.grammars.info.decoded_vocab[token_id]
+        return self._vocabulary()[0][token_id]
 
     def token_text(self, token_id: int) -> str:
         """A token's text for log-probabilities: its bytes, with an incomplete character shown as U+FFFD."""
-        if self._token_texts is None:  # built once, on the first request that asks for logprobs
-            self._token_texts = [b.decode("utf-8", errors="replace") for b in self.grammars.info.decoded_vocab]
-        return self._token_texts[token_id]
+        return self._vocabulary()[1][token_id]
+
+    def _vocabulary(self) -> tuple[list[bytes], list[str]]:
+        """Every token's bytes and text, read once, on the first request that asks for logprobs (xgrammar
+        builds its `decoded_vocab` list anew on each access)."""
+        if self._vocab is None:
+            vocab = self.grammars.info.decoded_vocab
+            self._vocab = (vocab, [b.decode("utf-8", errors="replace") for b in vocab])
+        return self._vocab
 
     def start(self, on_death=None) -> None:
         self.engine.start(on_death)

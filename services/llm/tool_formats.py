@@ -112,15 +112,27 @@ class ToolFormat:
                 if not text.startswith(end, pos):
                     return None
                 pos += len(end)
-            if not (self.opening and text.startswith(",", _SPACE.match(text, pos).end())):
+            separator, after = self.separator.strip(), _SPACE.match(text, pos).end()
+            if not (separator and text.startswith(separator, after)):
                 break
-            pos = _SPACE.match(text, _SPACE.match(text, pos).end() + 1).end()
+            pos = _SPACE.match(text, after + len(separator)).end()
         if self.closing:
             pos = _SPACE.match(text, pos).end()
             if not text.startswith(self.closing, pos):
                 return None
             pos += len(self.closing)
         return calls, pos
+
+    def after_calls(self, text: str) -> str | None:
+        """`text` that follows complete calls, without the whitespace and separator before the next call; None
+        while it is all whitespace or part of a separator (the next text decides)."""
+        rest = text.lstrip()
+        separator = self.separator.strip()
+        if separator and rest.startswith(separator):
+            rest = rest[len(separator) :].lstrip()
+        elif separator and separator.startswith(rest):
+            return None
+        return rest or None
 
     def _call_of(self, value) -> Call | None:
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):

@@ -112,11 +112,11 @@ class ToolCallStream:
         released, calls = [], []
         while True:
             if not self._in_call:
-                if self._after_call:  # whitespace between calls (or after the last) is not text
-                    stripped = self._pending.lstrip()
-                    if not stripped:
+                if self._after_call:  # whitespace and separators between calls (or after the last) are not text
+                    rest = self._format.after_calls(self._pending)
+                    if rest is None:
                         break
-                    self._pending = stripped
+                    self._pending = rest
                 start = self._pending.find(self._format.trigger)
                 if start < 0:
                     keep = _partial_suffix(self._pending, self._format.trigger)
@@ -141,7 +141,7 @@ class ToolCallStream:
     def flush(self) -> str:
         """At the end: text held back that never became a call (a call cut short is returned as text)."""
         rest, self._pending, self._in_call = self._pending, "", False
-        return "" if self._after_call and rest.isspace() else rest
+        return "" if self._after_call and self._format.after_calls(rest) is None else rest
 
 
 def _partial_suffix(text: str, trigger: str) -> int:

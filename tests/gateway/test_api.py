@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import re
 
 import pytest
@@ -223,3 +224,40 @@ def test_a_stopped_service_gets_a_clear_message_and_the_others_keep_working(
         assert len(gallery) == 1
     finally:
         assert gateway.stop() == 0
+
+
+def test_chat_with_a_json_schema_answers_in_json_that_follows_it(client):
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"enum": ["yes", "no"]}, "why": {"type": "string", "maxLength": 8}},
+        "required": ["answer", "why"],
+        "additionalProperties": False,
+    }
+    reply, note = client.predict(
+        "Is it raining?", "", "tiny-llm", "(base model)", 200, 0, 1, 0, 1, "", 7, False, json.dumps(schema), "",
+        api_name="/chat",
+    )  # fmt: skip
+    jsonschema.validate(json.loads(reply), schema)
+    assert "the model ended its answer" in note
+
+
+@pytest.mark.parametrize(
+    ("schema", "tools", "expected"),
+    [
+        ("{oops", "", "The JSON schema is not valid JSON"),
+        ("[1]", "", "The JSON schema must be an object"),
+        ("", '{"name": "f"}', "Tools must be a list"),
+        ("", '[{"description": "no name"}]', 'Each tool needs at least a "name"'),
+        ("", '[{"name": "f", "parameters": {"type": "object"}}, {"name": "f"}]', "given twice"),
+    ],
+)
+def test_bad_schemas_and_tools_get_a_readable_message(client, schema, tools, expected):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError) as excinfo:
+        client.predict(
+            "hi", "", "tiny-llm", "(base model)", 12, 0, 1, 0, 1, "", 7, False, schema, tools, api_name="/chat"
+        )  # fmt: skip
+    assert expected in error_text(excinfo)

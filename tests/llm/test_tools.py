@@ -35,7 +35,12 @@ CANNED = {
         '"days": 2}}\n</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": {}}\n</tool_call>',
         "Let me check.\n",
     ),
-    "llama3": (LLAMA3, '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius", "days": 2}}', ""),
+    "llama3": (
+        LLAMA3,
+        '{"name": "get_weather", "parameters": {"city": "Oslo", "unit": "celsius", "days": 2}}; '
+        '{"name": "get_time", "parameters": {}}',
+        "",
+    ),
     "mistral": (
         MISTRAL,
         '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "celsius", "days": 2}}, '
@@ -63,9 +68,7 @@ def test_each_format_reads_its_calls_from_canned_output_however_it_is_streamed(n
     fmt, text, plain = CANNED[name]
     got_plain, calls = split(fmt, text, piece)
     assert got_plain == plain
-    expected = [("get_weather", {"city": "Oslo", "unit": "celsius", "days": 2})]
-    if name != "llama3":
-        expected.append(("get_time", {}))
+    expected = [("get_weather", {"city": "Oslo", "unit": "celsius", "days": 2}), ("get_time", {})]
     assert [(c.name, json.loads(c.arguments)) for c in calls] == expected
     assert len({c.id for c in calls}) == len(calls) and all(c.id.startswith("call_") for c in calls)
 
@@ -188,3 +191,48 @@ def test_text_after_a_call_keeps_its_spaces():
     for piece in (1, 2, 5):
         plain, calls = split(HERMES, text, piece)
         assert plain == "<b>done</b> and more words" and [c.name for c in calls] == ["f"]
+
+
+@pytest.fixture(scope="module")
+def engine_and_compiler(tiny_llm, settings):
+    from services.llm.grammar import GrammarCompiler
+    from tests.llm.engine_helpers import make_engine
+
+    vocab = tiny_llm.model.get_output_embeddings().weight.shape[0]
+    compiler = GrammarCompiler(tiny_llm.tokenizer, vocab, cache_size=16, max_compile_s=30, max_chars=1 << 16)
+    engine = make_engine(tiny_llm, settings, max_batch_size=32)
+    engine.start()
+    yield engine, compiler
+    engine.shutdown()
+    compiler.shutdown()
+
+
+@pytest.mark.parametrize("fmt", [HERMES, LLAMA3, MISTRAL], ids=lambda f: f.name)
+@pytest.mark.parametrize("mode", ["required", "function", "auto"])
+def test_every_formats_grammar_yields_calls_its_parser_reads(tiny_llm, engine_and_compiler, fmt, mode):
+    """Generation under each format's structural tag, on the random model, parses back into valid calls."""
+    from services.llm.engine import FinishReason, Sequence
+    from services.llm.params import SamplingConfig
+    from services.llm.tools import ToolChoice, tool_grammar
+    from tests.llm.engine_helpers import Collector, encode
+
+    engine, compiler = engine_and_compiler
+    tools = parse_tools([(t.name, t.description, t.parameters) for t in TOOLS])
+    # one call each: a random model may go on adding parallel calls until max_new_tokens
+    choice = ToolChoice(mode, "get_weather" if mode == "function" else "", parallel=False)
+    grammar = compiler.compile(tool_grammar(fmt, tools, choice))
+    collectors = []
+    for seed in range(6):
+        collectors.append(Collector())
+        config = SamplingConfig(max_new_tokens=400, temperature=1.0, seed=seed)
+        engine.submit(Sequence(encode(tiny_llm, "x ="), config, collectors[-1], grammar=grammar))
+    for collector in collectors:
+        text, final = collector.wait(120)
+        plain, calls = split(fmt, text, 7)
+        if mode != "auto":
+            assert final.finish_reason is FinishReason.EOS and calls and not plain.strip(), text
+        if mode == "function":
+            assert [c.name for c in calls] == ["get_weather"]
+        for call in calls:
+            schema = WEATHER if call.name == "get_weather" else {"type": "object"}
+            jsonschema.validate(json.loads(call.arguments), schema)
