@@ -11,6 +11,7 @@ the row, so greedy, sampled and penalized rows all pick from what the grammar al
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import json
 import threading
 from collections import OrderedDict
@@ -144,24 +145,24 @@ class Constraint:
     def __init__(self, compiled: xgrammar.CompiledGrammar, stop_token_ids: set[int] | frozenset[int]):
         """`stop_token_ids`: the model's end-of-sequence tokens, the only tokens allowed once the output is
         complete."""
-        self._matcher = xgrammar.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids))
-
-    def fill(self, bitmask: torch.Tensor, row: int) -> None:
-        """Write the allowed next tokens into `bitmask[row]` (one bit per token)."""
-        self._matcher.fill_next_token_bitmask(bitmask, row)
+        self.matcher = xgrammar.GrammarMatcher(compiled, override_stop_tokens=sorted(stop_token_ids))
 
     def accept(self, token_id: int) -> bool:
-        return self._matcher.accept_token(token_id)
+        return self.matcher.accept_token(token_id)
 
     @property
     def terminated(self) -> bool:
-        return self._matcher.is_terminated()
+        return self.matcher.is_terminated()
 
 
 def mask_logits(logits: torch.Tensor, rows: list[int], constraints: list[Constraint]) -> None:
     """Set to -inf, in place, every token the constraint of each listed row of `logits` (B, V) does not allow
-    next; the other rows are untouched."""
+    next; the other rows are untouched. The rows' masks are filled in parallel, on xgrammar's own threads."""
     bitmask = xgrammar.allocate_token_bitmask(logits.shape[0], logits.shape[-1])
-    for row, constraint in zip(rows, constraints, strict=True):
-        constraint.fill(bitmask, row)
+    _batch_matcher().batch_fill_next_token_bitmask([c.matcher for c in constraints], bitmask, indices=rows)
     xgrammar.apply_token_bitmask_inplace(logits, bitmask.to(logits.device), indices=rows)
+
+
+@functools.cache
+def _batch_matcher() -> xgrammar.BatchGrammarMatcher:
+    return xgrammar.BatchGrammarMatcher(max_threads="auto")
