@@ -92,10 +92,13 @@ class FineTuneAPI:
             raise InvalidArgument("kind must be JOB_KIND_LLM or JOB_KIND_DIFFUSION")
         if not name:
             raise InvalidArgument("base_model is required; ListBaseModels names the ones this server trains")
+        trainable = [e for e in self.settings.models if e.kind in ("llm", "diffusion")]
         entry = next((e for e in self.settings.models if e.name == name), None)
         if entry is None:
-            known = ", ".join(e.name for e in self.settings.models)
+            known = ", ".join(e.name for e in trainable)
             raise NotFound(f"base model {name!r} not found; configured models: {known}")
+        if entry not in trainable:
+            raise InvalidArgument(f"base model {name!r} is an {entry.kind} model; jobs train llm and diffusion models")
         if entry.kind != kind:
             raise InvalidArgument(f"base model {name!r} is a {entry.kind} model, not a {kind} model")
         return entry

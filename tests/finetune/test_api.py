@@ -221,6 +221,11 @@ BAD_JOBS = {
         grpc.StatusCode.NOT_FOUND,
         "base model 'gpt-9' not found; configured models: tiny-llm, tiny-sd, smollm2-135m-instruct",
     ),
+    "an embedding model as base": (
+        pb.CreateJobRequest(kind=pb.JOB_KIND_LLM, base_model="tiny-embed", dataset_id="sample-llm-lighthouse"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "base model 'tiny-embed' is an embedding model; jobs train llm and diffusion models",
+    ),
     "base model of the other kind": (
         pb.CreateJobRequest(kind=pb.JOB_KIND_LLM, base_model="tiny-sd", dataset_id="sample-llm-lighthouse"),
         grpc.StatusCode.INVALID_ARGUMENT,
