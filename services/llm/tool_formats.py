@@ -71,8 +71,9 @@ class ToolFormat:
                 at_least_one=True,
                 stop_after_first=mode == "function" or not parallel,
             )
-            parts = [ConstStringFormat(value=s) for s in (self.opening,) if s]
-            fmt = SequenceFormat(elements=[*parts, calls, *[ConstStringFormat(value=s) for s in (self.closing,) if s]])
+            opening = [ConstStringFormat(value=self.opening)] if self.opening else []
+            closing = [ConstStringFormat(value=self.closing)] if self.closing else []
+            fmt = SequenceFormat(elements=[*opening, calls, *closing])
         return StructuralTag(format=fmt).model_dump_json()
 
     def _tag(self, name: str, schema: dict, before: str, after: str) -> TagFormat:
