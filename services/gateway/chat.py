@@ -110,6 +110,43 @@ def finish_note(event: llm_pb2.GenerateStreamResponse) -> str:
     )
 
 
+def sampling_inputs() -> tuple:
+    """The sampling settings, in a closed accordion: max new tokens, temperature, top-p, top-k, repetition
+    penalty, seed, stop strings, ignore end of sequence."""
+    with gr.Accordion("Sampling", open=False):
+        with gr.Row():
+            max_new_tokens = gr.Number(
+                value=DEFAULT_MAX_NEW_TOKENS, precision=0, label="Max new tokens", elem_id="chat-max-new-tokens"
+            )
+            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 is greedy")
+            top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p")
+        with gr.Row():
+            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
+            repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
+            seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 draws one", elem_id="chat-seed")
+        stop = gr.Textbox(label="Stop strings", lines=2, info="one a line; \\n stands for a newline")
+        ignore_eos = gr.Checkbox(
+            label="Ignore end of sequence", info="keep generating to the token limit", elem_id="chat-ignore-eos"
+        )
+    return max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos
+
+
+def structured_output_inputs() -> tuple[gr.Code, gr.Code]:
+    """The optional JSON schema and tools boxes, in their own accordion under the sampling settings."""
+    with gr.Accordion("Structured output and tools", open=False):
+        with gr.Row():
+            json_schema = gr.Code(
+                label="JSON schema", language="json", lines=4, elem_id="chat-json-schema",
+            )  # fmt: skip
+            tools = gr.Code(label="Tools", language="json", lines=4, elem_id="chat-tools")
+        gr.Markdown(
+            "Optional. With a **JSON schema** every answer is JSON that follows it. **Tools** is a JSON list of "
+            'functions the model may call (`[{"name": ..., "description": ..., "parameters": {JSON schema}}]`); '
+            "its calls show in the chat, their arguments checked against the schema."
+        )
+    return json_schema, tools
+
+
 def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
     llm = clients.llm_service
 
@@ -166,32 +203,8 @@ def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
         )  # fmt: skip
         refresh_button = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="chat-refresh")
     system_prompt = gr.Textbox(label="System prompt", lines=2, placeholder="Optional: how the assistant should behave")
-    with gr.Accordion("Sampling", open=False):
-        with gr.Row():
-            max_new_tokens = gr.Number(
-                value=DEFAULT_MAX_NEW_TOKENS, precision=0, label="Max new tokens", elem_id="chat-max-new-tokens"
-            )
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 is greedy")
-            top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p")
-        with gr.Row():
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
-            repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
-            seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 draws one", elem_id="chat-seed")
-        stop = gr.Textbox(label="Stop strings", lines=2, info="one a line; \\n stands for a newline")
-        ignore_eos = gr.Checkbox(
-            label="Ignore end of sequence", info="keep generating to the token limit", elem_id="chat-ignore-eos"
-        )
-    with gr.Accordion("Structured output and tools", open=False):
-        with gr.Row():
-            json_schema = gr.Code(
-                label="JSON schema", language="json", lines=4, elem_id="chat-json-schema",
-            )  # fmt: skip
-            tools = gr.Code(label="Tools", language="json", lines=4, elem_id="chat-tools")
-        gr.Markdown(
-            "Optional. With a **JSON schema** every answer is JSON that follows it. **Tools** is a JSON list of "
-            'functions the model may call (`[{"name": ..., "description": ..., "parameters": {JSON schema}}]`); '
-            "its calls show in the chat, their arguments checked against the schema."
-        )
+    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos = sampling_inputs()
+    json_schema, tools = structured_output_inputs()
     note = gr.Markdown(elem_id="chat-note")
     gr.ChatInterface(
         respond,

@@ -39,8 +39,8 @@ class GrammarCompiler:
     """Compiles `FormatSpec`s for one tokenizer, with an LRU of compiled grammars and a compile time limit."""
 
     def __init__(self, tokenizer, vocab_size: int, *, cache_size: int, max_compile_s: float, max_chars: int):
-        self.info = xgrammar.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size)
-        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
+        self._tokenizer = tokenizer
+        self._vocab_size = vocab_size
         self._cache: OrderedDict[FormatSpec, xgrammar.CompiledGrammar] = OrderedDict()
         self._cache_size = cache_size
         self._max_compile_s = max_compile_s
@@ -50,6 +50,16 @@ class GrammarCompiler:
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grammar-compile")
         self._slow: set[FormatSpec] = set()
         self.compiles = 0  # cold compiles so far (what the cache saved is the rest)
+
+    @functools.cached_property
+    def info(self) -> xgrammar.TokenizerInfo:
+        """The vocabulary as xgrammar sees it, made on first use (half a second for a 49k vocabulary), so a
+        model nobody constrains or asks logprobs of never pays it at start-up."""
+        return xgrammar.TokenizerInfo.from_huggingface(self._tokenizer, vocab_size=self._vocab_size)
+
+    @functools.cached_property
+    def _compiler(self) -> xgrammar.GrammarCompiler:
+        return xgrammar.GrammarCompiler(self.info, max_threads=1, cache_enabled=False)
 
     def compile(self, spec: FormatSpec) -> xgrammar.CompiledGrammar:
         """The compiled grammar of `spec`; INVALID_ARGUMENT naming what is wrong with it."""
