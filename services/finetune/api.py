@@ -15,13 +15,14 @@ import logging
 import shutil
 import time
 from dataclasses import dataclass
+from typing import BinaryIO
 
 from celery import Celery
 
 from services.finetune import hyperparams, metrics
 from services.finetune.datasets import DatasetRecord, DatasetStore, DatasetUpload
 from services.finetune.hyperparams import Hyperparameters, TrainingData
-from services.finetune.jobs import AdapterNameTaken, JobRecord, JobState, JobStore
+from services.finetune.jobs import EVENT_TYPES, AdapterNameTaken, EventPage, JobRecord, JobState, JobStore
 from services.finetune.queue import dispatch
 from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
 from shared.auth import Caller, current_caller
@@ -33,6 +34,8 @@ from shared.settings import ModelEntry, Settings
 log = logging.getLogger(__name__)
 
 DAY_S = 86_400.0
+DEFAULT_EVENTS_PAGE = 20  # OpenAI's default for a fine-tuning job's events
+MAX_EVENTS_PAGE = 1000
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,16 @@ class FineTuneAPI:
         caller = current_caller()
         return self.jobs.list(state, min(limit or 100, 1000), owner=None if caller.is_admin else caller.name)
 
+    def list_job_events(self, job_id: str, limit: int, before: str, event_type: str) -> EventPage:
+        """A page of a visible job's stored events, newest first; `before` is the last event id of the
+        previous page."""
+        if limit > MAX_EVENTS_PAGE:
+            raise InvalidArgument(f"limit must be at most {MAX_EVENTS_PAGE}, got {limit}; page with `before`")
+        if event_type and event_type not in EVENT_TYPES:
+            raise InvalidArgument(f"unknown event type {event_type!r}; use one of {', '.join(EVENT_TYPES)}")
+        self.get_job(job_id)
+        return self.jobs.events_newest_first(job_id, limit or DEFAULT_EVENTS_PAGE, before, event_type)
+
     def cancel_job(self, job_id: str) -> JobRecord:
         self.get_job(job_id)
         return self.jobs.cancel(job_id)
@@ -228,6 +241,13 @@ class FineTuneAPI:
     def accept_upload(self, upload: DatasetUpload) -> DatasetRecord:
         """Validate and store an upload as the caller's dataset."""
         return self.datasets.accept(upload, owner=current_caller().name)
+
+    def get_dataset(self, dataset_id: str) -> DatasetRecord:
+        return self._visible_dataset(dataset_id, current_caller())
+
+    def open_dataset(self, dataset_id: str) -> BinaryIO:
+        """A visible dataset's file, opened here so an unknown id is NOT_FOUND before any byte is sent."""
+        return self.datasets.open_data(self._visible_dataset(dataset_id, current_caller()))
 
     def list_datasets(self) -> list[DatasetRecord]:
         caller = current_caller()

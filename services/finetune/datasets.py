@@ -31,6 +31,7 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shared.settings import FinetuneSettings
@@ -545,6 +546,13 @@ class DatasetStore:
 
     def data_path(self, record: DatasetRecord) -> Path:
         return self.root / record.id / FORMATS[record.format]
+
+    def open_data(self, record: DatasetRecord) -> BinaryIO:
+        """The dataset's file for reading as uploaded; once open it reads whole even if deleted meanwhile."""
+        try:
+            return self.data_path(record).open("rb")
+        except FileNotFoundError:  # deleted since `get`
+            raise NotFound(f"dataset {record.id!r} not found") from None
 
     def list(self) -> list[DatasetRecord]:
         if not self.root.is_dir():

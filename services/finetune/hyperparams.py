@@ -88,6 +88,7 @@ class Hyperparameters:
     eval_steps: int = 0
     random_crop: bool = False
     random_flip: bool = False
+    learning_rate_multiplier: float = 0.0  # scales the default learning rate (OpenAI's field)
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -163,11 +164,14 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         )
     p_tuning = method == "p_tuning"
     lora_r = 0 if p_tuning else _lora_rank(hp, data)
+    default_learning_rate = float(suggested.get("learning_rate", _default_learning_rate(method)))
+    learning_rate = hp.learning_rate or default_learning_rate * (hp.learning_rate_multiplier or 1.0)
     resolved = replace(
         hp,
         method=method,
         epochs=epochs,
-        learning_rate=hp.learning_rate or float(suggested.get("learning_rate", _default_learning_rate(method))),
+        learning_rate=learning_rate,
+        learning_rate_multiplier=learning_rate / default_learning_rate,
         batch_size=batch_size,
         gradient_accumulation_steps=accumulation,
         lora_r=lora_r,
@@ -214,6 +218,10 @@ def _check_bounds(hp: Hyperparameters, data: TrainingData) -> None:
     _at_most("early_stopping_patience", hp.early_stopping_patience, 1000)
     if hp.learning_rate:
         _in_range("learning_rate", hp.learning_rate, 1e-8, 1.0)
+    if hp.learning_rate_multiplier:
+        if hp.learning_rate:
+            raise InvalidArgument("set learning_rate or learning_rate_multiplier, not both")
+        _in_range("learning_rate_multiplier", hp.learning_rate_multiplier, 1e-3, 100.0)
     if hp.lora_alpha:
         _in_range("lora_alpha", hp.lora_alpha, 1e-3, 1e4)
     _in_range("lora_dropout", hp.lora_dropout, 0.0, 0.9)

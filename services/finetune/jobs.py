@@ -12,7 +12,8 @@ Celery only carries "run job J, attempt A" messages. Whether a job runs is decid
   killed, a host gone) back into QUEUED with the next attempt; the caller sends the new message, and the
   next worker resumes from the job's last checkpoint.
 
-Each job has an event stream (`XADD`): WatchJob replays it from the start and then follows it live.
+Each job has an event stream (`XADD`): WatchJob replays it from the start and then follows it live;
+ListJobEvents pages through it newest first (`XREVRANGE`).
 Torch-free: the API and the worker both use it.
 """
 
@@ -28,10 +29,13 @@ from enum import StrEnum
 
 import redis
 
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 
 PREFIX = "modelworks"
 JOB_ID_RE = re.compile(r"^ftjob-[0-9a-f]{16}$")
+EVENT_ID_RE = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")  # a stream entry id: milliseconds-sequence
+EVENT_TYPES = ("state", "progress", "eval", "checkpoint", "warning", "log")
+MAX_STREAM_ID_PART = 2**64 - 1
 
 
 class JobState(StrEnum):
@@ -121,7 +125,7 @@ class JobRecord:
 
 @dataclass(frozen=True)
 class JobEvent:
-    type: str  # state | progress | eval | checkpoint | warning | log
+    type: str  # one of EVENT_TYPES
     state: str = ""
     step: int = 0
     total_steps: int = 0
@@ -323,6 +327,23 @@ def _flatten(mapping: dict[str, str]) -> list[str]:
     return [item for pair in mapping.items() for item in pair]
 
 
+def parse_event_id(event_id: str) -> tuple[int, int]:
+    """(milliseconds, sequence) of a stream entry id; InvalidArgument for anything Redis would refuse."""
+    match = EVENT_ID_RE.match(event_id)
+    parts = (int(match[1]), int(match[2])) if match else ()
+    if not parts or max(parts) > MAX_STREAM_ID_PART:
+        raise InvalidArgument(f"event id {event_id!r} is not an event_id (like 1700000000000-0) from a JobEvent")
+    return parts
+
+
+@dataclass
+class EventPage:
+    """Events newest first, and whether older ones (of the type asked for) remain."""
+
+    events: list[JobEvent]
+    has_more: bool
+
+
 @dataclass
 class Expired:
     """What one sweep for lapsed leases did: attempts to send, and jobs it ended."""
@@ -515,6 +536,22 @@ class JobStore:
     def events(self, job_id: str, after: str = "0-0", count: int = 1000) -> list[JobEvent]:
         raw = self.redis.xrange(self.events_key(job_id), min=f"({after}" if after != "0-0" else "-", count=count)
         return [JobEvent.from_fields(event_id, fields_) for event_id, fields_ in raw]
+
+    def events_newest_first(self, job_id: str, limit: int, before: str = "", event_type: str = "") -> EventPage:
+        """Up to `limit` events older than the event id `before` (when given), of `event_type` (when given),
+        newest first. Filtered here, so a rare type is found by scanning back in batches."""
+        if before and parse_event_id(before) == (0, 0):
+            return EventPage([], False)  # nothing is older; Redis refuses the exclusive bound `(0-0`
+        newest, found = f"({before}" if before else "+", []
+        batch = limit + 1 if not event_type else max(limit + 1, 500)
+        while len(found) <= limit:
+            raw = self.redis.xrevrange(self.events_key(job_id), max=newest, min="-", count=batch)
+            events = [JobEvent.from_fields(event_id, fields_) for event_id, fields_ in raw]
+            found += [e for e in events if not event_type or e.type == event_type]
+            if len(raw) < batch:
+                break
+            newest = f"({events[-1].id}"
+        return EventPage(found[:limit], len(found) > limit)
 
     def all_events(self, job_id: str) -> Iterator[JobEvent]:
         after = "0-0"

@@ -37,6 +37,13 @@ STATES = {
     JobState.CANCELLED: pb.JOB_STATE_CANCELLED,
 }
 STATES_BY_ENUM = {v: k for k, v in STATES.items()}
+READ_CHUNK_BYTES = 1 << 20
+MESSAGE_OVERHEAD_BYTES = 64  # a ReadDatasetResponse's field tag and length, with room to spare
+
+
+def read_chunk_bytes(max_message_bytes: int) -> int:
+    """ReadDataset's chunk size: 1 MiB, or less when `finetune.max_message_bytes` would not fit it."""
+    return min(READ_CHUNK_BYTES, max_message_bytes - MESSAGE_OVERHEAD_BYTES)
 
 
 def hyperparameters_from_proto(message: pb.Hyperparameters) -> Hyperparameters:
@@ -179,6 +186,7 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
     def __init__(self, api: FineTuneAPI, watchers: EventFollower):
         self.api = api
         self.watchers = watchers
+        self.chunk_bytes = read_chunk_bytes(api.settings.finetune.max_message_bytes)
 
     async def UploadDataset(self, request_iterator, context):
         upload = None
@@ -205,6 +213,17 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
     async def ListDatasets(self, request, context):
         records = await asyncio.to_thread(self.api.list_datasets)
         return pb.ListDatasetsResponse(datasets=[dataset_to_proto(r) for r in records])
+
+    async def GetDataset(self, request, context):
+        return dataset_to_proto(await asyncio.to_thread(self.api.get_dataset, request.id))
+
+    async def ReadDataset(self, request, context):
+        file = await asyncio.to_thread(self.api.open_dataset, request.id)  # NOT_FOUND before the stream starts
+        try:
+            while chunk := await asyncio.to_thread(file.read, self.chunk_bytes):  # one chunk in memory at a time
+                yield pb.ReadDatasetResponse(chunk=chunk)
+        finally:
+            file.close()
 
     async def CreateJob(self, request, context):
         job = await asyncio.to_thread(
@@ -235,6 +254,14 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
         async with contextlib.aclosing(self.watchers.follow(request.id)) as events:  # its slot freed at once
             async for event in events:
                 yield event_to_proto(request.id, event)
+
+    async def ListJobEvents(self, request, context):
+        page = await asyncio.to_thread(
+            self.api.list_job_events, request.id, request.limit, request.before, request.type
+        )
+        return pb.ListJobEventsResponse(
+            events=[event_to_proto(request.id, e) for e in page.events], has_more=page.has_more
+        )
 
     async def ListAdapters(self, request, context):
         if request.kind and request.kind not in KINDS:

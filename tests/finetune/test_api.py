@@ -380,6 +380,24 @@ def test_embedding_targets_and_ranks_follow_the_servers_settings():
     assert resolve(Hyperparameters(target_modules=("lm_head",)), allowed)[0].target_modules == ("lm_head",)
 
 
+def test_a_learning_rate_multiplier_scales_the_methods_default():
+    from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
+    from shared.errors import InvalidArgument
+
+    data = TrainingData(kind="llm", num_records=40, architecture="llama", targets=LLM_TARGETS["llama"])
+    default = resolve(Hyperparameters(), data)[0]
+    assert default.learning_rate_multiplier == 1.0
+    doubled = resolve(Hyperparameters(learning_rate_multiplier=2.0), data)[0]
+    assert doubled.learning_rate == pytest.approx(2 * default.learning_rate)
+    assert resolve(Hyperparameters(learning_rate=default.learning_rate / 4), data)[0].learning_rate_multiplier == (
+        pytest.approx(0.25)
+    )
+    with pytest.raises(InvalidArgument, match="not both"):
+        resolve(Hyperparameters(learning_rate=1e-4, learning_rate_multiplier=2.0), data)
+    with pytest.raises(InvalidArgument, match="learning_rate_multiplier"):
+        resolve(Hyperparameters(learning_rate_multiplier=1000.0), data)
+
+
 @pytest.mark.parametrize("call", ["GetJob", "CancelJob", "WatchJob"])
 def test_unknown_jobs_are_not_found(finetune_stub, call):
     request = {"GetJob": pb.GetJobRequest, "CancelJob": pb.CancelJobRequest, "WatchJob": pb.WatchJobRequest}[call]
