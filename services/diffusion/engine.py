@@ -1,10 +1,10 @@
 """The diffusion engine: one thread per model that batches compatible requests into pipeline calls.
 
-Requests with the same size, steps, guidance, scheduler, adapter and mode (text- or image-to-image)
-run as one batch through diffusers' pipeline — prompts, negative prompts and per-image seeds stay each
-request's own (one `torch.Generator` per image). Each batch gets a fresh scheduler. A progress event
-goes to every request at every denoising step; if every request of a batch is cancelled, the pipeline
-is interrupted at the next step.
+Requests with the same size, steps, guidance, scheduler, adapter and mode (text-to-image, image-to-image or
+inpainting) run as one batch through diffusers' pipeline — prompts, negative prompts, seeds, init images and
+masks stay each request's own (one `torch.Generator` per image). Each batch gets a fresh scheduler. A progress
+event goes to every request at every denoising step; if every request of a batch is cancelled, the pipeline is
+interrupted at the next step.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from services.diffusion import metrics
 from services.diffusion.adapters import DiffusionAdapterCache
-from services.diffusion.images import encode_png, latent_preview_png
+from services.diffusion.images import encode_png, keep_unmasked, latent_preview_png
 from services.diffusion.params import ImageRequest
 from services.diffusion.schedulers import build_scheduler
 from shared.devices import is_fatal_device_error
@@ -74,11 +74,15 @@ class DiffusionEngine:
         max_waiting: int,
         batch_window_s: float,
     ):
-        from diffusers import StableDiffusionImg2ImgPipeline
+        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
 
         self.text2img = pipeline
-        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)  # shares the loaded components
-        self.img2img.set_progress_bar_config(disable=True)
+        # both share the loaded components; inpainting works with a regular 4-channel UNet (diffusers blends
+        # the kept region back into the latents at every step) and with a 9-channel inpainting UNet
+        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)
+        self.inpaint = StableDiffusionInpaintPipeline.from_pipe(pipeline)
+        for pipe in (self.img2img, self.inpaint):
+            pipe.set_progress_bar_config(disable=True)
         self._scheduler_config = dict(pipeline.scheduler.config)
         self._own_scheduler = type(pipeline.scheduler)
         self.model_name = model_name
@@ -168,19 +172,20 @@ class DiffusionEngine:
             metrics.QUEUE_WAIT.labels(self.model_name).observe(started - job.arrival)
         spec = jobs[0].request
         self.adapters.activate(spec.adapter, spec.adapter_scale)
-        pipe = self.img2img if spec.init_image is not None else self.text2img
+        pipe = self._pipeline_for(spec)
         pipe.scheduler = (
             build_scheduler(spec.scheduler, self._scheduler_config)
             if spec.scheduler
             else self._own_scheduler.from_config(self._scheduler_config)
         )
-        prompts, negatives, generators, init_images = [], [], [], []
+        prompts, negatives, generators, init_images, masks = [], [], [], [], []
         for job in jobs:
             for seed in job.request.seeds:
                 prompts.append(job.request.prompt)
                 negatives.append(job.request.negative_prompt)
                 generators.append(torch.Generator("cpu").manual_seed(seed))
                 init_images.append(job.request.init_image)
+                masks.append(job.request.mask)
         metrics.BATCH_IMAGES.labels(self.model_name).observe(len(prompts))
 
         def on_step(pipeline, index: int, timestep, tensors: dict) -> dict:
@@ -205,7 +210,10 @@ class DiffusionEngine:
             callback_on_step_end=on_step,
             callback_on_step_end_tensor_inputs=["latents"],
         )
-        if spec.init_image is not None:
+        if spec.mask is not None:  # given no size, the inpaint pipeline takes the UNet's, not the image's
+            kwargs |= dict(image=init_images, mask_image=masks, strength=spec.strength)
+            kwargs |= dict(width=spec.width, height=spec.height)
+        elif spec.init_image is not None:  # img2img keeps its init image's size
             kwargs |= dict(image=init_images, strength=spec.strength)
         else:
             kwargs |= dict(width=spec.width, height=spec.height)
@@ -213,32 +221,45 @@ class DiffusionEngine:
             images = pipe(**kwargs).images
         self._deliver(jobs, images)
 
+    def _pipeline_for(self, spec: ImageRequest):
+        if spec.mask is not None:
+            return self.inpaint
+        return self.img2img if spec.init_image is not None else self.text2img
+
     def _deliver(self, jobs: list[ImageJob], images: list) -> None:
         row = 0
         for job in jobs:
             spec = job.request
             results = []
             for seed in spec.seeds:
-                parameters = {
-                    "prompt": spec.prompt,
-                    "negative_prompt": spec.negative_prompt,
-                    "steps": spec.steps,
-                    "scheduler": spec.scheduler_label,
-                    "guidance_scale": spec.guidance_scale,
-                    "seed": seed,
-                    "width": spec.width,
-                    "height": spec.height,
-                    "model": self.model_name,
-                    "adapter": spec.adapter or "",
-                    "adapter_scale": spec.adapter_scale,
-                    "strength": spec.strength,
-                }
-                results.append(GeneratedImage(encode_png(images[row], parameters), seed, spec.width, spec.height))
+                image = images[row]
+                if spec.mask is not None:
+                    image = keep_unmasked(image, spec.init_image, spec.mask)
+                png = encode_png(image, self._parameters(spec, seed))
+                results.append(GeneratedImage(png, seed, spec.width, spec.height))
                 row += 1
             if not job.cancelled:
                 metrics.IMAGES.labels(self.model_name).inc(len(results))
                 metrics.REQUEST_LATENCY.labels(self.model_name).observe(time.perf_counter() - job.arrival)
                 job.on_event(ImageEvent(images=tuple(results)))
+
+    def _parameters(self, spec: ImageRequest, seed: int) -> dict:
+        """What the PNG records: enough to make this image again."""
+        return {
+            "prompt": spec.prompt,
+            "negative_prompt": spec.negative_prompt,
+            "steps": spec.steps,
+            "scheduler": spec.scheduler_label,
+            "guidance_scale": spec.guidance_scale,
+            "seed": seed,
+            "width": spec.width,
+            "height": spec.height,
+            "model": self.model_name,
+            "adapter": spec.adapter or "",
+            "adapter_scale": spec.adapter_scale,
+            "strength": spec.strength,
+            "mask": spec.mask is not None,
+        }
 
     def _fail(self, jobs: list[ImageJob], error: ServiceError) -> None:
         for job in jobs:

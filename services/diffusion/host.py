@@ -51,6 +51,7 @@ def model_defaults(loaded: LoadedDiffusionPipeline) -> ModelDefaults:
         scheduler=override or name_of(pipe.scheduler),
         scheduler_override=override,
         train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000),
+        inpainting_only=pipe.unet.config.in_channels == 9,  # the UNet also takes the mask and the masked image
     )
 
 

@@ -1,4 +1,4 @@
-"""Image bytes in and out: decoding init images, PNGs with their parameters, cheap latent previews."""
+"""Image bytes in and out: decoding init images and masks, PNGs with their parameters, cheap latent previews."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import io
 import json
 
 import torch
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from shared.errors import InvalidArgument
 
@@ -18,17 +18,45 @@ _LATENT_RGB = torch.tensor(
 )
 
 
-def decode_init_image(data: bytes) -> Image.Image:
+def _decode(data: bytes, field: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ("PNG", "JPEG", "MPO"):  # MPO: multi-picture JPEGs from phone cameras
-            raise InvalidArgument(f"init_image must be PNG or JPEG, got {image.format}")
+            raise InvalidArgument(f"{field} must be PNG or JPEG, got {image.format}")
         if image.width * image.height > MAX_INIT_IMAGE_PIXELS:
-            raise InvalidArgument(f"init_image is {image.width}x{image.height}; at most 4096x4096 is accepted")
+            raise InvalidArgument(f"{field} is {image.width}x{image.height}; at most 4096x4096 is accepted")
         image.load()
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgument("init_image could not be decoded; send PNG or JPEG bytes") from exc
-    return image.convert("RGB")
+        raise InvalidArgument(f"{field} could not be decoded; send PNG or JPEG bytes") from exc
+    return image
+
+
+def decode_init_image(data: bytes) -> Image.Image:
+    return _decode(data, "init_image").convert("RGB")
+
+
+def decode_mask(data: bytes) -> Image.Image:
+    """A grayscale mask, white = repaint. OpenAI's images.edit marks the area to edit by transparency instead,
+    so a mask with any transparency is read by its alpha (transparent = repaint); any other by its luminance."""
+    image = _decode(data, "mask_image")
+    if image.has_transparency_data:
+        alpha = image.convert("RGBA").getchannel("A")
+        if alpha.getextrema()[0] < 255:
+            return ImageOps.invert(alpha)
+    return image.convert("L")
+
+
+def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Resize, then threshold at half as diffusers does, so the pipeline and the paste-back see one mask."""
+    if mask.size != size:
+        mask = mask.resize(size)
+    return mask.point(lambda v: 255 if v >= 128 else 0)
+
+
+def keep_unmasked(generated: Image.Image, init_image: Image.Image, mask: Image.Image) -> Image.Image:
+    """The init image's own pixels where the mask keeps: the VAE round trip would otherwise alter them too
+    (diffusers' inpainting guide recommends the same overlay)."""
+    return Image.composite(generated, init_image, mask)
 
 
 def a1111_parameters(p: dict) -> str:
@@ -48,6 +76,8 @@ def a1111_parameters(p: dict) -> str:
         fields.append(f"Lora: {p['adapter']}:{p['adapter_scale']:g}")
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
+    if p.get("mask"):
+        fields.append("Mask: yes")  # A1111 writes its mask options (blur, padding); ours has none to write
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

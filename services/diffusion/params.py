@@ -7,13 +7,14 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from services.diffusion.images import decode_init_image
+from services.diffusion.images import decode_init_image, decode_mask, fit_mask
 from services.diffusion.schedulers import check_scheduler, check_steps
 from shared.adapters import validate_adapter_name
-from shared.errors import InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument
 from shared.settings import DiffusionSettings
 
-DEFAULT_STRENGTH = 0.75
+DEFAULT_STRENGTH = 0.75  # image-to-image
+DEFAULT_INPAINT_STRENGTH = 1.0  # diffusers' inpainting default: the masked area starts from pure noise
 MAX_ADAPTER_SCALE = 10.0
 
 
@@ -35,6 +36,7 @@ class ImageSpec:
     init_image: bytes = b""
     strength: float | None = None
     preview: bool = False
+    mask_image: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class ModelDefaults:
     scheduler: str  # the name reported in PNG metadata
     scheduler_override: str | None  # None: the checkpoint's own scheduler
     train_timesteps: int = 1000  # the schedule the model was trained on: no sampler plans more steps than it has
+    inpainting_only: bool = False  # a 9-channel inpainting UNet: it cannot run without a mask
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ class ImageRequest:
     adapter: str | None
     adapter_scale: float
     init_image: Any | None  # PIL image, already at width x height
+    mask: Any | None  # PIL "L" image at width x height, only 0 (keep) and 255 (repaint)
     strength: float | None
     preview: bool
 
@@ -78,6 +82,7 @@ class ImageRequest:
             self.adapter,
             self.adapter_scale,
             self.init_image is not None,
+            self.mask is not None,  # inpainting runs its own pipeline
             self.strength,
         )
 
@@ -92,6 +97,53 @@ def _check_size(name: str, value: int, maximum: int) -> None:
         raise InvalidArgument(f"{name} must be a positive multiple of 8, got {value}")
     if value > maximum:
         raise InvalidArgument(f"{name} is {value}; the maximum is {maximum}")
+
+
+def _check_mode(spec: ImageSpec, defaults: ModelDefaults) -> None:
+    """A mask needs the image it masks, and an inpainting model needs a mask."""
+    if spec.mask_image and not spec.init_image:
+        raise InvalidArgument("mask_image needs init_image: send the image to inpaint with its mask")
+    if defaults.inpainting_only and not spec.mask_image:
+        raise FailedPrecondition(
+            "this is an inpainting model; send init_image and mask_image (white = repaint, black = keep)"
+        )
+
+
+def _resolve_strength(spec: ImageSpec, steps: int) -> float | None:
+    """Image-to-image defaults to 0.75, inpainting to 1.0, as diffusers' pipelines do."""
+    if not spec.init_image:
+        if spec.strength is not None:
+            raise InvalidArgument("strength applies to image-to-image only; send init_image with it")
+        return None
+    if spec.strength is not None:
+        strength = spec.strength
+    else:
+        strength = DEFAULT_INPAINT_STRENGTH if spec.mask_image else DEFAULT_STRENGTH
+    if not 0 <= strength <= 1:
+        raise InvalidArgument(f"strength must be in [0, 1], got {strength:g}")
+    if int(steps * strength) < 1:
+        raise InvalidArgument(
+            f"strength {strength:g} x {steps} steps leaves no denoising step; raise strength or steps"
+        )
+    return strength
+
+
+def _resolve_images(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionSettings) -> tuple:
+    """The output size, and the init image and mask decoded and brought to it."""
+    init_image = decode_init_image(spec.init_image) if spec.init_image else None
+    mask = decode_mask(spec.mask_image) if spec.mask_image else None
+    if init_image is not None:  # unset sizes follow the init image (rounded down to a multiple of 8)
+        width = spec.width or max(8, init_image.width // 8 * 8)
+        height = spec.height or max(8, init_image.height // 8 * 8)
+    else:
+        width, height = spec.width or defaults.width, spec.height or defaults.height
+    _check_size("width", width, limits.max_width)
+    _check_size("height", height, limits.max_height)
+    if init_image is not None and init_image.size != (width, height):
+        init_image = init_image.resize((width, height))
+    if mask is not None:
+        mask = fit_mask(mask, (width, height))
+    return width, height, init_image, mask
 
 
 def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionSettings) -> ImageRequest:
@@ -124,29 +176,10 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
             f"so at most {defaults.train_timesteps - 1} steps"
         )
     check_steps(scheduler or defaults.scheduler, steps, spec.strength if spec.init_image else None)
+    _check_mode(spec, defaults)
 
-    init_image, strength = None, None
-    if spec.init_image:
-        strength = DEFAULT_STRENGTH if spec.strength is None else spec.strength
-        if not 0 <= strength <= 1:
-            raise InvalidArgument(f"strength must be in [0, 1], got {strength:g}")
-        if int(steps * strength) < 1:
-            raise InvalidArgument(
-                f"strength {strength:g} x {steps} steps leaves no denoising step; raise strength or steps"
-            )
-        init_image = decode_init_image(spec.init_image)
-    elif spec.strength is not None:
-        raise InvalidArgument("strength applies to image-to-image only; send init_image with it")
-
-    if init_image is not None:  # unset sizes follow the init image (rounded down to a multiple of 8)
-        width = spec.width or max(8, init_image.width // 8 * 8)
-        height = spec.height or max(8, init_image.height // 8 * 8)
-    else:
-        width, height = spec.width or defaults.width, spec.height or defaults.height
-    _check_size("width", width, limits.max_width)
-    _check_size("height", height, limits.max_height)
-    if init_image is not None and init_image.size != (width, height):
-        init_image = init_image.resize((width, height))
+    strength = _resolve_strength(spec, steps)
+    width, height, init_image, mask = _resolve_images(spec, defaults, limits)
 
     count = spec.num_images or 1
     base_seed = spec.seed if spec.seed is not None else secrets.randbits(32)
@@ -163,6 +196,7 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         adapter=spec.adapter or None,
         adapter_scale=1.0 if spec.adapter_scale is None else spec.adapter_scale,
         init_image=init_image,
+        mask=mask,
         strength=strength,
         preview=spec.preview,
     )

@@ -36,6 +36,7 @@ def spec_from_proto(request: diffusion_pb2.GenerateImagesRequest) -> ImageSpec:
         init_image=request.init_image,
         strength=_optional(request, "strength"),
         preview=request.preview,
+        mask_image=request.mask_image,
     )
 
 
@@ -51,7 +52,7 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
         self._events = EventRelay()
 
     async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
-        # decoding and resizing an init image must not stall the event loop
+        # decoding and resizing an init image and mask must not stall the event loop
         served = self.host.get(request.model)
         image_request = await asyncio.to_thread(served.resolve, spec_from_proto(request))
         events, sink = self._events.sink()

@@ -1,4 +1,4 @@
-"""The diffusion engine driven directly, on tiny-sd: batching, its image budget, cancellation, failures.
+"""The diffusion engine driven directly, on tiny-sd: batching, its image budget, cancellation, failures, inpainting.
 
 A job whose first progress event blocks (`Gate`) holds the engine thread mid-batch; whatever the test
 submits meanwhile waits in the queue, so which jobs meet in the next batch is fixed by construction.
@@ -7,7 +7,9 @@ submits meanwhile waits in the queue, so which jobs meet in the next batch is fi
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
+import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
@@ -15,7 +17,7 @@ from services.diffusion.adapters import DiffusionAdapterCache
 from services.diffusion.engine import DiffusionEngine, ImageJob
 from services.diffusion.params import ImageRequest
 from shared.adapters import AdapterStore
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.loaders import load_diffusion_pipeline
 from tests.harness import wait_for
 
@@ -46,6 +48,7 @@ def image_request(prompt: str, seed: int, steps: int = 4, images: int = 1) -> Im
         adapter=None,
         adapter_scale=1.0,
         init_image=None,
+        mask=None,
         strength=None,
         preview=False,
     )
@@ -237,3 +240,96 @@ def _max_pixel_difference(a: bytes, b: bytes) -> int:
 
     pa, pb = (np.asarray(Image.open(io.BytesIO(x)).convert("RGB"), dtype=np.int16) for x in (a, b))
     return int(np.abs(pa - pb).max())
+
+
+def gradient(flip: bool = False):
+    """A 64x64 RGB init image with structure in both directions."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 64, dtype=np.uint8)
+    rgb = np.stack([np.tile(ramp, (64, 1)), np.tile(ramp[:, None], (1, 64)), np.full((64, 64), 90, np.uint8)], -1)
+    return Image.fromarray(np.ascontiguousarray(rgb[:, ::-1]) if flip else rgb)
+
+
+KEEP = {"left": np.s_[:, :32], "right": np.s_[:, 32:]}
+
+
+def half_mask(keep: str):
+    """Black (keep) on one half, white (repaint) on the other: the 0/255 form `resolve_request` makes."""
+    from PIL import Image
+
+    mask = np.full((64, 64), 255, np.uint8)
+    mask[KEEP[keep]] = 0
+    return Image.fromarray(mask)
+
+
+def inpaint_request(prompt: str, seed: int, init, keep: str) -> ImageRequest:
+    return replace(image_request(prompt, seed), init_image=init, mask=half_mask(keep), strength=1.0)
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
+
+
+def test_inpainting_batches_only_with_inpainting_and_each_job_keeps_its_own_mask(pipeline, settings):
+    engine = make_engine(pipeline, settings)
+    engine.start()
+    try:
+        _, gate = hold(engine)
+        log: list = []
+        jobs = {tag: Events(tag, log) for tag in ("inpaint-a", "img2img", "inpaint-b")}
+        a, b = inpaint_request("a cat", 1, gradient(), "left"), inpaint_request("a dog", 2, gradient(True), "right")
+        img2img = replace(a, mask=None)  # the same request but for its mask
+        for tag, request in zip(jobs, (a, img2img, b), strict=True):
+            engine.submit(ImageJob(request, jobs[tag]))
+        gate.release()
+        results = {tag: events.result().images[0] for tag, events in jobs.items()}
+        assert batches_in(log) == [["inpaint-a", "inpaint-b"], ["img2img"]]
+        for tag, request, keep in (("inpaint-a", a, "left"), ("inpaint-b", b, "right")):
+            kept = _pixels(results[tag].png)[KEEP[keep]]
+            assert np.array_equal(kept, np.asarray(request.init_image, np.int16)[KEEP[keep]]), tag
+    finally:
+        engine.shutdown()
+
+
+def test_a_9_channel_inpainting_unet_inpaints_and_refuses_requests_without_a_mask(pipeline, settings):
+    import io
+
+    import torch
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from services.diffusion.host import model_defaults
+    from services.diffusion.params import ImageSpec, resolve_request
+    from shared.loaders import LoadedDiffusionPipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel.from_config({**pipeline.unet.config, "in_channels": 9})  # latents + mask + image
+    components = {**pipeline.components, "unet": unet, "requires_safety_checker": False}
+    inpainting = StableDiffusionPipeline(**components)
+    entry = next(m for m in settings.models if m.kind == "diffusion")
+    defaults = model_defaults(LoadedDiffusionPipeline(entry, inpainting, torch.device("cpu"), torch.float32))
+    assert defaults.inpainting_only
+    with pytest.raises(FailedPrecondition, match="inpainting model"):
+        resolve_request(ImageSpec(prompt="a fox"), defaults, settings.diffusion)
+
+    def png(image) -> bytes:
+        out = io.BytesIO()
+        image.save(out, format="PNG")
+        return out.getvalue()
+
+    spec = ImageSpec(prompt="a fox", init_image=png(gradient()), mask_image=png(half_mask("left")), seed=3)
+    request = resolve_request(spec, defaults, settings.diffusion)
+    engine = make_engine(inpainting, settings)
+    engine.start()
+    try:
+        events = Events()
+        engine.submit(ImageJob(request, events))
+        result = _pixels(events.result().images[0].png)
+    finally:
+        engine.shutdown()
+    assert np.array_equal(result[KEEP["left"]], np.asarray(gradient(), np.int16)[KEEP["left"]])
+    assert np.abs(result[KEEP["right"]] - np.asarray(gradient(), np.int16)[KEEP["right"]]).mean() > 10

@@ -1,5 +1,6 @@
 """Half precision for real in the diffusion service: the pipeline's weights are bf16/fp16, and a batch run by
-`DiffusionEngine` (with a LoRA) matches each image's seed run alone.
+`DiffusionEngine` (with a LoRA) matches each image's seed run alone, and an inpainting batch keeps each init
+image where its mask is black.
 
 On a GPU these run with the device's half dtype; the same checks run on the CPU in bf16 on every CI run.
 diffusers 0.42's `from_pretrained` honours `dtype=` (checked here: `torch_dtype=` is deprecated).
@@ -71,3 +72,31 @@ def _with_adapter(request, adapter: str):
     from dataclasses import replace
 
     return replace(request, adapter=adapter, adapter_scale=0.8)
+
+
+@pytest.mark.parametrize(("device", "dtype"), DEVICES)
+def test_half_precision_inpainting_keeps_the_init_image_where_the_mask_is_black(settings, device, dtype):
+    from tests.diffusion.test_engine import KEEP, gradient, inpaint_request
+
+    entry = next(m for m in settings.models if m.kind == "diffusion").model_copy(
+        update={"device": device, "dtype": dtype}
+    )
+    pipe = load_diffusion_pipeline(entry, settings).pipeline
+    adapters = DiffusionAdapterCache(pipe, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
+    engine = DiffusionEngine(
+        pipe, model_name="tiny-sd", adapters=adapters, max_batch_images=8, max_waiting=16, batch_window_s=0.005
+    )
+    jobs = [(inpaint_request("a cat", 1, gradient(), "left"), "left", Events())]
+    jobs.append((inpaint_request("a dog", 2, gradient(True), "right"), "right", Events()))
+    for request, _, events in jobs:
+        engine.submit(ImageJob(request, events))
+    engine.start()  # both were queued before the loop ran: they meet in one batch
+    try:
+        for request, keep, events in jobs:
+            image = pixels(events.result().images[0].png)
+            init = np.asarray(request.init_image, np.int16)
+            assert np.array_equal(image[KEEP[keep]], init[KEEP[keep]])
+            repainted = image[KEEP["right" if keep == "left" else "left"]]
+            assert repainted.std() > 0, "a real image, not a constant (NaNs decode to black)"
+    finally:
+        engine.shutdown()

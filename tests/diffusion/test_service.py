@@ -28,6 +28,19 @@ def request(**fields) -> pb.GenerateImagesRequest:
     return pb.GenerateImagesRequest(**({"prompt": "a red fox in the snow", "steps": 4} | fields))
 
 
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+RAMP = np.linspace(0, 255, 64, dtype=np.uint8)
+# a 64x64 init image with structure in both directions
+INIT = np.stack([np.tile(RAMP, (64, 1)), np.tile(RAMP[:, None], (1, 64)), np.full((64, 64), 90, np.uint8)], -1)
+KEPT, REPAINTED = np.s_[:, :32], np.s_[:, 32:]
+HALF_MASK = np.where(np.arange(64) < 32, 0, 255).astype(np.uint8)[None, :].repeat(64, 0)  # keep left, repaint right
+
+
 def test_lists_every_scheduler_and_the_model(diffusion_stub):
     assert list(diffusion_stub.ListSchedulers(pb.ListSchedulersRequest()).names) == SCHEDULERS
     (model,) = diffusion_stub.ListModels(pb.ListModelsRequest()).models
@@ -115,6 +128,52 @@ def test_image_to_image(diffusion_stub):
     assert not np.array_equal(pixels(text2img.png), pixels(light.png))
 
 
+def inpaint(stub, mask: bytes, **fields) -> pb.Image:
+    return stub.GenerateImages(request(init_image=png(INIT), mask_image=mask, seed=4, steps=10, **fields)).images[0]
+
+
+def test_inpainting_keeps_the_black_half_and_repaints_the_white_half(diffusion_stub):
+    image = inpaint(diffusion_stub, png(HALF_MASK))
+    difference = np.abs(pixels(image.png) - INIT.astype(np.int16))
+    # the kept half is the init image's own pixels (pasted back after decoding); the repainted half is new
+    assert difference[KEPT].mean() < 1, difference[KEPT].mean()
+    assert difference[REPAINTED].mean() > 10 * max(difference[KEPT].mean(), 1), difference[REPAINTED].mean()
+    assert np.array_equal(pixels(inpaint(diffusion_stub, png(HALF_MASK)).png), pixels(image.png)), "reproducible"
+    metadata = Image.open(io.BytesIO(image.png)).text
+    for part in ("Steps: 10", "Seed: 4", "Size: 64x64", "Denoising strength: 1,", "Mask: yes"):  # 1.0: the default
+        assert part in metadata["parameters"], metadata["parameters"]
+    assert json.loads(metadata["modelworks"])["mask"] is True
+    plain = Image.open(io.BytesIO(diffusion_stub.GenerateImages(request(seed=4)).images[0].png)).text
+    assert "Mask" not in plain["parameters"] and json.loads(plain["modelworks"])["mask"] is False
+
+
+def test_inpainting_blends_the_kept_region_into_the_latents_at_every_step(diffusion_stub):
+    """tiny-sd's UNet has 4 input channels: diffusers replaces the kept region's latents with the (noised)
+    init image's after every step, so they do not depend on the prompt, while the repainted region does."""
+
+    def previews(prompt: str) -> list[np.ndarray]:
+        req = request(prompt=prompt, init_image=png(INIT), mask_image=png(HALF_MASK), seed=4, steps=6, preview=True)
+        events = list(diffusion_stub.GenerateImagesStream(req))
+        return [pixels(e.progress.preview_png) for e in events[:-1]]
+
+    cat, boat = previews("a cat"), previews("a boat on a lake")
+    assert len(cat) == len(boat) == 6, "strength 1.0 runs every step"
+    for step, (a, b) in enumerate(zip(cat, boat, strict=True)):
+        assert np.array_equal(a[:, :16], b[:, :16]), f"kept latents differ at step {step + 1}"  # latents: 32x32
+    assert not np.array_equal(cat[-1][:, 16:], boat[-1][:, 16:])
+
+
+def test_an_alpha_mask_repaints_where_transparent_like_the_same_luminance_mask(diffusion_stub):
+    luminance = pixels(inpaint(diffusion_stub, png(HALF_MASK)).png)
+    colour = np.full((64, 64, 3), 255, np.uint8)  # white everywhere: only the alpha can say what to keep
+    alpha = np.dstack([colour, 255 - HALF_MASK])  # OpenAI's convention: opaque keeps, transparent repaints
+    assert np.array_equal(pixels(inpaint(diffusion_stub, png(alpha)).png), luminance)
+    opaque = np.dstack([HALF_MASK[..., None].repeat(3, -1), np.full((64, 64), 255, np.uint8)])
+    assert np.array_equal(pixels(inpaint(diffusion_stub, png(opaque)).png), luminance), "no transparency: luminance"
+    other_size = np.asarray(Image.fromarray(HALF_MASK).resize((128, 96), Image.NEAREST))
+    assert np.array_equal(pixels(inpaint(diffusion_stub, png(other_size)).png), luminance), "resized to the image"
+
+
 def test_adapter_scale_zero_equals_the_base_model(diffusion_stub, diffusion_adapters):
     base = pixels(diffusion_stub.GenerateImages(request(seed=11)).images[0].png)
     off = diffusion_stub.GenerateImages(request(seed=11, adapter=diffusion_adapters[0], adapter_scale=0.0))
@@ -193,6 +252,12 @@ def test_error_messages_never_show_paths_or_library_internals(diffusion_stub, se
     assert diffusion_stub.GenerateImages(request(steps=1)).images
 
 
+def _gif(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="GIF")
+    return out.getvalue()
+
+
 BAD = {
     "width not a multiple of 8": (request(width=50), grpc.StatusCode.INVALID_ARGUMENT, "multiple of 8"),
     "height over the maximum": (request(height=4096), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 1024"),
@@ -215,6 +280,21 @@ BAD = {
     ),
     "too many steps for LCM": (request(scheduler="LCM", steps=60), grpc.StatusCode.INVALID_ARGUMENT, "at most 50"),
     "undecodable init image": (request(init_image=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT, "PNG or JPEG"),
+    "mask without init image": (
+        request(mask_image=png(HALF_MASK)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "mask_image needs init_image",
+    ),
+    "undecodable mask": (
+        request(init_image=png(INIT), mask_image=b"not an image"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "mask_image could not be decoded; send PNG or JPEG",
+    ),
+    "mask in another format": (
+        request(init_image=png(INIT), mask_image=_gif(HALF_MASK)),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "mask_image must be PNG or JPEG, got GIF",
+    ),
     "unknown model": (request(model="sdxl"), grpc.StatusCode.NOT_FOUND, "served diffusion models: tiny-sd"),
     "unknown adapter": (request(adapter="no-such-style"), grpc.StatusCode.NOT_FOUND, "not found"),
     "malformed adapter name": (request(adapter="../x"), grpc.StatusCode.INVALID_ARGUMENT, "adapter name"),
