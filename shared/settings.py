@@ -20,7 +20,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from shared.addresses import is_loopback
+from shared.addresses import exposure_refusal, is_loopback
 from shared.auth import ADMIN, SCOPES, Caller, KeyRing, key_digest
 from shared.credentials import fill_from_files
 
@@ -257,6 +257,32 @@ class FinetuneSettings(_Section):
         return self
 
 
+class OpenAISettings(_Section):
+    """The OpenAI-compatible HTTP API: a gRPC client of the three services, with the keys of this config."""
+
+    port: int = Field(8000, ge=0, le=65535)
+    metrics_port: int = Field(9106, ge=-1)
+    llm_target: str = Field("127.0.0.1:50051", description="the LLM service's gRPC address")
+    diffusion_target: str = Field("127.0.0.1:50052", description="the diffusion service's gRPC address")
+    finetune_target: str = Field("127.0.0.1:50053", description="the fine-tune service's gRPC address")
+    max_request_bytes: int = Field(
+        64 * MiB, ge=1024, description="largest request body (a file upload or an image edit); past it 413"
+    )
+    max_upload_bytes: int = Field(
+        512 * MiB, ge=1024, description="largest file a POST /v1/files may upload (multipart, streamed to the store)"
+    )
+    image_url_ttl_s: float = Field(3600.0, gt=0, description="how long an image returned as a URL stays served")
+    image_url_bytes: int = Field(
+        512 * MiB, ge=MiB, description="memory the URL-served images may hold; past it the oldest are dropped"
+    )
+    public_url: str | None = Field(
+        None, description="the base URL clients reach this server by (image URLs); unset: the request's own"
+    )
+    model_list_ttl_s: float = Field(
+        5.0, ge=0, description="how long the services' model listings are reused to tell base models from adapters"
+    )
+
+
 class ApiKeyEntry(_Section):
     """One named key: what it may do and how much of the service it may take."""
 
@@ -354,6 +380,7 @@ class Settings(_Section):
     llm: LLMSettings = LLMSettings()
     diffusion: DiffusionSettings = DiffusionSettings()
     finetune: FinetuneSettings = FinetuneSettings()
+    openai: OpenAISettings = OpenAISettings()
 
     @model_validator(mode="before")
     @classmethod
@@ -392,6 +419,15 @@ class Settings(_Section):
     @property
     def keys_configured(self) -> bool:
         return self.api_key is not None or bool(self.api_keys)
+
+    def exposure_refusal(self, bind_address: str) -> str | None:
+        """Why a server must not listen on `bind_address` (beyond loopback with no key), or None."""
+        return exposure_refusal(
+            bind_address,
+            protected=self.keys_configured,
+            allow_unauthenticated=self.allow_unauthenticated,
+            remedy="set an API key (MODELWORKS_API_KEY or api_keys)",
+        )
 
     def key_ring(self) -> KeyRing:
         """Every configured key: `api_key` as the admin key named 'admin', then `api_keys`."""

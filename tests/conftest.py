@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ServiceProcess, spawn_service
+from tests.harness import ServiceProcess, spawn_service, spawn_worker, start_redis
 
 # The containers' tests build an image and run the compose stack: `make test-compose` runs them on their own.
 collect_ignore = [] if os.environ.get("MODELWORKS_TEST_COMPOSE") == "1" else ["compose"]
@@ -55,17 +55,22 @@ def smollm2(data_dir) -> dict:
 
 
 @pytest.fixture(scope="session")
-def real_llm(data_dir, smollm2, tmp_path_factory):
+def real_llm_server(data_dir, smollm2, tmp_path_factory) -> Iterator[ServiceProcess]:
     """An LLM server on the real default chat model (SmolLM2), shared by the real-model tests."""
+    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [smollm2]}
+    server = spawn_service("llm", tmp_path_factory.mktemp("real-llm"), config)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def real_llm(real_llm_server):
     import grpc
 
     from modelworks.llm.v1 import llm_pb2_grpc
 
-    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [smollm2]}
-    server = spawn_service("llm", tmp_path_factory.mktemp("real-llm"), config)
-    with grpc.insecure_channel(server.address) as channel:
+    with grpc.insecure_channel(real_llm_server.address) as channel:
         yield llm_pb2_grpc.LLMServiceStub(channel)
-    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -205,3 +210,19 @@ def diffusion_stub(diffusion_server):
 
     with grpc.insecure_channel(diffusion_server.address) as channel:
         yield diffusion_pb2_grpc.DiffusionServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+def finetune_stack(data_dir, adapters, diffusion_adapters, tmp_path_factory) -> Iterator[ServiceProcess]:
+    """A fine-tune API and one worker on their own Redis, training into the shared data dir (so the LLM and
+    diffusion servers serve what they train): the stack behind the web app and the OpenAI API."""
+    from tests.finetune.conftest import FAST_LEASES
+
+    redis = start_redis(tmp_path_factory.mktemp("stack-redis"))
+    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "redis_url": redis.url, "finetune": FAST_LEASES}
+    api = spawn_service("finetune", tmp_path_factory.mktemp("stack-finetune"), config, timeout=120)
+    worker = spawn_worker(tmp_path_factory.mktemp("stack-worker"), config, "stack-worker")
+    yield api
+    worker.stop()
+    api.stop()
+    redis.stop()

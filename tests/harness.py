@@ -94,6 +94,16 @@ def spawn_gateway(workdir: Path, env: dict[str, str], timeout: float = 120) -> S
     return ServiceProcess(process, f"http://127.0.0.1:{ports['port']}", ports["metrics_port"], log_path)
 
 
+def spawn_openai(
+    workdir: Path, config: dict, env: dict[str, str] | None = None, timeout: float = 120
+) -> ServiceProcess:
+    """Run `python -m services.openai` on free loopback ports with `config` (its `openai:` section names the
+    services). Its `address` is the base URL of the API (`.../v1`)."""
+    args = ["--bind", "127.0.0.1", "--port", "0", "--metrics-port", "0"]
+    process, ports, log_path = _start("services.openai", args, "openai", workdir, config, env, timeout)
+    return ServiceProcess(process, f"http://127.0.0.1:{ports['port']}/v1", ports["metrics_port"], log_path)
+
+
 def free_port() -> int:
     import socket
 

@@ -86,10 +86,28 @@ def test_the_gateway_never_imports_torch_or_loads_a_model():
 
 def test_the_gateway_reaches_modelworks_only_through_the_generated_stubs():
     # the adapter-name rule, the log format, the loopback rule and reading secret files, all torch-free
-    allowed_shared = {"shared.adapters", "shared.logs", "shared.addresses", "shared.credentials"}
+    allowed_shared = {"shared.adapters", "shared.logs", "shared.addresses", "shared.credentials", "shared.channels"}
     offenders = {
         f"{p.relative_to(REPO_ROOT)}: {m}"
         for p in python_files("services/gateway")
+        for m in imported_modules(p)
+        if m.split(".")[0] == "shared" and m not in allowed_shared
+    }
+    assert not offenders
+
+
+def test_the_openai_api_never_imports_torch():
+    """The OpenAI API is a client of the services' gRPC APIs: no torch, transformers or diffusers."""
+    loaded = _imports_torch("services.openai.__main__", "services.openai.app", "shared.settings")
+    assert loaded == "", f"the OpenAI API imports {loaded}"
+
+
+def test_the_openai_api_reaches_the_services_only_through_the_generated_stubs():
+    allowed_shared = {"shared.addresses", "shared.logs", "shared.auth", "shared.settings", "shared.metrics",
+                      "shared.channels"}  # fmt: skip
+    offenders = {
+        f"{p.relative_to(REPO_ROOT)}: {m}"
+        for p in python_files("services/openai")
         for m in imported_modules(p)
         if m.split(".")[0] == "shared" and m not in allowed_shared
     }

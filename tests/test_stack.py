@@ -89,11 +89,14 @@ def _get(url: str) -> bytes | None:
         return None
 
 
-def test_stack_starts_every_service_a_worker_and_the_web_app_and_stops_cleanly(data_dir, smollm2, tmp_path):
+def test_stack_starts_every_service_a_worker_the_web_app_and_the_openai_api_and_stops_cleanly(
+    data_dir, smollm2, tmp_path
+):
     llm_port, metrics_port, redis_port = free_port(), free_port(), free_port()
     diffusion_port, diffusion_metrics_port = free_port(), free_port()
     finetune_port, finetune_metrics_port, worker_metrics_port = free_port(), free_port(), free_port()
     gateway_port, gateway_metrics_port = free_port(), free_port()
+    openai_port, openai_metrics_port = free_port(), free_port()
     env = {
         **os.environ,
         "MODELWORKS_CONFIG": str(REPO_ROOT / "config" / "modelworks.yaml"),
@@ -108,6 +111,8 @@ def test_stack_starts_every_service_a_worker_and_the_web_app_and_stops_cleanly(d
         "MODELWORKS_EMBEDDED_REDIS_PORT": str(redis_port),
         "MODELWORKS_GATEWAY_PORT": str(gateway_port),
         "MODELWORKS_GATEWAY_METRICS_PORT": str(gateway_metrics_port),
+        "MODELWORKS_OPENAI__PORT": str(openai_port),
+        "MODELWORKS_OPENAI__METRICS_PORT": str(openai_metrics_port),
         "MODELWORKS_SHUTDOWN_GRACE_S": "2",
     }
     env.pop("MODELWORKS_REDIS_URL", None)
@@ -142,8 +147,14 @@ def test_stack_starts_every_service_a_worker_and_the_web_app_and_stops_cleanly(d
             b"modelworks_gateway_calls"
             in urllib.request.urlopen(f"http://127.0.0.1:{gateway_metrics_port}/metrics", timeout=5).read()
         )
+        models = wait_for(lambda: _get(f"http://127.0.0.1:{openai_port}/v1/models"), 120, "the OpenAI API", 0.5)
+        assert b"smollm2-135m-instruct" in models
+        assert (
+            b"modelworks_openai_requests"
+            in urllib.request.urlopen(f"http://127.0.0.1:{openai_metrics_port}/metrics", timeout=5).read()
+        )
         children = children_of(stack.pid)
-        assert len(children) == 6
+        assert len(children) == 7
         listening = listening_addresses([stack.pid, *descendants_of(stack.pid)])
         assert listening and all(map(is_loopback_address, listening)), f"listening beyond loopback: {listening}"
         stack.send_signal(signal.SIGINT)

@@ -14,19 +14,12 @@ from modelworks.diffusion.v1 import diffusion_pb2_grpc
 from modelworks.finetune.v1 import finetune_pb2_grpc
 from modelworks.llm.v1 import llm_pb2_grpc
 from services.gateway.config import GatewayConfig
+from shared.channels import CHANNEL_OPTIONS
 
 # Unary calls that should answer at once (listings, job control); generation streams have no deadline,
 # the user stops them.
 QUICK_CALL_S = 10.0
 HEALTH_CHECK_S = 2.0
-
-
-# Every address a name resolves to gets calls in turn: `dns:///llm:50051` (or plain `llm:50051`) in compose
-# resolves to every replica of `docker compose up --scale llm=N`, and gRPC re-resolves when one goes away.
-CHANNEL_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-    ("grpc.lb_policy_name", "round_robin"),
-]
 
 
 class _BearerToken(

@@ -7,9 +7,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.conftest import TEST_SERVER_CONFIG
-from tests.finetune.conftest import FAST_LEASES
-from tests.harness import ServiceProcess, free_port, spawn_gateway, spawn_service, spawn_worker, start_redis
+from tests.harness import ServiceProcess, free_port, spawn_gateway
 
 
 @pytest.hookimpl(wrapper=True)
@@ -37,28 +35,14 @@ def gateway_env(llm: str, diffusion: str, finetune: str, **extra: str) -> dict[s
 
 
 @pytest.fixture(scope="session")
-def gateway_finetune(data_dir, adapters, diffusion_adapters, tmp_path_factory) -> Iterator[ServiceProcess]:
-    """A fine-tune API and one worker on their own Redis, training into the shared data dir (so the LLM and
-    diffusion servers serve what they train)."""
-    redis = start_redis(tmp_path_factory.mktemp("gateway-redis"))
-    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "redis_url": redis.url, "finetune": FAST_LEASES}
-    api = spawn_service("finetune", tmp_path_factory.mktemp("gateway-finetune"), config, timeout=120)
-    worker = spawn_worker(tmp_path_factory.mktemp("gateway-worker"), config, "gateway-worker")
-    yield api
-    worker.stop()
-    api.stop()
-    redis.stop()
-
-
-@pytest.fixture(scope="session")
-def gateway(llm_server, diffusion_server, gateway_finetune, tmp_path_factory) -> Iterator[ServiceProcess]:
+def gateway(llm_server, diffusion_server, finetune_stack, tmp_path_factory) -> Iterator[ServiceProcess]:
     env = gateway_env(
         llm_server.address,
         diffusion_server.address,
-        gateway_finetune.address,
+        finetune_stack.address,
         MODELWORKS_LLM_METRICS_URL=f"http://127.0.0.1:{llm_server.metrics_port}/metrics",
         MODELWORKS_DIFFUSION_METRICS_URL=f"http://127.0.0.1:{diffusion_server.metrics_port}/metrics",
-        MODELWORKS_FINETUNE_METRICS_URL=f"http://127.0.0.1:{gateway_finetune.metrics_port}/metrics",
+        MODELWORKS_FINETUNE_METRICS_URL=f"http://127.0.0.1:{finetune_stack.metrics_port}/metrics",
     )
     process = spawn_gateway(tmp_path_factory.mktemp("gateway"), env)
     yield process

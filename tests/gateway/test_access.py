@@ -20,12 +20,12 @@ def keyed_llm_server(data_dir, tmp_path_factory):
 
 
 def test_the_login_guards_the_app_and_the_api_key_reaches_the_services(
-    keyed_llm_server, diffusion_server, gateway_finetune, tmp_path
+    keyed_llm_server, diffusion_server, finetune_stack, tmp_path
 ):
     from gradio_client import Client
     from gradio_client.exceptions import AppError, AuthenticationError
 
-    targets = (keyed_llm_server.address, diffusion_server.address, gateway_finetune.address)
+    targets = (keyed_llm_server.address, diffusion_server.address, finetune_stack.address)
     guarded = spawn_gateway(
         tmp_path / "guarded", gateway_env(*targets, MODELWORKS_GATEWAY_AUTH="ada:s3cret", MODELWORKS_API_KEY=KEY)
     )

@@ -160,7 +160,7 @@ def create_job(client, adapter_name, dataset="sample-llm-lighthouse", kind="LLM"
     return client.predict(dataset, kind, base_model, adapter_name, *form.values(), api_name="/create_job")
 
 
-def test_a_job_created_through_the_gateway_is_listed_trains_and_is_served(client, gateway_finetune, llm_stub):
+def test_a_job_created_through_the_gateway_is_listed_trains_and_is_served(client, finetune_stack, llm_stub):
     import grpc
 
     created = create_job(client, "gw-lighthouse")[0]
@@ -168,7 +168,7 @@ def test_a_job_created_through_the_gateway_is_listed_trains_and_is_served(client
     table = client.predict(api_name="/list_jobs")
     assert job_id in [row[0] for row in table["data"]]
 
-    with grpc.insecure_channel(gateway_finetune.address) as channel:
+    with grpc.insecure_channel(finetune_stack.address) as channel:
         from modelworks.finetune.v1 import finetune_pb2_grpc
 
         stub = finetune_pb2_grpc.FineTuneServiceStub(channel)
@@ -208,12 +208,12 @@ def test_bad_job_input_gets_a_readable_message(client, field, value, expected):
 
 
 def test_a_stopped_service_gets_a_clear_message_and_the_others_keep_working(
-    diffusion_server, gateway_finetune, unreachable_target, tmp_path
+    diffusion_server, finetune_stack, unreachable_target, tmp_path
 ):
     from gradio_client import Client
     from gradio_client.exceptions import AppError
 
-    env = gateway_env(unreachable_target, diffusion_server.address, gateway_finetune.address)
+    env = gateway_env(unreachable_target, diffusion_server.address, finetune_stack.address)
     gateway = spawn_gateway(tmp_path, env)
     try:
         client = Client(gateway.address, verbose=False)

@@ -219,9 +219,9 @@ def test_the_system_tab_shows_each_services_health(page):
 
 
 def test_a_stopped_service_shows_a_clear_message_and_other_tabs_work(
-    browser, diffusion_server, gateway_finetune, unreachable_target, tmp_path
+    browser, diffusion_server, finetune_stack, unreachable_target, tmp_path
 ):
-    env = gateway_env(unreachable_target, diffusion_server.address, gateway_finetune.address)
+    env = gateway_env(unreachable_target, diffusion_server.address, finetune_stack.address)
     gateway = spawn_gateway(tmp_path, env)
     page = open_page(browser, gateway.address)
     try:

@@ -1,0 +1,103 @@
+"""The FastAPI app: the routes, the errors in OpenAI's envelope, request-size limits and metrics."""
+
+from __future__ import annotations
+
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from services.openai import embeddings, files, fine_tuning, images, metrics, model_routes, text_routes
+from services.openai.catalog import ModelCatalog
+from services.openai.clients import ServiceClients
+from services.openai.context import Context
+from services.openai.errors import APIError, install_handlers
+from services.openai.image_store import ImageStore
+from shared.auth import KeyRing
+from shared.settings import OpenAISettings
+
+
+class BodyLimit:
+    """Refuses a request body past its limit with 413: at once from Content-Length, else as it streams in.
+
+    File uploads (`POST /v1/files`) get `openai.max_upload_bytes`, everything else `openai.max_request_bytes`."""
+
+    def __init__(self, app: ASGIApp, settings: OpenAISettings):
+        self.app = app
+        self.settings = settings
+
+    def _limit(self, scope: Scope) -> tuple[int, str]:
+        if scope["path"] == "/v1/files" and scope["method"] == "POST":
+            return self.settings.max_upload_bytes, "openai.max_upload_bytes"
+        return self.settings.max_request_bytes, "openai.max_request_bytes"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit, setting = self._limit(scope)
+        too_large = APIError(413, f"the request body is larger than {limit} bytes ({setting})", code="too_large")
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await too_large.response()(scope, receive, send)
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise too_large
+            return message
+
+        await self.app(scope, counted, send)
+
+
+class Metered:
+    """Counts each response by route and status, and times it to its start (a stream's headers go with its
+    first chunk). Plain ASGI: a streamed body passes through untouched."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.perf_counter()
+
+        async def observed(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                route = getattr(scope.get("route"), "path", "unmatched")
+                metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
+                metrics.REQUESTS.labels(scope["method"], route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, observed)
+
+
+def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        clients = ServiceClients(settings)
+        app.state.context = Context(
+            settings,
+            keys,
+            clients,
+            ModelCatalog(clients, settings.model_list_ttl_s),
+            ImageStore(settings.image_url_ttl_s, settings.image_url_bytes),
+        )
+        yield
+        await clients.close()
+
+    app = FastAPI(title="ModelWorks OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    install_handlers(app)
+    for module in (model_routes, text_routes, embeddings, images, files, fine_tuning):
+        app.include_router(module.router)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(Metered)
+    return app
