@@ -38,7 +38,7 @@ def open_channel(target: str) -> grpc.Channel:
 
 
 def check_http(url: str) -> int:
-    """For the web app and the worker (whose metrics server lives in its process): a 200 means alive."""
+    """For the web app, the OpenAI API and the worker (whose metrics server lives in its process): 200 is alive."""
     try:
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # the check is local
         with no_proxy.open(url, timeout=TIMEOUT_S) as reply:

@@ -15,7 +15,9 @@ import yaml
 from tests.harness import REPO_ROOT
 
 GPU_SERVICES = {"llm": "0", "diffusion": "1", "worker": "2"}
-MODELWORKS_SERVICES = ["secrets", "redis", "models", "llm", "diffusion", "finetune", "worker", "gateway"]
+MODELWORKS_SERVICES = ["secrets", "redis", "models", "llm", "diffusion", "finetune", "worker", "gateway", "openai"]
+# The gRPC clients of the three services (no GPU, no torch, no Redis): the web app and the OpenAI API.
+CLIENT_SERVICES = ["gateway", "openai"]
 
 
 def compose_config(*files: str, env: dict | None = None) -> dict:
@@ -85,16 +87,17 @@ def test_ports_are_published_on_loopback_unless_the_operator_opts_in():
             assert host_ip == "127.0.0.1", (name, service["ports"])
     assert "ports" not in services["redis"], "Redis stays inside the compose network"
     opened = compose_config(env={"PATH": "/usr/bin:/bin", "MODELWORKS_BIND": "0.0.0.0"})
-    for name, port in [("llm", 50051), ("diffusion", 50052), ("finetune", 50053), ("gateway", 7860)]:
+    for name, port in [("llm", 50051), ("diffusion", 50052), ("finetune", 50053), ("gateway", 7860), ("openai", 8000)]:
         assert opened_on(opened[name], port) == "0.0.0.0", name
-    for name, port in [("llm", 9101), ("worker", 9104), ("gateway", 9105), ("prometheus", 9090), ("grafana", 3000)]:
+    no_login = [("llm", 9101), ("worker", 9104), ("gateway", 9105), ("openai", 9106)]
+    for name, port in [*no_login, ("prometheus", 9090), ("grafana", 3000)]:
         assert opened_on(opened[name], port) == "127.0.0.1", f"{name}:{port} has no login: it stays on loopback"
     assert opened["llm"]["environment"]["MODELWORKS_PUBLISHED_ON"] == "0.0.0.0", "so the services demand a key"
 
 
 def test_every_long_running_service_has_a_health_check_and_waits_for_what_it_needs():
     services = compose_config()
-    for name in ["redis", "llm", "diffusion", "finetune", "worker", "gateway"]:
+    for name in ["redis", "llm", "diffusion", "finetune", "worker", "gateway", "openai"]:
         assert services[name]["healthcheck"]["test"], name
         assert services[name]["restart"] == "unless-stopped", name
     assert services["models"]["restart"] == "no"
@@ -102,7 +105,14 @@ def test_every_long_running_service_has_a_health_check_and_waits_for_what_it_nee
         assert services[name]["depends_on"]["models"]["condition"] == "service_completed_successfully"
     for name in ["finetune", "worker"]:
         assert services[name]["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert services["gateway"]["depends_on"]["finetune"]["condition"] == "service_healthy"
+    for name in CLIENT_SERVICES:
+        assert services[name]["depends_on"]["finetune"]["condition"] == "service_healthy", name
+        for model_service in ["llm", "diffusion"]:  # it reports a service still loading; it need not wait
+            assert services[name]["depends_on"][model_service]["condition"] == "service_started", name
+    openai = services["openai"]
+    probe = ["CMD", "python", "/app/docker/healthcheck.py", "http://127.0.0.1:8000/health"]
+    assert openai["healthcheck"]["test"] == probe
+    assert openai["command"] == ["python", "-m", "services.openai", "--port", "8000", "--metrics-port", "9106"]
 
 
 def _mounts(service: dict) -> dict[str, str]:
@@ -122,7 +132,7 @@ def test_secrets_are_made_once_and_read_from_files_never_from_the_compose_enviro
     made = services["secrets"]
     assert made["command"][-3:] == ["shared.credentials", "init", "/run/modelworks"] and made["restart"] == "no"
     assert made["network_mode"] == "none" and _mounts(made)["/run/modelworks"] == "rw"
-    for name in ["llm", "diffusion", "finetune", "worker", "gateway"]:
+    for name in ["llm", "diffusion", "finetune", "worker", "gateway", "openai"]:
         service = services[name]
         assert service["depends_on"]["secrets"]["condition"] == "service_completed_successfully", name
         assert service["environment"]["MODELWORKS_API_KEY_FILE"] == "/run/modelworks/api_key", name
@@ -141,13 +151,26 @@ def test_redis_needs_its_password_and_only_the_backend_reaches_it():
     for name in ["finetune", "worker"]:
         assert "backend" in services[name]["networks"], name
         assert services[name]["environment"]["MODELWORKS_REDIS_PASSWORD_FILE"] == "/run/modelworks/redis_password"
-    for name in ["gateway", "llm", "diffusion"]:
+    for name in ["gateway", "openai", "llm", "diffusion"]:
         assert "backend" not in services[name]["networks"], f"{name} has no business with Redis"
 
 
 def test_data_is_read_only_for_the_services_that_only_read_it():
     services = compose_config()
-    for name in ["llm", "diffusion", "gateway"]:
+    for name in ["llm", "diffusion", "gateway", "openai"]:
         assert _mounts(services[name])["/data"] == "ro", name
     for name in ["models", "finetune", "worker"]:
         assert _mounts(services[name])["/data"] == "rw", name
+
+
+def test_the_openai_api_reaches_every_replica_of_the_three_services():
+    services = compose_config("docker-compose.yml", "docker-compose.cpu.yml")
+    environment = services["openai"]["environment"]
+    assert {key: environment[f"MODELWORKS_OPENAI__{key}_TARGET"] for key in ["LLM", "DIFFUSION", "FINETUNE"]} == {
+        "LLM": "dns:///llm:50051",  # round_robin over DNS, like the gateway
+        "DIFFUSION": "dns:///diffusion:50052",
+        "FINETUNE": "dns:///finetune:50053",
+    }
+    assert "frontend" in services["openai"]["networks"], "the services it calls are on the frontend network"
+    for name in ["llm", "diffusion", "finetune"]:
+        assert "frontend" in services[name]["networks"], name

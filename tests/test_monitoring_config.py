@@ -20,7 +20,7 @@ GRAFANA = MONITORING / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "modelworks.json"
 
 # Compose service -> metrics port (docker-compose.yml); the scrape job is named after the service.
-SCRAPED = {"llm": 9101, "diffusion": 9102, "finetune": 9103, "worker": 9104, "gateway": 9105}
+SCRAPED = {"llm": 9101, "diffusion": 9102, "finetune": 9103, "worker": 9104, "gateway": 9105, "openai": 9106}
 
 # Every module that defines metrics on the default registry.
 METRIC_MODULES = [
@@ -29,6 +29,7 @@ METRIC_MODULES = [
     "services.diffusion.metrics",
     "services.finetune.metrics",
     "services.gateway.metrics",
+    "services.openai.metrics",
 ]
 
 METRIC_NAME = re.compile(r"\bmodelworks_[A-Za-z0-9_]+")
@@ -115,7 +116,7 @@ def test_each_job_is_a_compose_service_serving_metrics_on_its_port():
 
 def test_the_scraped_ports_are_the_services_defaults():
     from services.gateway.config import GatewayConfig
-    from shared.settings import DiffusionSettings, FinetuneSettings, LLMSettings
+    from shared.settings import DiffusionSettings, FinetuneSettings, LLMSettings, OpenAISettings
 
     def default(model, field: str) -> int:
         return model.model_fields[field].default
@@ -126,6 +127,7 @@ def test_the_scraped_ports_are_the_services_defaults():
         "finetune": default(FinetuneSettings, "metrics_port"),
         "worker": default(FinetuneSettings, "worker_metrics_port"),
         "gateway": default(GatewayConfig, "metrics_port"),
+        "openai": OpenAISettings().metrics_port,
     }
     assert defaults == SCRAPED
 
@@ -177,3 +179,25 @@ def test_the_model_variable_filters_the_per_model_panels(dashboard):
             assert 'model=~"$model"' in expr, expr
         if "modelworks_diffusion_" in expr:
             assert 'model=~"$diffusion_model"' in expr, expr
+
+
+def test_the_dashboard_shows_the_openai_apis_requests_by_status_and_its_open_streams(dashboard):
+    rows = [panel["title"] for panel in dashboard["panels"] if panel["type"] == "row"]
+    assert "OpenAI API" in rows, rows
+    exprs = [d["expr"] for d in all_dicts(dashboard) if "expr" in d]
+    assert any("modelworks_openai_requests_total" in e and "by (status)" in e for e in exprs), exprs
+    assert any("modelworks_openai_streams_open" in e for e in exprs), exprs
+
+
+def test_the_dashboards_panels_have_unique_ids_and_do_not_overlap(dashboard):
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids)), sorted(ids)
+    cells = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = panel["title"]

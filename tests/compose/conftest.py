@@ -26,7 +26,7 @@ PROJECT = f"mwtest{os.getpid()}"  # one project per run: two runs never tear dow
 IMAGE = "modelworks:compose-test"  # not an operator's own modelworks:cpu
 ARTIFACTS = REPO_ROOT / "test-artifacts"
 COMPOSE_FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "tests/compose/compose.test.yml"]
-SERVICES = ["redis", "llm", "diffusion", "finetune", "worker", "gateway"]
+SERVICES = ["redis", "llm", "diffusion", "finetune", "worker", "gateway", "openai"]
 # The operator's own secrets, which the `secrets` service writes instead of random ones.
 API_KEY = "compose-test-key-0123456789abcdef"
 LOGIN = ("tester", "compose-test-password")
@@ -117,6 +117,8 @@ ENDPOINTS = {
     "finetune": ("finetune", 50053),
     "gateway": ("gateway", 7860),
     "gateway-metrics": ("gateway", 9105),
+    "openai": ("openai", 8000),
+    "openai-metrics": ("openai", 9106),
 }
 
 
@@ -236,6 +238,8 @@ def stack(docker, image) -> Iterator[Stack]:
         "worker-metrics": free_port_range(2),
         "gateway": free_port(),
         "gateway-metrics": free_port(),
+        "openai": free_port(),
+        "openai-metrics": free_port(),
     }
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("MODELWORKS_", "COMPOSE_"))},

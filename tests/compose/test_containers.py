@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.finetune.samples import TAUGHT_ANSWER
-from tests.compose.conftest import LOGIN, PROJECT, run
+from tests.compose.conftest import API_KEY, LOGIN, PROJECT, run
 from tests.harness import wait_for
 from tests.scrape import metric_at
 
@@ -183,6 +184,59 @@ def test_the_gateway_page_answers(stack):
         assert reply.status == 200 and b"ModelWorks" in reply.read()
     with no_proxy.open(f"http://{stack.address('gateway-metrics')}/metrics", timeout=30) as reply:
         assert b"gateway" in reply.read()
+
+
+def openai_client(stack, api_key: str):
+    """The official SDK on the stack's OpenAI API, retrying nothing: a test sees every status as sent."""
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"http://{stack.address('openai')}/v1", api_key=api_key, max_retries=0, timeout=300)
+
+
+def test_the_openai_api_serves_the_official_sdk_with_the_stacks_key(stack):
+    import openai
+
+    # the key as an operator reads it: from the secrets volume (here the operator's own, MODELWORKS_API_KEY)
+    key = stack("exec", "-T", "openai", "cat", "/run/modelworks/api_key").stdout.strip()
+    assert key == API_KEY
+    client = openai_client(stack, key)
+    assert {"tiny-llm", "smollm2-135m-instruct"} <= {model.id for model in client.models.list()}
+
+    # tiny-llm's random weights may stop at once on EOS: ignore_eos (an extension) makes it take all 4 tokens
+    chat = dict(model="tiny-llm", messages=[{"role": "user", "content": "Hello"}], max_tokens=4, temperature=0)
+    reply = client.chat.completions.create(**chat, extra_body={"ignore_eos": True})
+    (choice,) = reply.choices
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str), choice
+    assert choice.finish_reason == "length" and reply.usage.completion_tokens == 4, reply
+
+    stream = client.chat.completions.create(
+        **chat, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True}
+    )
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+
+    with pytest.raises(openai.AuthenticationError):
+        openai_client(stack, "not-the-key").models.list()
+    # no key at all (the SDK itself will not send a request without one)
+    no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        no_proxy.open(f"http://{stack.address('openai')}/v1/models", timeout=30)
+    assert caught.value.code == 401 and json.loads(caught.value.read())["error"]["type"] == "authentication_error"
+
+    with no_proxy.open(f"http://{stack.address('openai')}/health", timeout=30) as health:
+        assert health.status == 200 and json.loads(health.read()) == {"status": "ok"}
+    metrics_port = stack.host_port("openai", 9106)
+    assert metric_at(metrics_port, "modelworks_openai_requests_total", route="/v1/models", status="401") >= 2
+    assert metric_at(metrics_port, "modelworks_openai_requests_total", route="/v1/chat/completions", status="200") >= 2
+
+    def no_stream_open() -> bool:
+        with no_proxy.open(f"http://{stack.address('openai-metrics')}/metrics", timeout=30) as reply:
+            return "\nmodelworks_openai_streams_open 0.0\n" in reply.read().decode()
+
+    wait_for(no_stream_open, 30, "the finished stream to be counted closed", interval=0.5)
 
 
 def test_a_crashed_llm_container_is_restarted_and_serves_again(stack):
