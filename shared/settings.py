@@ -266,7 +266,7 @@ class OpenAISettings(_Section):
     diffusion_target: str = Field("127.0.0.1:50052", description="the diffusion service's gRPC address")
     finetune_target: str = Field("127.0.0.1:50053", description="the fine-tune service's gRPC address")
     max_request_bytes: int = Field(
-        64 * MiB, ge=1024, description="largest request body (a file upload or an image edit); past it 413"
+        64 * MiB, ge=1024, description="largest request body but a file upload (an image edit's, say); past it 413"
     )
     max_upload_bytes: int = Field(
         512 * MiB, ge=1024, description="largest file a POST /v1/files may upload (multipart, streamed to the store)"

@@ -6,9 +6,12 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.openai import embeddings, files, fine_tuning, images, metrics, model_routes, text_routes
+from services.openai.auth import caller_metadata
 from services.openai.catalog import ModelCatalog
 from services.openai.clients import ServiceClients
 from services.openai.context import Context
@@ -36,21 +39,39 @@ class BodyLimit:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit, setting = self._limit(scope)
-        too_large = APIError(413, f"the request body is larger than {limit} bytes ({setting})", code="too_large")
+        message = f"the request body is larger than {limit} bytes ({setting})"
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return await too_large.response()(scope, receive, send)
+            return await APIError(413, message, code="too_large").response()(scope, receive, send)
         seen = 0
 
         async def counted() -> Message:
             nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > limit:
-                raise too_large
-            return message
+            received = await receive()
+            seen += len(received.get("body", b""))
+            if seen > limit:  # a chunked body: FastAPI passes an HTTPException raised while it reads through
+                raise StarletteHTTPException(413, message)
+            return received
 
         await self.app(scope, counted, send)
+
+
+class KeyGuard:
+    """With keys configured, a `/v1` request without a valid key is a 401 before its body is read or any route
+    runs (so no route can forget it); image URLs are exempt, their unguessable token is their key."""
+
+    def __init__(self, app: ASGIApp, keys: KeyRing):
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and path.startswith("/v1/") and not path.startswith("/v1/images/files/"):
+            try:
+                caller_metadata(self.keys, Request(scope))
+            except APIError as refused:
+                return await refused.response()(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class Metered:
@@ -89,7 +110,9 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
         yield
         await clients.close()
 
-    app = FastAPI(title="ModelWorks OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="ModelWorks OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
     install_handlers(app)
     for module in (model_routes, text_routes, embeddings, images, files, fine_tuning):
         app.include_router(module.router)
@@ -99,5 +122,6 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
         return {"status": "ok"}
 
     app.add_middleware(BodyLimit, settings=settings)
+    app.add_middleware(KeyGuard, keys=keys)  # before the body is read
     app.add_middleware(Metered)
     return app

@@ -2,8 +2,9 @@
 
 OpenAI has one `model` field where ModelWorks has a base model and an adapter: an id that is not a base
 model is looked up as an adapter (a fine-tuned model id is its adapter's name). The services' listings are
-reused for `openai.model_list_ttl_s`, per key (what a key sees is its own); an id not found is looked up
-again at once, so an adapter that finished training a moment ago is served without waiting.
+reused for `openai.model_list_ttl_s`, per key (what a key sees is its own; a refresh counts against the key's
+rate limit like any call); an id not found is looked up again at once, so an adapter that finished training a
+moment ago is served without waiting.
 """
 
 from __future__ import annotations
@@ -12,13 +13,11 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
 from modelworks.diffusion.v1 import diffusion_pb2
 from modelworks.finetune.v1 import finetune_pb2
 from modelworks.llm.v1 import llm_pb2
-from services.openai.clients import QUICK_CALL_S, Metadata, ServiceClients, quick_call
-from services.openai.errors import APIError, from_rpc_error
+from services.openai.clients import Metadata, ServiceClients, quick_call
+from services.openai.errors import APIError
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,7 @@ class ModelCard:
 @dataclass
 class _Listing:
     at: float
-    llm: list[llm_pb2.ModelInfo] = field(default_factory=list)
+    models: list = field(default_factory=list)
 
 
 def not_found(model: str) -> APIError:
@@ -57,20 +56,25 @@ class ModelCatalog:
     def __init__(self, clients: ServiceClients, ttl_s: float):
         self.clients = clients
         self.ttl_s = ttl_s
-        self._llm: dict[Metadata, _Listing] = {}
+        self._listings: dict[tuple[str, Metadata], _Listing] = {}
 
-    async def _llm_models(self, metadata: Metadata, fresh: bool = False) -> list[llm_pb2.ModelInfo]:
-        listing = self._llm.get(metadata)
+    async def _models(self, service: str, metadata: Metadata, fresh: bool = False) -> list:
+        """The service's ModelInfo list for this key, reused for `ttl_s`."""
+        listing = self._listings.get((service, metadata))
         if fresh or listing is None or time.monotonic() - listing.at > self.ttl_s:
-            reply = await quick_call("LLM", self.clients.llm.ListModels, llm_pb2.ListModelsRequest(), metadata)
+            if service == "LLM":
+                reply = await quick_call(service, self.clients.llm.ListModels, llm_pb2.ListModelsRequest(), metadata)
+            else:
+                request = diffusion_pb2.ListModelsRequest()
+                reply = await quick_call(service, self.clients.diffusion.ListModels, request, metadata)
             listing = _Listing(time.monotonic(), list(reply.models))
-            self._llm[metadata] = listing
-        return listing.llm
+            self._listings[(service, metadata)] = listing
+        return listing.models
 
     async def resolve_llm(self, model: str, metadata: Metadata, kind: str = "llm") -> tuple[str, str]:
         """(base model, adapter) for an id of a model of `kind` or of an adapter; 404 if there is none."""
         for fresh in (False, True):
-            for info in await self._llm_models(metadata, fresh):
+            for info in await self._models("LLM", metadata, fresh):
                 if info.name == model and info.kind == kind:
                     return model, ""
                 if kind == "llm" and model in info.adapters:
@@ -81,10 +85,7 @@ class ModelCatalog:
         """(base model, adapter): an id that is not an image model is an adapter on the default one."""
         if not model:
             return "", ""
-        reply = await quick_call(
-            "diffusion", self.clients.diffusion.ListModels, diffusion_pb2.ListModelsRequest(), metadata
-        )
-        if any(info.name == model for info in reply.models):
+        if any(info.name == model for info in await self._models("diffusion", metadata)):
             return model, ""
         return "", model
 
@@ -96,27 +97,22 @@ class ModelCatalog:
         cards = [card for result in results if isinstance(result, list) for card in result]
         errors = [result for result in results if isinstance(result, BaseException)]
         if not cards and errors:
-            first = errors[0]
-            raise from_rpc_error(first, "LLM") if isinstance(first, grpc.RpcError) else first
+            raise errors[0]
         return cards
 
     async def _llm_cards(self, metadata: Metadata) -> list[ModelCard]:
-        reply = await self.clients.llm.ListModels(llm_pb2.ListModelsRequest(), metadata=metadata, timeout=QUICK_CALL_S)
-        self._llm[metadata] = _Listing(time.monotonic(), list(reply.models))
         cards = []
-        for info in reply.models:
+        for info in await self._models("LLM", metadata, fresh=True):
             cards.append(ModelCard(info.name, info.kind, max_model_len=info.max_context_length or None))
             cards += [ModelCard(name, "llm-adapter", parent=info.name) for name in info.adapters]
         return cards
 
     async def _diffusion_cards(self, metadata: Metadata) -> list[ModelCard]:
-        request = diffusion_pb2.ListModelsRequest()
-        reply = await self.clients.diffusion.ListModels(request, metadata=metadata, timeout=QUICK_CALL_S)
-        return [ModelCard(info.name, "diffusion") for info in reply.models]
+        return [ModelCard(info.name, "diffusion") for info in await self._models("diffusion", metadata, fresh=True)]
 
     async def _diffusion_adapter_cards(self, metadata: Metadata) -> list[ModelCard]:
         request = finetune_pb2.ListAdaptersRequest(kind=finetune_pb2.JOB_KIND_DIFFUSION)
-        reply = await self.clients.finetune.ListAdapters(request, metadata=metadata, timeout=QUICK_CALL_S)
+        reply = await quick_call("fine-tune", self.clients.finetune.ListAdapters, request, metadata)
         return [
             ModelCard(
                 a.name,

@@ -6,31 +6,28 @@ from __future__ import annotations
 import json
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from modelworks.llm.v1 import llm_pb2
-from services.openai.errors import invalid, not_supported
+from services.openai.errors import invalid, not_supported, proto_values
 from services.openai.sampling import FINISH_REASONS, TextRequest, token_bytes
+from services.openai.schema import OpenAIBody
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class FunctionCall(_Loose):
+class FunctionCall(OpenAIBody):
     name: str
     arguments: str = ""
 
 
-class ToolCallIn(_Loose):
+class ToolCallIn(OpenAIBody):
     id: str = ""
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class Message(_Loose):
+class Message(OpenAIBody):
     role: str
     content: str | list[dict[str, Any]] | None = None
     tool_calls: list[ToolCallIn] | None = None
@@ -38,26 +35,26 @@ class Message(_Loose):
     name: str | None = None
 
 
-class FunctionDef(_Loose):
+class FunctionDef(OpenAIBody):
     name: str
     description: str = ""
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class ToolDef(_Loose):
+class ToolDef(OpenAIBody):
     type: Literal["function"] = "function"
     function: FunctionDef
 
 
-class JsonSchemaFormat(_Loose):
+class JsonSchemaFormat(OpenAIBody):
     name: str = "response"
     description: str | None = None
     schema_: dict[str, Any] | None = Field(None, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Loose):
+class ResponseFormat(OpenAIBody):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -108,8 +105,8 @@ def _response_format(fmt: ResponseFormat | None) -> llm_pb2.ResponseFormat | Non
         return None
     if fmt.type == "json_object":
         return llm_pb2.ResponseFormat(json_object=True)
-    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-        raise invalid("response_format.json_schema.schema is required with type json_schema", "response_format")
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:  # no schema: any JSON object, as OpenAI's
+        return llm_pb2.ResponseFormat(json_object=True)
     return llm_pb2.ResponseFormat(json_schema=json.dumps(fmt.json_schema.schema_))
 
 
@@ -132,8 +129,9 @@ def _tool_choice(choice: str | dict[str, Any] | None) -> llm_pb2.ToolChoice | No
         if choice not in modes:
             raise invalid(f"tool_choice is {choice!r}; use auto, none, required or a function", "tool_choice")
         return llm_pb2.ToolChoice(mode=modes[choice])
-    name = (choice.get("function") or {}).get("name") if choice.get("type") == "function" else None
-    if not name:
+    function = choice.get("function") if choice.get("type") == "function" else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
         raise invalid('tool_choice as an object is {"type": "function", "function": {"name": ...}}', "tool_choice")
     return llm_pb2.ToolChoice(function=name)
 
@@ -153,12 +151,13 @@ def generate_requests(body: ChatCompletionRequest, model: str, adapter: str) -> 
         "parallel_tool_calls": body.parallel_tool_calls,
     }
     fields = {name: value for name, value in fields.items() if value is not None}
-    return [
-        llm_pb2.GenerateRequest(
-            **fields, sampling=llm_pb2.SamplingParams(**body.sampling(max_tokens, top_logprobs, body.logprobs, i))
-        )
-        for i in range(body.n)
-    ]
+    with proto_values("request"):
+        return [
+            llm_pb2.GenerateRequest(
+                **fields, sampling=llm_pb2.SamplingParams(**body.sampling(max_tokens, top_logprobs, body.logprobs, i))
+            )
+            for i in range(body.n)
+        ]
 
 
 def tool_calls(calls, start: int = 0, indexed: bool = False) -> list[dict]:

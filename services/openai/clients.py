@@ -39,9 +39,6 @@ class ServiceClients:
         self.diffusion = diffusion_pb2_grpc.DiffusionServiceStub(self._channels["diffusion"])
         self.finetune = finetune_pb2_grpc.FineTuneServiceStub(self._channels["fine-tune"])
 
-    def channel(self, service: str) -> grpc.aio.Channel:
-        return self._channels[service]
-
     async def close(self) -> None:
         for channel in self._channels.values():
             await channel.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from modelworks.llm.v1 import llm_pb2
-from services.openai.errors import invalid, not_supported
+from services.openai.errors import invalid, not_supported, proto_values
 from services.openai.sampling import FINISH_REASONS, TextRequest
 
 MAX_PROMPTS = 16
@@ -46,17 +46,18 @@ def check_supported(body: CompletionRequest) -> None:
 
 def generate_requests(body: CompletionRequest, model: str, adapter: str) -> list[llm_pb2.GenerateRequest]:
     """Prompt p's choice j is request p * n + j (OpenAI's order of choices)."""
-    logprobs = body.logprobs is not None
-    return [
-        llm_pb2.GenerateRequest(
-            model=model,
-            adapter=adapter,
-            prompt=prompt,
-            sampling=llm_pb2.SamplingParams(**body.sampling(body.max_tokens, body.logprobs, logprobs, j)),
-        )
-        for prompt in body.prompts()
-        for j in range(body.n)
-    ]
+    logprobs, prompts = body.logprobs is not None, body.prompts()
+    with proto_values("request"):
+        return [
+            llm_pb2.GenerateRequest(
+                model=model,
+                adapter=adapter,
+                prompt=prompt,
+                sampling=llm_pb2.SamplingParams(**body.sampling(body.max_tokens, body.logprobs, logprobs, j)),
+            )
+            for prompt in prompts
+            for j in range(body.n)
+        ]
 
 
 def logprobs(entries, offset: int) -> dict:

@@ -6,20 +6,20 @@ import base64
 from typing import Literal
 
 import numpy as np
-from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from fastapi import APIRouter, Request
+from pydantic import Field
 
 from modelworks.llm.v1 import llm_pb2
 from services.openai.clients import call
 from services.openai.context import Auth, Ctx
-from services.openai.errors import not_supported
+from services.openai.disconnect import unless_disconnected
+from services.openai.errors import not_supported, proto_values
+from services.openai.schema import OpenAIBody
 
 router = APIRouter()
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class EmbeddingRequest(OpenAIBody):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -41,12 +41,14 @@ def _encoded(values, encoding: str) -> list[float] | str:
 
 
 @router.post("/v1/embeddings")
-async def embeddings(body: EmbeddingRequest, ctx: Ctx, metadata: Auth):
+async def embeddings(body: EmbeddingRequest, ctx: Ctx, metadata: Auth, request: Request):
     model, _ = await ctx.catalog.resolve_llm(body.model, metadata, kind="embedding")
-    request = llm_pb2.EmbedRequest(model=model, inputs=body.texts(), dimensions=body.dimensions or 0)
+    texts = body.texts()
+    with proto_values("request"):
+        embed = llm_pb2.EmbedRequest(model=model, inputs=texts, dimensions=body.dimensions or 0)
     if body.normalize is not None:
-        request.normalize = body.normalize
-    reply = await call("LLM", ctx.clients.llm.Embed(request, metadata=metadata))
+        embed.normalize = body.normalize
+    reply = await unless_disconnected(request, call("LLM", ctx.clients.llm.Embed(embed, metadata=metadata)))
     data = [
         {"object": "embedding", "index": i, "embedding": _encoded(e.values, body.encoding_format)}
         for i, e in enumerate(reply.embeddings)

@@ -8,6 +8,8 @@ passed on as they are. Nothing else reaches a client: an unexpected exception is
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 from fastapi import FastAPI, Request
@@ -27,7 +29,7 @@ ERROR_TYPES = {
     409: "invalid_request_error",
     413: "invalid_request_error",
     429: "rate_limit_error",
-    499: "invalid_request_error",
+    499: "invalid_request_error",  # the client went away: nobody reads it
     500: "server_error",
     501: "invalid_request_error",
     503: "server_error",
@@ -43,11 +45,15 @@ _STATUS_OF_CODE = {
     grpc.StatusCode.NOT_FOUND: 404,
     grpc.StatusCode.ALREADY_EXISTS: 409,
     grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.CANCELLED: 503,  # the service cancelled it (shutting down): a retry goes elsewhere
     grpc.StatusCode.UNIMPLEMENTED: 501,
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
+
+
+# The SDKs retry 409 and 5xx by default; these a retry cannot mend (x-should-retry is the SDKs' own header).
+NOT_RETRIED = {409, 413, 501}
 
 
 class APIError(Exception):
@@ -64,6 +70,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
         self.headers = headers or {}
+        if status in NOT_RETRIED:
+            self.headers.setdefault("x-should-retry", "false")
 
     def body(self) -> dict:
         kind = ERROR_TYPES.get(self.status, "server_error" if self.status >= 500 else "invalid_request_error")
@@ -79,6 +87,16 @@ def invalid(message: str, param: str | None = None) -> APIError:
 
 def not_supported(what: str, why: str, param: str | None = None) -> APIError:
     return APIError(400, f"{what} is not supported: {why}", param=param, code="unsupported_parameter")
+
+
+@contextmanager
+def proto_values(what: str) -> Iterator[None]:
+    """Around building a request's protobuf: a number past its field's range (protobuf's ValueError) is the
+    client's error, a 400, not the server's."""
+    try:
+        yield
+    except (ValueError, TypeError) as exc:
+        raise invalid(f"a value of the {what} is out of range ({exc}); see docs/openai.md for the limits") from None
 
 
 def _retry_after(error: grpc.aio.AioRpcError | grpc.RpcError) -> dict[str, str]:
@@ -99,8 +117,11 @@ def from_rpc_error(error: grpc.RpcError, service: str) -> APIError:
     if status is None:
         log.error("a service failed", extra={"service": service, "code": code.name, "details": details})
         return APIError(500, f"the {service} service failed ({code.name}); the operator's logs say why")
-    codes = {404: "not_found", 409: "conflict", 429: "rate_limit_exceeded", 403: "insufficient_scope"}
-    return APIError(status, details, code=codes.get(status), headers=_retry_after(error) if status == 429 else None)
+    if status == 429 and "message larger than max" in details:  # gRPC's own message-size limit
+        status, details = 413, f"the request or its answer is too large for the {service} service ({details})"
+    codes = {404: "not_found", 409: "conflict", 413: "too_large", 429: "rate_limit_exceeded", 403: "insufficient_scope"}
+    headers = _retry_after(error) if status == 429 else {}
+    return APIError(status, details, code=codes.get(status), headers=headers)
 
 
 def _validation_message(exc: RequestValidationError) -> APIError:

@@ -24,6 +24,7 @@ SERVICE = "fine-tune"
 CHUNK_BYTES = 1024 * 1024
 ZIP_MAGIC = b"PK\x03\x04"
 PURPOSE = "fine-tune"
+MAX_LISTED = 10_000
 
 
 def file_object(dataset: finetune_pb2.Dataset) -> dict:
@@ -53,20 +54,22 @@ async def _chunks(upload: UploadFile, name: str, first: bytes) -> AsyncIterator[
 
 @router.post("/v1/files")
 async def upload(ctx: Ctx, metadata: Auth, request: Request):
-    form = await request.form(max_files=1)
-    purpose, upload = form.get("purpose"), form.get("file")
-    if not isinstance(upload, UploadFile):
-        raise invalid("file is required: the JSONL (or zip) to upload, as multipart form data", "file")
-    if purpose != PURPOSE:
-        raise not_supported(
-            f"purpose {purpose!r}", "this server stores files for fine-tuning only (fine-tune)", "purpose"
+    async with request.form(max_files=1) as form:  # its spooled file is removed on the way out
+        purpose, upload = form.get("purpose"), form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise invalid("file is required: the JSONL (or zip) to upload, as multipart form data", "file")
+        if purpose != PURPOSE:
+            raise not_supported(
+                f"purpose {purpose!r}", "this server stores files for fine-tuning only (fine-tune)", "purpose"
+            )
+        first = await upload.read(CHUNK_BYTES)
+        if not first:
+            raise invalid("the file is empty", "file")
+        name = upload.filename or "upload"
+        dataset = await call(
+            SERVICE, ctx.clients.finetune.UploadDataset(_chunks(upload, name, first), metadata=metadata)
         )
-    first = await upload.read(CHUNK_BYTES)
-    if not first:
-        raise invalid("the file is empty", "file")
-    name = upload.filename or "upload"
-    dataset = await call(SERVICE, ctx.clients.finetune.UploadDataset(_chunks(upload, name, first), metadata=metadata))
-    return file_object(dataset)
+        return file_object(dataset)
 
 
 @router.get("/v1/files")
@@ -74,10 +77,12 @@ async def list_files(
     ctx: Ctx,
     metadata: Auth,
     purpose: str | None = None,
-    limit: int = 10000,
+    limit: int = MAX_LISTED,
     after: str | None = None,
     order: str = "desc",
 ):
+    if not 1 <= limit <= MAX_LISTED:
+        raise invalid(f"limit must be in [1, {MAX_LISTED}], got {limit}", "limit")
     if order not in ("asc", "desc"):
         raise invalid(f"order is {order!r}; use asc or desc", "order")
     reply = await quick_call(SERVICE, ctx.clients.finetune.ListDatasets, finetune_pb2.ListDatasetsRequest(), metadata)
@@ -86,7 +91,7 @@ async def list_files(
     if after:
         ids = [f["id"] for f in files]
         files = files[ids.index(after) + 1 :] if after in ids else []
-    page = files[: max(1, limit)]
+    page = files[:limit]
     return {
         "object": "list",
         "data": page,

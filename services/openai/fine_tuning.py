@@ -12,13 +12,14 @@ import secrets
 from typing import Any, Literal
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from modelworks.finetune.v1 import finetune_pb2 as pb
 from services.openai.clients import quick_call
 from services.openai.context import Auth, Ctx
-from services.openai.errors import invalid, not_supported
+from services.openai.errors import invalid, not_supported, proto_values
 from services.openai.job_objects import checkpoint_object, event_object, job_object
+from services.openai.schema import OpenAIBody
 
 router = APIRouter()
 SERVICE = "fine-tune"
@@ -26,33 +27,29 @@ MAX_PAGE = 100
 Auto = Literal["auto"]
 
 
-class _Loose(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class Hyperparameters(_Loose):
+class Hyperparameters(OpenAIBody):
     n_epochs: Auto | int | None = None
     batch_size: Auto | int | None = None
     learning_rate_multiplier: Auto | float | None = None
 
 
-class Supervised(_Loose):
+class Supervised(OpenAIBody):
     hyperparameters: Hyperparameters | None = None
 
 
-class Method(_Loose):
+class Method(OpenAIBody):
     type: str
     supervised: Supervised | None = None
 
 
-class JobCreate(_Loose):
+class JobCreate(OpenAIBody):
     """OpenAI's fields, then ModelWorks' extras (the fine-tune service's hyperparameters by their names)."""
 
     model: str
     training_file: str
     validation_file: str | None = None
-    suffix: str | None = Field(None, max_length=40)
-    seed: int | None = Field(None, ge=0, lt=2**63)
+    suffix: str | None = Field(None, max_length=64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # taken modulo 2**64
     hyperparameters: Hyperparameters | None = None
     method: str | Method | None = None
     adapter_name: str | None = None
@@ -129,10 +126,10 @@ def hyperparameters(body: JobCreate) -> pb.Hyperparameters:
         "epochs": _given(openai.n_epochs),
         "batch_size": _given(openai.batch_size),
     }
-    multiplier = _given(openai.learning_rate_multiplier)
-    if multiplier is not None:
-        fields["learning_rate_multiplier"] = multiplier
-    return pb.Hyperparameters(**{name: value for name, value in fields.items() if value is not None})
+    fields["learning_rate_multiplier"] = _given(openai.learning_rate_multiplier)
+    fields["seed"] = None if body.seed is None else body.seed % 2**64
+    with proto_values("hyperparameters"):
+        return pb.Hyperparameters(**{name: value for name, value in fields.items() if value is not None})
 
 
 def adapter_name(body: JobCreate) -> str:

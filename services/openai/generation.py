@@ -26,9 +26,10 @@ async def generate(
     try:
         return list(await asyncio.gather(*calls))
     except grpc.RpcError as error:
+        raise from_rpc_error(error, SERVICE) from None
+    finally:  # one failed, or the client went away: the others stop too
         for pending in calls:
             pending.cancel()
-        raise from_rpc_error(error, SERVICE) from None
 
 
 class Streams:

@@ -12,22 +12,22 @@ from typing import Literal
 from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 from starlette.datastructures import UploadFile
 
 from modelworks.diffusion.v1 import diffusion_pb2
 from services.openai.clients import call
 from services.openai.context import Auth, Ctx
-from services.openai.errors import APIError, invalid, not_supported
+from services.openai.disconnect import unless_disconnected
+from services.openai.errors import APIError, invalid, not_supported, proto_values
+from services.openai.schema import OpenAIBody
 
 router = APIRouter()
 _SIZE_RE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 
 
-class ImageRequest(BaseModel):
+class ImageRequest(OpenAIBody):
     """OpenAI's fields, then ModelWorks' extras; OpenAI's quality, style and background are ignored."""
-
-    model_config = ConfigDict(extra="ignore")
 
     prompt: str
     model: str | None = None
@@ -39,7 +39,7 @@ class ImageRequest(BaseModel):
     steps: int | None = Field(None, ge=1)
     scheduler: str | None = None
     guidance_scale: float | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # taken modulo 2**64
     adapter_scale: float | None = None
     strength: float | None = None
 
@@ -57,24 +57,26 @@ async def _generate(ctx: Ctx, body: ImageRequest, metadata, request: Request, **
     width, height = body.dimensions()
     fields = {
         "guidance_scale": body.guidance_scale,
-        "seed": body.seed,
+        "seed": None if body.seed is None else body.seed % 2**64,
         "adapter_scale": body.adapter_scale,
         "strength": body.strength,
     }
-    proto = diffusion_pb2.GenerateImagesRequest(
-        model=model,
-        adapter=adapter,
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt or "",
-        width=width,
-        height=height,
-        steps=body.steps or 0,
-        num_images=body.n,
-        scheduler=body.scheduler or "",
-        **{name: value for name, value in fields.items() if value is not None},
-        **images,
-    )
-    reply = await call("diffusion", ctx.clients.diffusion.GenerateImages(proto, metadata=metadata))
+    with proto_values("request"):
+        proto = diffusion_pb2.GenerateImagesRequest(
+            model=model,
+            adapter=adapter,
+            prompt=body.prompt,
+            negative_prompt=body.negative_prompt or "",
+            width=width,
+            height=height,
+            steps=body.steps or 0,
+            num_images=body.n,
+            scheduler=body.scheduler or "",
+            **{name: value for name, value in fields.items() if value is not None},
+            **images,
+        )
+    pending = call("diffusion", ctx.clients.diffusion.GenerateImages(proto, metadata=metadata))
+    reply = await unless_disconnected(request, pending)
     return {"created": int(time.time()), "data": [_datum(ctx, body, image, request) for image in reply.images]}
 
 
@@ -100,16 +102,16 @@ async def _one_image(form, name: str) -> bytes | None:
 
 @router.post("/v1/images/edits")
 async def edits(ctx: Ctx, metadata: Auth, request: Request):
-    form = await request.form()
-    fields = {k: v for k, v in form.items() if isinstance(v, str)}
-    try:
-        body = ImageRequest.model_validate(fields)
-    except ValidationError as exc:
-        raise RequestValidationError(exc.errors()) from None
-    image = await _one_image(form, "image")
-    if image is None:
-        raise APIError(400, "image is required: the picture to edit (PNG or JPEG)", param="image")
-    mask = await _one_image(form, "mask")
+    async with request.form() as form:  # its spooled files are removed on the way out
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
+        try:
+            body = ImageRequest.model_validate(fields)
+        except ValidationError as exc:
+            raise RequestValidationError(exc.errors()) from None
+        image = await _one_image(form, "image")
+        if image is None:
+            raise APIError(400, "image is required: the picture to edit (PNG or JPEG)", param="image")
+        mask = await _one_image(form, "mask")
     images = {"init_image": image} | ({"mask_image": mask} if mask else {})
     return await _generate(ctx, body, metadata, request, **images)
 

@@ -7,10 +7,11 @@ INVALID_ARGUMENT, a 400 naming the field. Only the shapes are checked here.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from modelworks.llm.v1 import llm_pb2
 from services.openai.errors import invalid
+from services.openai.schema import OpenAIBody
 
 FINISH_REASONS = {
     llm_pb2.FINISH_REASON_LENGTH: "length",
@@ -21,15 +22,12 @@ FINISH_REASONS = {
 MAX_CHOICES = 16  # n: each choice is a generation of its own (they share the prompt's cached prefix)
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class StreamOptions(OpenAIBody):
     include_usage: bool = False
 
 
-class TextRequest(BaseModel):
-    """The fields chat and text completions have in common. Unknown fields are ignored, as OpenAI does."""
-
-    model_config = ConfigDict(extra="ignore")
+class TextRequest(OpenAIBody):
+    """The fields chat and text completions have in common."""
 
     model: str
     n: int = Field(1, ge=1, le=MAX_CHOICES)
@@ -38,7 +36,7 @@ class TextRequest(BaseModel):
     temperature: float | None = None
     top_p: float | None = None
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, lt=2**64)
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)  # OpenAI's is an int64; taken modulo 2**64
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None

@@ -6,10 +6,11 @@ import secrets
 import time
 from collections.abc import AsyncIterator
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from services.openai import chat, completions
 from services.openai.context import Auth, Ctx
+from services.openai.disconnect import unless_disconnected
 from services.openai.generation import Streams, generate
 from services.openai.sampling import FINISH_REASONS, usage
 from services.openai.sse import event, sse_response
@@ -36,13 +37,13 @@ def _total_usage(replies, n: int) -> dict:
 
 
 @router.post("/v1/chat/completions")
-async def chat_completions(body: chat.ChatCompletionRequest, ctx: Ctx, metadata: Auth):
+async def chat_completions(body: chat.ChatCompletionRequest, ctx: Ctx, metadata: Auth, request: Request):
     model, adapter = await _model_and_adapter(ctx, body.model, body.adapter, metadata)
     requests = chat.generate_requests(body, model, adapter)
     if body.stream:
         streams = await Streams.start(ctx.clients, requests, metadata)
         return sse_response(streams, _chat_chunks(streams, body, _head("chat.completion.chunk", body)))
-    replies = await generate(ctx.clients, requests, metadata)
+    replies = await unless_disconnected(request, generate(ctx.clients, requests, metadata))
     choices = [chat.choice(i, reply, body.logprobs) for i, reply in enumerate(replies)]
     return _head("chat.completion", body) | {
         "choices": choices,
@@ -74,7 +75,7 @@ async def _chat_chunks(streams: Streams, body: chat.ChatCompletionRequest, head:
 
 
 @router.post("/v1/completions")
-async def text_completions(body: completions.CompletionRequest, ctx: Ctx, metadata: Auth):
+async def text_completions(body: completions.CompletionRequest, ctx: Ctx, metadata: Auth, request: Request):
     completions.check_supported(body)
     model, adapter = await _model_and_adapter(ctx, body.model, body.adapter, metadata)
     requests = completions.generate_requests(body, model, adapter)
@@ -82,7 +83,7 @@ async def text_completions(body: completions.CompletionRequest, ctx: Ctx, metada
     if body.stream:
         streams = await Streams.start(ctx.clients, requests, metadata)
         return sse_response(streams, _completion_chunks(streams, body, prompts, _head("text_completion", body)))
-    replies = await generate(ctx.clients, requests, metadata)
+    replies = await unless_disconnected(request, generate(ctx.clients, requests, metadata))
     choices = []
     for i, (prompt, reply) in enumerate(zip(prompts, replies, strict=True)):
         echoed = prompt if body.echo else ""
@@ -100,7 +101,7 @@ async def _completion_chunks(streams: Streams, body, prompts: list[str], head: d
     prompt_tokens, completion_tokens = 0, 0
     async for index, message in streams.messages():
         entries = list(message.logprobs) if body.logprobs is not None else None
-        if message.text or message.finish_reason:
+        if message.text or message.finish_reason or entries:
             choice = completions.choice(index, message.text, message.finish_reason, entries, offsets[index])
             yield event(head | {"choices": [choice]})
             offsets[index] += len(message.text)

@@ -11,6 +11,7 @@ from tests.conftest import TEST_SERVER_CONFIG
 from tests.harness import ServiceProcess, free_port, spawn_openai
 
 UPLOAD_LIMIT = 2 * 1024 * 1024  # the test server's openai.max_upload_bytes (a larger file is a 413)
+BODY_LIMIT = 1024 * 1024  # and its max_request_bytes
 
 
 def openai_config(llm: str, diffusion: str, finetune: str, **openai) -> dict:
@@ -40,7 +41,11 @@ def unreachable() -> str:
 def api(llm_server, diffusion_server, finetune_stack, tmp_path_factory) -> Iterator[ServiceProcess]:
     """The API in front of the tiny stack: tiny-llm (with adapters), tiny-embed, tiny-sd, fine-tuning."""
     config = openai_config(
-        llm_server.address, diffusion_server.address, finetune_stack.address, max_upload_bytes=UPLOAD_LIMIT
+        llm_server.address,
+        diffusion_server.address,
+        finetune_stack.address,
+        max_upload_bytes=UPLOAD_LIMIT,
+        max_request_bytes=BODY_LIMIT,
     )
     server = spawn_openai(tmp_path_factory.mktemp("openai"), config)
     yield server

@@ -10,9 +10,10 @@ import openai
 import pytest
 import yaml
 
-from tests.conftest import start_server
-from tests.harness import spawn_openai
-from tests.openai.conftest import openai_config, sdk_client
+from tests.conftest import HELD_TOKENS, start_server
+from tests.gateway.conftest import running_requests
+from tests.harness import spawn_openai, wait_for
+from tests.openai.conftest import BODY_LIMIT, openai_config, sdk_client
 
 CHAT = {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ADA, IMAGES_ONLY, BURST = "ada-key-0123456789abcdef", "img-key-0123456789abcdef", "burst-key-0123456789abcdef"
@@ -50,6 +51,8 @@ def test_keys_are_checked_and_passed_on_with_their_scopes_and_limits(keyed_api):
         for _ in range(3):  # one call a minute: the model lookup takes it, the generation is refused
             sdk_client(keyed_api, BURST).chat.completions.create(**CHAT)
     assert int(limited.value.response.headers["retry-after"]) >= 1
+    image_url = httpx.get(f"{keyed_api.address}/images/files/no-such-token.png")  # its token is its key
+    assert image_url.status_code == 404
 
 
 @pytest.mark.parametrize(
@@ -78,6 +81,17 @@ def test_keys_are_checked_and_passed_on_with_their_scopes_and_limits(keyed_api):
             "tool_choice",
         ),
         ({"model": "gpt-17"}, openai.NotFoundError, "gpt-17"),
+        ({"max_tokens": 2**40}, openai.BadRequestError, "out of range"),
+        ({"extra_body": {"stop_token_ids": [-1]}}, openai.BadRequestError, "out of range"),
+        ({"logit_bias": {str(2**40): 1}}, openai.BadRequestError, "out of range"),
+        (
+            {
+                "tool_choice": {"type": "function", "function": "f"},
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+            },
+            openai.BadRequestError,
+            "tool_choice",
+        ),
     ],
 )
 def test_bad_requests_get_the_sdks_matching_exception_and_a_readable_message(client, overrides, error, expected):
@@ -93,6 +107,11 @@ def test_bodies_that_are_not_requests_get_400_in_openais_envelope(api):
         )
         assert reply.status_code == 400, reply.text
         assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    for body in (b"{not json", b"[]"):  # as one chunked body, too
+        reply = httpx.post(
+            f"{api.address}/chat/completions", content=iter([body]), headers={"content-type": "application/json"}
+        )
+        assert reply.status_code == 400, reply.text
     missing = httpx.get(f"{api.address}/no/such/endpoint")
     assert missing.status_code == 404 and "no such endpoint" in missing.json()["error"]["message"]
 
@@ -117,3 +136,38 @@ def test_it_refuses_to_listen_beyond_loopback_without_a_key(tmp_path):
     argv = [sys.executable, "-m", "services.openai", "--bind", "0.0.0.0", "--port", "0", "--metrics-port", "-1"]
     done = subprocess.run(argv, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "set an API key" in done.stderr
+
+
+def test_fields_sent_as_null_mean_their_default_and_a_negative_seed_is_taken(api):
+    body = CHAT | {"n": None, "stream": None, "logprobs": None, "stop": None, "temperature": None, "seed": -1}
+    reply = httpx.post(f"{api.address}/chat/completions", json=body, timeout=120)
+    assert reply.status_code == 200, reply.text
+    assert len(reply.json()["choices"]) == 1 and reply.json()["choices"][0]["logprobs"] is None
+
+
+def test_a_body_past_the_limit_is_413_whether_its_length_is_declared_or_chunked(api):
+    big = json.dumps(CHAT | {"padding": "x" * (BODY_LIMIT + 1)}).encode()
+    headers = {"content-type": "application/json"}
+    declared = httpx.post(f"{api.address}/chat/completions", content=big, headers=headers)
+    chunks = (big[i : i + 65536] for i in range(0, len(big), 65536))
+    chunked = httpx.post(f"{api.address}/chat/completions", content=chunks, headers=headers)
+    for reply in (declared, chunked):
+        assert reply.status_code == 413 and "max_request_bytes" in reply.json()["error"]["message"], reply.text
+        assert reply.headers["x-should-retry"] == "false"
+
+
+def test_a_client_that_goes_away_during_a_unary_call_frees_its_slot(api, llm_server):
+    import socket
+    from urllib.parse import urlsplit
+
+    before = running_requests(llm_server)
+    url = urlsplit(api.address)
+    body = json.dumps(CHAT | {"max_tokens": HELD_TOKENS, "ignore_eos": True}).encode()
+    head = (
+        f"POST {url.path}/chat/completions HTTP/1.1\r\nHost: {url.netloc}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with socket.create_connection((url.hostname, url.port)) as connection:
+        connection.sendall(head + body)
+        wait_for(lambda: running_requests(llm_server) == before + 1, 60, "the generation to hold a slot")
+    wait_for(lambda: running_requests(llm_server) == before, 60, "the slot to be freed")

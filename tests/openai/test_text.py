@@ -126,6 +126,26 @@ def test_a_required_tool_call_comes_back_parsed_with_arguments_that_validate(rea
     assert answered.choices[0].message.content or answered.choices[0].message.tool_calls
 
 
+def test_a_streamed_tool_call_arrives_whole_in_one_indexed_delta(real_client):
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}}
+    chunks = list(
+        real_client.chat.completions.create(
+            model=SMOLLM2,
+            messages=[{"role": "user", "content": "What is the weather like in Paris right now?"}],
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": "get_weather"}},
+            temperature=0,
+            max_tokens=80,
+            stream=True,
+        )
+    )
+    deltas = [call for c in chunks if c.choices for call in c.choices[0].delta.tool_calls or []]
+    (call,) = deltas
+    assert call.index == 0 and call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["tool_calls"]
+
+
 def test_logprobs_come_back_per_token(client):
     reply = client.chat.completions.create(
         model="tiny-llm", messages=FRANCE, max_tokens=5, logprobs=True, top_logprobs=3, temperature=0
