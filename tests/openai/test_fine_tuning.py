@@ -136,3 +136,24 @@ def test_bad_jobs_get_the_sdks_matching_errors(client):
         )
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-0000000000000000")
+
+
+def test_an_image_model_fine_tunes_on_a_zip_and_its_adapter_makes_images(client):
+    from services.finetune.samples import diffusion_sample_zip
+
+    shapes = upload(client, diffusion_sample_zip(), name="shapes.zip")
+    assert shapes.model_extra["record_type"] == "image_caption"
+    job = client.fine_tuning.jobs.create(
+        model="tiny-sd",
+        training_file=shapes.id,
+        suffix="shapes",
+        hyperparameters={"batch_size": 2},
+        extra_body={"max_steps": 4},
+    )
+    final = wait_until_ended(client, job.id)
+    assert final.status == "succeeded", final.error
+    assert final.fine_tuned_model in {m.id for m in client.models.list()}
+    reply = client.images.generate(
+        model=final.fine_tuned_model, prompt="a red circle", size="64x64", extra_body={"seed": 1, "steps": 2}
+    )
+    assert len(reply.data) == 1 and reply.data[0].b64_json
