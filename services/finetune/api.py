@@ -118,7 +118,13 @@ class FineTuneAPI:
     # -- jobs -------------------------------------------------------------------------------------------
 
     def create_job(
-        self, kind: str, base_model: str, dataset_id: str, adapter_name: str, hp: Hyperparameters
+        self,
+        kind: str,
+        base_model: str,
+        dataset_id: str,
+        adapter_name: str,
+        hp: Hyperparameters,
+        validation_dataset_id: str = "",
     ) -> JobRecord:
         caller = current_caller()
         entry = self._base_model(kind, base_model)
@@ -130,12 +136,13 @@ class FineTuneAPI:
                 f"dataset {dataset_id!r} is {dataset.format} ({dataset.kind} data); a {kind} job needs "
                 f"{'jsonl' if kind == 'llm' else 'imagefolder_zip'}"
             )
+        validation = self._validation_dataset(validation_dataset_id, dataset, caller)
         if not adapter_name:
             raise InvalidArgument("adapter_name is required: the name the trained adapter is served by")
         validate_adapter_name(adapter_name)
         if (self.adapters.root / adapter_name).exists():
             raise AlreadyExists(f"adapter {adapter_name!r} already exists; choose another name or delete it first")
-        resolved, total_steps = hyperparams.resolve(hp, self._training_data(entry, dataset))
+        resolved, total_steps = hyperparams.resolve(hp, self._training_data(entry, dataset, validation))
         if kind == "diffusion":
             self.datasets.check_training_budget(dataset, resolved.resolution)
         record = JobRecord(
@@ -143,6 +150,7 @@ class FineTuneAPI:
             kind=kind,
             base_model=entry.name,
             dataset_id=dataset.id,
+            validation_dataset_id=validation.id if validation else "",
             adapter_name=adapter_name,
             hyperparameters=resolved.to_dict(),
             total_steps=total_steps,
@@ -160,12 +168,36 @@ class FineTuneAPI:
         log.info("job created", extra={"job": record.id, "kind": kind, "base_model": entry.name, "steps": total_steps})
         return record
 
-    def _training_data(self, entry: ModelEntry, dataset: DatasetRecord) -> TrainingData:
+    def _validation_dataset(
+        self, validation_dataset_id: str, dataset: DatasetRecord, caller: Caller
+    ) -> DatasetRecord | None:
+        """The dataset a job validates on instead of a split of its training data (OpenAI's validation_file):
+        visible to the caller, and records like the training ones, so they are encoded and scored alike."""
+        if not validation_dataset_id:
+            return None
+        if dataset.kind == "diffusion":
+            raise InvalidArgument(
+                "validation_dataset_id applies to LLM jobs only; diffusion jobs hold out validation_fraction of "
+                "their zip"
+            )
+        validation = self._visible_dataset(validation_dataset_id, caller)
+        if (validation.format, validation.record_type) != (dataset.format, dataset.record_type):
+            raise InvalidArgument(
+                f"validation dataset {validation_dataset_id!r} holds {validation.format} {validation.record_type} "
+                f"records; the training dataset {dataset.id!r} holds {dataset.format} {dataset.record_type} "
+                "records, and both must be alike"
+            )
+        return validation
+
+    def _training_data(
+        self, entry: ModelEntry, dataset: DatasetRecord, validation: DatasetRecord | None = None
+    ) -> TrainingData:
         llm = self.settings.llm
         return TrainingData(
             kind=entry.kind,
             num_records=dataset.num_records,
             record_type=dataset.record_type,
+            validation_records=validation.num_records if validation else 0,
             cuda_workers=self._cuda_workers(),
             max_steps_limit=self.settings.finetune.max_steps_limit,
             devices=self.settings.finetune.devices,

@@ -114,6 +114,7 @@ class TrainingData:
     native_resolution: int = 0  # diffusion
     has_chat_template: bool = False
     record_type: str = ""
+    validation_records: int = 0  # a validation dataset's records; 0: none (validation_fraction splits the data)
     model_defaults: dict = field(default_factory=dict)  # the model folder's own fine-tuning defaults
     cuda_workers: bool | None = None  # None: no worker has said yet
     max_steps_limit: int = 1_000_000
@@ -300,7 +301,16 @@ def _input_size(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[i
 
 
 def _validation_split(hp: Hyperparameters, data: TrainingData) -> tuple[float, int]:
-    """The validation fraction (by default a tenth, with enough records) and the records left to train on."""
+    """The validation fraction (by default a tenth, with enough records) and the records left to train on.
+
+    With a validation dataset nothing is held out: the fraction is 0 and every record trains."""
+    if data.validation_records:
+        if hp.validation_fraction is not None:
+            raise InvalidArgument(
+                "set hyperparameters.validation_fraction or a validation dataset, not both; leave "
+                "validation_fraction unset to validate on validation_dataset_id"
+            )
+        return 0.0, data.num_records
     fraction = hp.validation_fraction
     if fraction is None:
         fraction = DEFAULTS["validation_fraction"] if data.num_records >= DEFAULTS["validation_min_records"] else 0.0
@@ -314,7 +324,9 @@ def _validation_split(hp: Hyperparameters, data: TrainingData) -> tuple[float, i
     if train_records < 1:
         raise InvalidArgument("the dataset leaves no training record after the validation split")
     if hp.early_stopping_patience and not validation_records:
-        raise InvalidArgument("hyperparameters.early_stopping_patience needs a validation split (validation_fraction)")
+        raise InvalidArgument(
+            "hyperparameters.early_stopping_patience needs validation: a validation_fraction or a validation dataset"
+        )
     return fraction, train_records
 
 

@@ -92,6 +92,7 @@ class JobRecord:
     queued_at: float = 0.0  # when it last became QUEUED
     dispatched_attempt: int = 0  # the attempt whose Celery message was sent
     owner: str = ""  # the name of the API key that created it (shared.auth.Caller.name)
+    validation_dataset_id: str = ""  # "": validates on a split of the training dataset (and older records)
 
     def to_hash(self) -> dict[str, str]:
         data = asdict(self)
@@ -504,12 +505,12 @@ class JobStore:
         return self.get(job_id)
 
     def unfinished_using(self, dataset_id: str) -> list[str]:
-        """The queued or running jobs that will read this dataset."""
+        """The queued or running jobs that will read this dataset, to train or to validate on."""
         ids = [raw.decode() for raw in self.redis.smembers(self.active_key)]
         pipe = self.redis.pipeline()
         for job_id in ids:
-            pipe.hget(self.job_key(job_id), "dataset_id")
-        return [job_id for job_id, used in zip(ids, pipe.execute(), strict=True) if used == dataset_id.encode()]
+            pipe.hmget(self.job_key(job_id), "dataset_id", "validation_dataset_id")
+        return [job_id for job_id, used in zip(ids, pipe.execute(), strict=True) if dataset_id.encode() in used]
 
     def expire_finished(self, cutoff: float, batch: int = 500) -> list[str]:
         """Remove every job that ended before `cutoff` (record, events, index entry); returns their ids so

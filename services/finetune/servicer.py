@@ -75,6 +75,7 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         state=STATES[job.state],
         base_model=job.base_model,
         dataset_id=job.dataset_id,
+        validation_dataset_id=job.validation_dataset_id,
         adapter_name=job.adapter_name,
         hyperparameters=hyperparameters_to_proto(job.hyperparameters),
         step=job.step,
@@ -233,6 +234,7 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
             request.dataset_id,
             request.adapter_name,
             hyperparameters_from_proto(request.hyperparameters),
+            request.validation_dataset_id,
         )
         return job_to_proto(job)
 

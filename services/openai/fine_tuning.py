@@ -1,8 +1,9 @@
 """OpenAI's fine-tuning jobs on the fine-tune service: create, list, retrieve, cancel, events, checkpoints.
 
 A job trains a LoRA adapter (or DoRA, rsLoRA, p-tuning: the `method` extra); its `fine_tuned_model` is the
-adapter's name, usable as `model` the moment the job succeeds. Files are validated when uploaded, so a job
-is `queued` from the start (never `validating_files`).
+adapter's name, usable as `model` the moment the job succeeds. A `validation_file` is evaluated every
+`eval_steps`; without one, `validation_fraction` of the training file is held out. Files are validated when
+uploaded, so a job is `queued` from the start (never `validating_files`).
 """
 
 from __future__ import annotations
@@ -148,17 +149,11 @@ async def _kind(ctx: Ctx, model: str, metadata) -> int:
 
 @router.post("/v1/fine_tuning/jobs")
 async def create(body: JobCreate, ctx: Ctx, metadata: Auth):
-    if body.validation_file:
-        raise not_supported(
-            "validation_file",
-            "a job holds out `validation_fraction` of the training file instead "
-            "(an extra field; default 0.1 with 20 records or more)",
-            "validation_file",
-        )
     request = pb.CreateJobRequest(
         kind=await _kind(ctx, body.model, metadata),
         base_model=body.model,
         dataset_id=body.training_file,
+        validation_dataset_id=body.validation_file or "",
         adapter_name=adapter_name(body),
         hyperparameters=hyperparameters(body),
     )

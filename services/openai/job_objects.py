@@ -45,7 +45,7 @@ def job_object(job: pb.Job) -> dict:
         "hyperparameters": hp,
         "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
         "training_file": job.dataset_id,
-        "validation_file": None,
+        "validation_file": job.validation_dataset_id or None,
         "result_files": [],
         "trained_tokens": None,
         "seed": job.hyperparameters.seed,

@@ -60,14 +60,17 @@ def test_a_bad_file_is_refused_at_upload_naming_its_line(client):
 
 def test_a_job_trains_follows_openais_loop_and_its_model_answers_at_once(client, llm_stub):
     training_file = upload(client, llm_sample_jsonl())
+    validation_file = upload(client, b"".join(llm_sample_jsonl().splitlines(keepends=True)[:5]), "valid.jsonl")
     job = client.fine_tuning.jobs.create(
         model="tiny-llm",
         training_file=training_file.id,
+        validation_file=validation_file.id,
         suffix="zephyr",
         seed=7,
         hyperparameters={"n_epochs": 3, "learning_rate_multiplier": "auto"},
     )
     assert job.status == "queued" and job.fine_tuned_model is None and job.model == "tiny-llm"
+    assert job.validation_file == validation_file.id
     assert job.hyperparameters.n_epochs == 3 and job.hyperparameters.learning_rate_multiplier == pytest.approx(1.0)
     assert job.id in [j.id for j in client.fine_tuning.jobs.list(limit=100)]
 
@@ -76,6 +79,7 @@ def test_a_job_trains_follows_openais_loop_and_its_model_answers_at_once(client,
     assert final.fine_tuned_model.startswith("ft-tiny-llm-zephyr-") and final.finished_at
     events = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
     metrics = [e for e in events if e.type == "metrics"]
+    assert [e for e in metrics if e.data.get("valid_loss", 0) > 0], "the validation file is evaluated"
     assert [e for e in metrics if e.data.get("train_loss", 0) > 0] and all(
         "train_loss" in e.data or "valid_loss" in e.data for e in metrics
     )
@@ -130,9 +134,12 @@ def test_bad_jobs_get_the_sdks_matching_errors(client):
         client.fine_tuning.jobs.create(
             model="tiny-llm", training_file=training_file.id, method={"type": "dpo", "dpo": {}}
         )
-    with pytest.raises(openai.BadRequestError, match="validation_fraction"):
+    with pytest.raises(openai.BadRequestError, match="not both"):
         client.fine_tuning.jobs.create(
-            model="tiny-llm", training_file=training_file.id, validation_file=training_file.id
+            model="tiny-llm",
+            training_file=training_file.id,
+            validation_file=training_file.id,
+            extra_body={"validation_fraction": 0.2},
         )
     with pytest.raises(openai.NotFoundError):
         client.fine_tuning.jobs.retrieve("ftjob-0000000000000000")

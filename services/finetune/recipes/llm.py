@@ -185,10 +185,13 @@ class LLMRecipe:
         model = AutoModelForCausalLM.from_pretrained(location, dtype=ctx.base_dtype(), use_safetensors=True, **kwargs)
         model.to(ctx.device)
         model.config.use_cache = False
-        records, record_type = read_jsonl(ctx.dataset_path)
-        examples = self._examples(records, record_type)
+        examples = self._examples(*read_jsonl(ctx.dataset_path))
         seed = hp.seed
-        self.train_examples, self.val_examples = split_records(examples, hp.validation_fraction, seed)
+        if ctx.validation_dataset_path is None:
+            self.train_examples, self.val_examples = split_records(examples, hp.validation_fraction, seed)
+        else:  # a dataset of its own validates: every training record trains
+            self.train_examples = examples
+            self.val_examples = self._examples(*read_jsonl(ctx.validation_dataset_path), "validation dataset")
         if hp.method == "p_tuning":
             config = PromptEncoderConfig(
                 task_type="CAUSAL_LM",
@@ -213,7 +216,7 @@ class LLMRecipe:
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # trainable weights stay float32 under autocast
 
-    def _examples(self, records: list[dict], record_type: str) -> list[Example]:
+    def _examples(self, records: list[dict], record_type: str, source: str = "dataset") -> list[Example]:
         limit = self.hp.max_seq_length
         examples, dropped = [], 0
         for record in records:
@@ -225,10 +228,12 @@ class LLMRecipe:
             examples.append(example)
         if dropped and self.context.hooks:
             self.context.hooks.warning(
-                f"{dropped} records had nothing to learn within max_seq_length {limit} and were left out"
+                f"{dropped} {source} records had nothing to learn within max_seq_length {limit} and were left out"
             )
         if not examples:
-            raise TrainingInputError(f"no record has anything to learn within max_seq_length {limit}; raise it")
+            raise TrainingInputError(
+                f"no {source} record has anything to learn within max_seq_length {limit}; raise it"
+            )
         return examples
 
     def count_items(self, examples: list[Example]) -> int:

@@ -48,6 +48,7 @@ class TrainingSpec:
     total_steps: int
     job_dir: Path  # checkpoints, TensorBoard events, profiler traces
     attempt: int = 1  # this attempt's checkpoints go to their own folder
+    validation_dataset_path: Path | None = None  # None: validate on a split of the training dataset
 
     def context(self, settings: Settings, hooks: TrainingHooks | None, device: torch.device) -> RecipeContext:
         return RecipeContext(
@@ -61,30 +62,36 @@ class TrainingSpec:
             job_dir=self.job_dir,
             hooks=hooks,
             attempt=self.attempt,
+            validation_dataset_path=self.validation_dataset_path,
         )
 
 
 def spec_for(job, attempt: int, settings: Settings) -> TrainingSpec:
-    """The spec of attempt `attempt` of `job` (a JobRecord): its base model and dataset looked up here, once."""
+    """The spec of attempt `attempt` of `job` (a JobRecord): its base model and datasets looked up here, once."""
     try:
         entry = ModelRegistry(settings.models, job.kind).get(job.base_model)
     except NotFound:
         raise TrainingInputError(f"base model {job.base_model!r} is not configured on this worker") from None
     datasets = DatasetStore(settings.datasets_dir, settings.finetune)
-    try:
-        dataset = datasets.get(job.dataset_id)
-    except NotFound:  # deleted after the job was queued
-        raise TrainingInputError(f"dataset {job.dataset_id!r} no longer exists") from None
+    validation_id = job.validation_dataset_id
     return TrainingSpec(
         job_id=job.id,
         kind=job.kind,
         base_model=entry,
-        dataset_path=datasets.data_path(dataset),
+        dataset_path=_data_path(datasets, job.dataset_id, "dataset"),
         hyperparameters=Hyperparameters.from_dict(job.hyperparameters),
         total_steps=job.total_steps,
         job_dir=settings.jobs_dir / job.id,
         attempt=attempt,
+        validation_dataset_path=_data_path(datasets, validation_id, "validation dataset") if validation_id else None,
     )
+
+
+def _data_path(datasets: DatasetStore, dataset_id: str, role: str) -> Path:
+    try:
+        return datasets.data_path(datasets.get(dataset_id))
+    except NotFound:  # deleted after the job was queued
+        raise TrainingInputError(f"{role} {dataset_id!r} no longer exists") from None
 
 
 def train(spec: TrainingSpec, settings: Settings, hooks: TrainingHooks) -> tuple[TrainingResult, Path]:

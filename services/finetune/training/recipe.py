@@ -35,6 +35,7 @@ class RecipeContext:
     job_dir: Path  # checkpoints, TensorBoard events, profiler traces
     hooks: TrainingHooks | None  # None on DDP ranks other than 0
     attempt: int = 1  # the job's attempt: its checkpoints go to their own folder
+    validation_dataset_path: Path | None = None  # None: validation_fraction of the training dataset validates
 
     def loop_config(self) -> LoopConfig:
         hp = self.hyperparameters
