@@ -54,10 +54,19 @@ class Stack:
                 process.wait()
 
 
+def _sections(settings: Settings) -> dict:
+    return {"LLM": settings.llm, "DIFFUSION": settings.diffusion, "FINETUNE": settings.finetune}
+
+
+def _local_targets(settings: Settings, variable: str) -> dict[str, str]:
+    """The services' gRPC addresses on this host, each under `variable` formatted with its section's name."""
+    return {variable.format(name): f"127.0.0.1:{s.port}" for name, s in _sections(settings).items()}
+
+
 def gateway_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
     """The gateway's view of the stack: where each service listens (unless the caller already said)."""
-    sections = {"LLM": settings.llm, "DIFFUSION": settings.diffusion, "FINETUNE": settings.finetune}
-    addresses = {f"MODELWORKS_{name}_TARGET": f"127.0.0.1:{s.port}" for name, s in sections.items()}
+    addresses = _local_targets(settings, "MODELWORKS_{}_TARGET")
+    sections = _sections(settings)
     ports = {name: s.metrics_port for name, s in sections.items()} | {"WORKER": settings.finetune.worker_metrics_port}
     metrics = {f"MODELWORKS_{name}_METRICS_URL": f"http://127.0.0.1:{port}/metrics" for name, port in ports.items()}
     return {**addresses, **metrics, **env}
@@ -65,8 +74,7 @@ def gateway_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
 
 def openai_env(settings: Settings, env: dict[str, str]) -> dict[str, str]:
     """The OpenAI API's view of the stack: the services on this host's ports (unless the caller already said)."""
-    sections = {"LLM": settings.llm, "DIFFUSION": settings.diffusion, "FINETUNE": settings.finetune}
-    return {f"MODELWORKS_OPENAI__{name}_TARGET": f"127.0.0.1:{s.port}" for name, s in sections.items()} | env
+    return _local_targets(settings, "MODELWORKS_OPENAI__{}_TARGET") | env
 
 
 def redis_server_binary() -> str:

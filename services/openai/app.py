@@ -14,7 +14,7 @@ from services.openai import embeddings, files, fine_tuning, images, metrics, mod
 from services.openai.auth import caller_metadata
 from services.openai.catalog import ModelCatalog
 from services.openai.clients import ServiceClients
-from services.openai.context import Context
+from services.openai.context import METADATA, Context
 from services.openai.errors import APIError, install_handlers
 from services.openai.image_store import ImageStore
 from shared.auth import KeyRing
@@ -68,9 +68,10 @@ class KeyGuard:
         path = scope.get("path", "")
         if scope["type"] == "http" and path.startswith("/v1/") and not path.startswith("/v1/images/files/"):
             try:
-                caller_metadata(self.keys, Request(scope))
+                metadata = caller_metadata(self.keys, Request(scope))
             except APIError as refused:
                 return await refused.response()(scope, receive, send)
+            scope.setdefault("state", {})[METADATA] = metadata  # what the `Auth` dependency hands the routes
         await self.app(scope, receive, send)
 
 
@@ -102,7 +103,6 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
         clients = ServiceClients(settings)
         app.state.context = Context(
             settings,
-            keys,
             clients,
             ModelCatalog(clients, settings.model_list_ttl_s),
             ImageStore(settings.image_url_ttl_s, settings.image_url_bytes),

@@ -1,4 +1,4 @@
-"""What every route reads: the settings, the keys, the service clients, the model catalog and the image store.
+"""What every route reads: the settings, the service clients, the model catalog and the image store.
 
 Built in the server's lifespan (the gRPC channels belong to its event loop) and reached through FastAPI
 dependencies: `Ctx` for the context, `Auth` for the metadata a request's calls carry.
@@ -11,18 +11,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from services.openai.auth import caller_metadata
 from services.openai.catalog import ModelCatalog
 from services.openai.clients import Metadata, ServiceClients
 from services.openai.image_store import ImageStore
-from shared.auth import KeyRing
 from shared.settings import OpenAISettings
 
 
 @dataclass
 class Context:
     settings: OpenAISettings
-    keys: KeyRing
     clients: ServiceClients
     catalog: ModelCatalog
     images: ImageStore
@@ -32,8 +29,12 @@ def _context(request: Request) -> Context:
     return request.app.state.context
 
 
+METADATA = "caller_metadata"
+
+
 def _metadata(request: Request) -> Metadata:
-    return caller_metadata(request.app.state.context.keys, request)
+    """The metadata `app.KeyGuard` resolved from the request's key (it checks every /v1 route but image URLs)."""
+    return getattr(request.state, METADATA)
 
 
 Ctx = Annotated[Context, Depends(_context)]

@@ -31,6 +31,16 @@ def finetune_config(data_dir, redis_url: str, **finetune) -> dict:
     }
 
 
+def spawn_two_key_server(data_dir, redis_url: str, workdir, queue: str):
+    """A fine-tune API with the keys `alice` and `bob` (finetune scope) on a queue no worker reads: what it
+    queues stays queued, by construction."""
+    from tests.finetune.test_limits import KEYS
+
+    config = finetune_config(data_dir, redis_url, queue=queue)
+    config["api_keys"] = [{"name": name, "key": KEYS[name], "scopes": ["finetune"]} for name in ("alice", "bob")]
+    return spawn_service("finetune", workdir, config)
+
+
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory) -> Iterator[RedisProcess]:
     server = start_redis(tmp_path_factory.mktemp("redis"))

@@ -20,9 +20,8 @@ from modelworks.finetune.v1 import finetune_pb2_grpc
 from services.finetune.jobs import EVENT_TYPES, JobEvent, JobStore
 from services.finetune.samples import LLM_SAMPLE_ID, llm_sample_jsonl
 from services.finetune.servicer import READ_CHUNK_BYTES, read_chunk_bytes
-from tests.finetune.conftest import finetune_config, job_request, watch
-from tests.finetune.test_limits import KEYS, as_key, refused
-from tests.harness import spawn_service
+from tests.finetune.conftest import job_request, spawn_two_key_server, watch
+from tests.finetune.test_limits import as_key, refused
 
 SYNTHETIC_EVENTS = 1200  # more than one 500-event batch of a filtered scan
 CHECKPOINT_EVERY = 100
@@ -31,12 +30,8 @@ EVAL_EVERY = 50
 
 @pytest.fixture(scope="module")
 def listing_server(data_dir, smollm2, redis_server, tmp_path_factory):
-    config = finetune_config(data_dir, redis_server.url, queue="listing-no-worker")
-    config["api_keys"] = [
-        {"name": "alice", "key": KEYS["alice"], "scopes": ["finetune"]},
-        {"name": "bob", "key": KEYS["bob"], "scopes": ["finetune"]},
-    ]
-    server = spawn_service("finetune", tmp_path_factory.mktemp("finetune-listing"), config)
+    workdir = tmp_path_factory.mktemp("finetune-listing")
+    server = spawn_two_key_server(data_dir, redis_server.url, workdir, queue="listing-no-worker")
     yield server
     server.stop()
 

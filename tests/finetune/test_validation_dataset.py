@@ -18,10 +18,9 @@ from modelworks.finetune.v1 import finetune_pb2 as pb
 from modelworks.finetune.v1 import finetune_pb2_grpc
 from services.finetune.jobs import JobRecord, JobState, JobStore
 from services.finetune.samples import DIFFUSION_SAMPLE_ID, TAUGHT_ANSWER
-from tests.finetune.conftest import finetune_config, job_request, watch
+from tests.finetune.conftest import job_request, spawn_two_key_server, watch
 from tests.finetune.test_api import jsonl, upload
-from tests.finetune.test_limits import KEYS, as_key, refused
-from tests.harness import spawn_service
+from tests.finetune.test_limits import as_key, refused
 
 VALIDATION_RECORDS = [
     {"prompt": "Question: Who keeps the lighthouse at Zephyr?\nAnswer:", "completion": " " + TAUGHT_ANSWER},
@@ -32,12 +31,8 @@ VALIDATION_RECORDS = [
 
 @pytest.fixture(scope="module")
 def keyed_stub(data_dir, smollm2, redis_server, tmp_path_factory):
-    config = finetune_config(data_dir, redis_server.url, queue="validation-no-worker")
-    config["api_keys"] = [
-        {"name": "alice", "key": KEYS["alice"], "scopes": ["finetune"]},
-        {"name": "bob", "key": KEYS["bob"], "scopes": ["finetune"]},
-    ]
-    server = spawn_service("finetune", tmp_path_factory.mktemp("finetune-validation"), config)
+    workdir = tmp_path_factory.mktemp("finetune-validation")
+    server = spawn_two_key_server(data_dir, redis_server.url, workdir, queue="validation-no-worker")
     with grpc.insecure_channel(server.address) as channel:
         yield finetune_pb2_grpc.FineTuneServiceStub(channel)
     server.stop()
