@@ -6,8 +6,10 @@ import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.openai import embeddings, files, fine_tuning, images, metrics, model_routes, text_routes
@@ -77,10 +79,24 @@ class KeyGuard:
 
 class Metered:
     """Counts each response by route and status, and times it to its start (a stream's headers go with its
-    first chunk). Plain ASGI: a streamed body passes through untouched."""
+    first chunk). Plain ASGI: a streamed body passes through untouched.
 
-    def __init__(self, app: ASGIApp):
+    A request answered before routing (a 401 from `KeyGuard`, a 413) is labelled with the route template it
+    would have reached, so refusals show up per route; a path no route matches is `unmatched` (bounded
+    label values, never the raw path)."""
+
+    def __init__(self, app: ASGIApp, routes: list[APIRoute]):
         self.app = app
+        self.routes = routes
+
+    def _route(self, scope: Scope) -> str:
+        if (matched := scope.get("route")) is not None:
+            return matched.path
+        for route in self.routes:
+            match, _ = route.matches(scope)
+            if match is not Match.NONE:
+                return route.path
+        return "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,7 +105,7 @@ class Metered:
 
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
-                route = getattr(scope.get("route"), "path", "unmatched")
+                route = self._route(scope)
                 metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
                 metrics.REQUESTS.labels(scope["method"], route, str(message["status"])).inc()
             await send(message)
@@ -114,8 +130,9 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
         title="ModelWorks OpenAI-compatible API", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
     install_handlers(app)
-    for module in (model_routes, text_routes, embeddings, images, files, fine_tuning):
-        app.include_router(module.router)
+    routers = [module.router for module in (model_routes, text_routes, embeddings, images, files, fine_tuning)]
+    for router in routers:
+        app.include_router(router)
 
     @app.get("/health")
     async def health():
@@ -123,5 +140,5 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
 
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(KeyGuard, keys=keys)  # before the body is read
-    app.add_middleware(Metered)
+    app.add_middleware(Metered, routes=[route for router in routers for route in router.routes])
     return app

@@ -14,6 +14,7 @@ from tests.conftest import HELD_TOKENS, start_server
 from tests.gateway.conftest import running_requests
 from tests.harness import spawn_openai, wait_for
 from tests.openai.conftest import BODY_LIMIT, openai_config, sdk_client
+from tests.scrape import metric_value
 
 CHAT = {"model": "tiny-llm", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
 ADA, IMAGES_ONLY, BURST = "ada-key-0123456789abcdef", "img-key-0123456789abcdef", "burst-key-0123456789abcdef"
@@ -45,6 +46,12 @@ def test_keys_are_checked_and_passed_on_with_their_scopes_and_limits(keyed_api):
         sdk_client(keyed_api, "wrong-key-0123456789").chat.completions.create(**CHAT)
     reply = httpx.post(f"{keyed_api.address}/chat/completions", json=CHAT)
     assert reply.status_code == 401 and reply.json()["error"]["type"] == "authentication_error"
+    # refused before routing, yet counted under the route it asked for, as the answered call is
+    counted = {
+        status: metric_value(keyed_api, "modelworks_openai_requests_total", route="/v1/chat/completions", status=status)
+        for status in ("200", "401")
+    }
+    assert counted == {"200": 1, "401": 2}
     with pytest.raises(openai.PermissionDeniedError, match="'inference' scope"):
         sdk_client(keyed_api, IMAGES_ONLY).chat.completions.create(**CHAT)
     with pytest.raises(openai.RateLimitError, match="rate limit reached") as limited:
