@@ -1,6 +1,9 @@
-"""Device and dtype choice: CUDA gets bf16 (fp16 where bf16 is unsupported), the CPU float32."""
+"""Device and dtype choice: CUDA gets bf16 (fp16 where bf16 is unsupported); a CPU that computes bf16 natively
+(AMX or AVX-512 BF16) gets bf16, any other CPU float32 (emulated bf16 is slower than float32 there)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -41,15 +44,47 @@ def require_usable_gpu() -> str:
     return torch.cuda.get_device_name(0)
 
 
-def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
+# CPU features (as `torch.cpu.get_capabilities()` names them) with bf16 matrix instructions
+BF16_CPU_FEATURES = ("amx_bf16", "avx512_bf16")
+
+
+def native_bf16_cpu_feature() -> str | None:
+    """The feature through which this CPU computes bf16 natively, or None where it would be emulated."""
+    capabilities = torch.cpu.get_capabilities()
+    return next((feature for feature in BF16_CPU_FEATURES if capabilities.get(feature)), None)
+
+
+@dataclass(frozen=True)
+class DTypeChoice:
+    """The dtype a model runs in, and why (for ListModels and the load log)."""
+
+    dtype: torch.dtype
+    reason: str
+
+
+def choose_dtype(preference: str, device: torch.device) -> DTypeChoice:
     if preference != "auto":
         dtype = _DTYPES[preference]
         if device.type == "cpu" and dtype == torch.float16:
             raise ValueError("float16 is not supported on the CPU; use float32 or bfloat16")
-        return dtype
+        return DTypeChoice(dtype, "set in the model entry")
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return DTypeChoice(torch.bfloat16, "auto: the GPU supports bfloat16")
+        return DTypeChoice(torch.float16, "auto: the GPU has no bfloat16")
+    feature = native_bf16_cpu_feature()
+    if feature is not None:
+        return DTypeChoice(torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({feature})")
+    return DTypeChoice(torch.float32, "auto: the CPU has no native bfloat16 (AMX or AVX-512 BF16)")
+
+
+def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
+    return choose_dtype(preference, device).dtype
+
+
+def auto_mixed_precision(device: torch.device) -> str:
+    """Training's `mixed_precision: auto` on `device`: the autocast dtype `auto` serves in, or "no" (float32)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(choose_dtype("auto", device).dtype, "no")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from shared import hub_files
-from shared.devices import resolve_device, resolve_dtype
+from shared.devices import DTypeChoice, choose_dtype, dtype_name, resolve_device
 from shared.errors import FailedPrecondition
 from shared.locations import prepared_folder, pretrained_location
 from shared.registry import ModelSource, parse_source
@@ -31,15 +31,25 @@ class LoadedCausalLM:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    dtype_reason: str = ""
 
 
-def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any], torch.device, torch.dtype]:
+def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any], torch.device, DTypeChoice]:
     """Where the weights are, how to read them, and the device and dtype they go to."""
     location, kwargs = pretrained_location(entry, settings)
     device = resolve_device(entry.device)
-    dtype = resolve_dtype(entry.dtype, device)
-    log.info("loading model", extra={"model": entry.name, "source": entry.source, "device": str(device)})
-    return location, kwargs, device, dtype
+    choice = choose_dtype(entry.dtype, device)
+    log.info(
+        "loading model",
+        extra={
+            "model": entry.name,
+            "source": entry.source,
+            "device": str(device),
+            "dtype": dtype_name(choice.dtype),
+            "dtype_reason": choice.reason,
+        },
+    )
+    return location, kwargs, device, choice
 
 
 def load_causal_lm(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
@@ -56,11 +66,13 @@ def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) ->
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    location, kwargs, device, dtype = _placement(entry, settings)
+    location, kwargs, device, choice = _placement(entry, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
-    model = getattr(transformers, auto_class).from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
+    model = getattr(transformers, auto_class).from_pretrained(
+        location, dtype=choice.dtype, use_safetensors=True, **kwargs
+    )
     model.to(device).eval()
-    return LoadedCausalLM(entry=entry, model=model, tokenizer=tokenizer, device=device, dtype=dtype)
+    return LoadedCausalLM(entry, model, tokenizer, device, choice.dtype, choice.reason)
 
 
 @dataclass
@@ -69,6 +81,7 @@ class LoadedDiffusionPipeline:
     pipeline: Any  # diffusers StableDiffusionPipeline on `device`
     device: torch.device
     dtype: torch.dtype
+    dtype_reason: str = ""
 
 
 def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiffusionPipeline:
@@ -77,10 +90,10 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    location, kwargs, device, dtype = _placement(entry, settings)
+    location, kwargs, device, choice = _placement(entry, settings)
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,
-        dtype=dtype,
+        dtype=choice.dtype,
         use_safetensors=True,
         variant=_downloaded_variant(entry, settings),  # what prepare downloaded
         safety_checker=None,
@@ -91,7 +104,7 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     if device.type != "cpu":
         pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    return LoadedDiffusionPipeline(entry=entry, pipeline=pipeline, device=device, dtype=dtype)
+    return LoadedDiffusionPipeline(entry, pipeline, device, choice.dtype, choice.reason)
 
 
 def _downloaded_variant(entry: ModelEntry, settings: Settings) -> str | None:

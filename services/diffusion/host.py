@@ -24,6 +24,7 @@ class ServedPipeline:
     adapters: DiffusionAdapterCache
     device: str
     dtype: str
+    dtype_reason: str
 
     def resolve(self, spec: ImageSpec) -> ImageRequest:
         """Validate a request against this model: defaults, limits, and the adapter's existence."""
@@ -85,6 +86,7 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
             batch_window_s=options.batch_window_ms / 1000,
         )
         defaults = model_defaults(loaded)
-        return ServedPipeline(entry, defaults, options, engine, adapters, str(loaded.device), dtype_name(loaded.dtype))
+        placement = (str(loaded.device), dtype_name(loaded.dtype), loaded.dtype_reason)
+        return ServedPipeline(entry, defaults, options, engine, adapters, *placement)
 
     return ModelHost(settings, "diffusion", load)

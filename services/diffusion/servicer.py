@@ -87,7 +87,7 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
                 d = served.defaults
                 info.default_width, info.default_height, info.default_steps = d.width, d.height, d.steps
                 info.default_guidance_scale, info.default_scheduler = d.guidance_scale, d.scheduler
-                info.device, info.dtype = served.device, served.dtype
+                info.device, info.dtype, info.dtype_reason = served.device, served.dtype, served.dtype_reason
             models.append(info)
         return diffusion_pb2.ListModelsResponse(models=models)
 

@@ -15,7 +15,7 @@ METHODS = ("lora", "dora", "rslora", "p_tuning")
 LLM_METHODS = METHODS
 DIFFUSION_METHODS = ("lora", "dora", "rslora")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
-MIXED_PRECISION = ("no", "bf16", "fp16")
+MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: bf16 where the device computes it natively
 
 # Linear layers a LoRA can target, by architecture (config.json `model_type`); the first list is the default.
 LLM_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -46,7 +46,7 @@ MAX_LORA_RANK = 1024  # any job; LLM jobs are bounded by llm.max_lora_rank too
 DEFAULTS: dict = {
     "method": "lora",
     "lr_scheduler": "cosine",
-    "mixed_precision": "no",
+    "mixed_precision": "auto",
     "epochs": 3,
     "learning_rate": {"adapter": 2e-4, "p_tuning": 1e-2},
     "batch_size": {"llm": 4, "diffusion": 1},  # then rounded up to a multiple of the worker's GPUs

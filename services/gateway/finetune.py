@@ -308,8 +308,12 @@ def build_finetune_tab(clients: ServiceClients, concurrency_limit: int) -> Finet
                     lr_scheduler = gr.Dropdown(["cosine", "linear", "constant"], value="cosine", label="LR schedule")
                     max_grad_norm = gr.Number(label="Max gradient norm", value=0, info="0: 1.0")
                 with gr.Row():
-                    mixed_precision = gr.Dropdown(["no", "bf16", "fp16"], value="no", label="Mixed precision",
-                                                  info="fp16 needs a CUDA worker")  # fmt: skip
+                    mixed_precision = gr.Dropdown(
+                        ["auto", "no", "bf16", "fp16"],
+                        value="auto",
+                        label="Mixed precision",
+                        info="auto: bf16 where the worker computes it natively; fp16 needs CUDA",
+                    )
                     validation_fraction = gr.Number(
                         label="Validation fraction", value=-1, info="-1: 0.1 with ≥ 20 records, else none"
                     )

@@ -218,7 +218,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             )
             if served is not None:
                 info.max_context_length = served.context_length
-                info.dtype = served.dtype
+                info.dtype, info.dtype_reason = served.dtype, served.dtype_reason
                 info.device = str(served.device)
             info.adapters.extend(a.name for a in adapters if a.base_model in (entry.name, entry.source))
             models.append(info)
@@ -231,7 +231,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             )
             if embedder is not None:
                 info.max_context_length = embedder.max_input_tokens
-                info.dtype = embedder.dtype
+                info.dtype, info.dtype_reason = embedder.dtype, embedder.dtype_reason
                 info.device = str(embedder.device)
             models.append(info)
         return llm_pb2.ListModelsResponse(models=models)

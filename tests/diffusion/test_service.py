@@ -46,6 +46,7 @@ def test_lists_every_scheduler_and_the_model(diffusion_stub):
     (model,) = diffusion_stub.ListModels(pb.ListModelsRequest()).models
     assert (model.name, model.default_width, model.default_height, model.default_steps) == ("tiny-sd", 64, 64, 4)
     assert model.default_scheduler == "DDIM" and model.is_default
+    assert (model.dtype, model.dtype_reason) == ("float32", "set in the model entry")
 
 
 @pytest.mark.parametrize("scheduler", SCHEDULERS)

@@ -216,3 +216,27 @@ def test_cancelled_requests_do_not_hold_queue_slots(loaded, settings):
         seq.cancel()
     engine.submit(Sequence([1, 2], SamplingConfig(max_new_tokens=4), Collector()))
     assert engine.num_waiting == 1
+
+
+def test_in_bfloat16_a_packed_step_agrees_with_transformers_and_greedy_runs(settings):
+    """The bf16 that `auto` picks on CPUs with native bf16 (and on GPUs): the packed forward's logits agree with
+    transformers' own forward in bf16 within bf16's precision, and the engine decodes in it."""
+    from services.llm.batch import prefill_logits
+    from shared.settings import ModelEntry
+
+    entry = ModelEntry.model_validate({**settings.models[0].model_dump(), "dtype": "bfloat16"})
+    bf16 = load_causal_lm(entry, settings)
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16
+    prompts = [encode(bf16, p) for p in PROMPTS]
+    packed = prefill_logits(bf16.model, prompts).float()
+    with torch.inference_mode():
+        alone = torch.stack([bf16.model(torch.tensor([p])).logits[0, -1].float() for p in prompts])
+    scale = alone.abs().max()
+    assert (packed - alone).abs().max() <= 0.02 * scale, "packed bf16 logits drift from transformers' bf16 forward"
+    engine = make_engine(bf16, settings)
+    engine.start()
+    try:
+        _, final = run(engine, bf16, PROMPTS[0], max_new_tokens=8)
+        assert final.finish_reason is FinishReason.LENGTH and final.completion_tokens == 8
+    finally:
+        engine.shutdown()
