@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from bench import (
+    cpu_paths,
     dataset_limits,
     diffusion,
     finetune,
@@ -29,6 +30,7 @@ BENCHMARKS = {
     "llm": ("LLM service", llm),
     "prefill": ("LLM prefill: chunked and prefix-cached", prefill),
     "realmodel": ("The default chat model (SmolLM2-135M-Instruct)", realmodel),
+    "cpu_paths": ("The CPU's matmul and dtype choices for the default chat model", cpu_paths),
     "structured": ("Structured output, logprobs and embeddings", structured),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),

@@ -122,6 +122,11 @@ class LLMSettings(_Section):
         description="replay decode steps as CUDA graphs (GPU only; decode-only steps of base-model rows, one "
         "graph per batch-size bucket and KV size class): fewer kernel launches a step",
     )
+    onednn_linears: bool = Field(
+        True,
+        description="on the CPU, run the model's linear layers through oneDNN's matmul (faster than torch's "
+        "default BLAS call for decode steps' skinny products); false: torch's default",
+    )
     max_prompt_tokens: int = Field(8192, ge=1, description="longer prompts are refused up front")
     prefix_cache_bytes: int = Field(
         256 * 1024 * 1024,

@@ -13,6 +13,7 @@ from services.llm.batch import check_cache_support
 from services.llm.engine import LLMEngine, Sequence, eos_token_ids
 from services.llm.grammar import FormatSpec, GrammarCompiler
 from services.llm.lora import LoraLimits
+from services.llm.onednn_linear import use_onednn_linears
 from services.llm.params import Limits, SamplingRequest, resolve_sampling
 from services.llm.prefix_cache import PrefixCache
 from services.llm.tool_formats import FORMATS, Call, detect
@@ -60,6 +61,7 @@ class ServedLLM:
         check_cache_support(loaded.model)
         self.device = loaded.device
         self.dtype = dtype_name(loaded.dtype)
+        self.dtype_reason = loaded.dtype_reason
         self.tokenizer = loaded.tokenizer
         self.context_length = context_length(loaded.model, loaded.tokenizer)
         vocab_size = loaded.model.get_output_embeddings().weight.shape[0]  # the logits' width
@@ -78,6 +80,8 @@ class ServedLLM:
         self.tool_format = FORMATS.get(self.entry.tool_parser) or detect(template)
         self._template_renders_tools = "tools" in template
         self._template_renders_calls = "tool_calls" in template
+        if settings.onednn_linears:
+            use_onednn_linears(loaded.model)
         self.adapters = LoraAdapterCache(
             loaded.model,
             store,
