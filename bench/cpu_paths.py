@@ -90,7 +90,9 @@ def _linears_a_b(loaded) -> list[Row]:
 
 
 def _greedy_replies(loaded) -> tuple[list[list[int]], float]:
-    """The 16 chats' greedy replies in one batch, and the median decode step once all decode (s)."""
+    """The 16 chats' greedy replies in one batch, and the median decode step once all decode (s), with the
+    linears as the service runs them (oneDNN where it takes the dtype)."""
+    use_onednn_linears(loaded.model)
     engine = _engine(loaded)
     config = SamplingConfig(max_new_tokens=REPLY_TOKENS, ignore_eos=True)
     sequences = [Sequence(_chat_ids(loaded, q), config, lambda event: None) for q in QUESTIONS]

@@ -63,23 +63,21 @@ class DTypeChoice:
 
 
 def choose_dtype(preference: str, device: torch.device) -> DTypeChoice:
+    """A model entry's `dtype` on `device`: what it sets, or for `auto` the fastest dtype the device computes
+    natively (emulated bf16, on older GPUs and most CPUs, is slower than what it replaces)."""
     if preference != "auto":
         dtype = _DTYPES[preference]
         if device.type == "cpu" and dtype == torch.float16:
             raise ValueError("float16 is not supported on the CPU; use float32 or bfloat16")
         return DTypeChoice(dtype, "set in the model entry")
     if device.type == "cuda":
-        if torch.cuda.is_bf16_supported():
-            return DTypeChoice(torch.bfloat16, "auto: the GPU supports bfloat16")
-        return DTypeChoice(torch.float16, "auto: the GPU has no bfloat16")
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return DTypeChoice(torch.bfloat16, "auto: the GPU computes bfloat16 natively")
+        return DTypeChoice(torch.float16, "auto: the GPU has no native bfloat16")
     feature = native_bf16_cpu_feature()
     if feature is not None:
         return DTypeChoice(torch.bfloat16, f"auto: the CPU computes bfloat16 natively ({feature})")
     return DTypeChoice(torch.float32, "auto: the CPU has no native bfloat16 (AMX or AVX-512 BF16)")
-
-
-def resolve_dtype(preference: str, device: torch.device) -> torch.dtype:
-    return choose_dtype(preference, device).dtype
 
 
 def auto_mixed_precision(device: torch.device) -> str:

@@ -244,7 +244,7 @@ def _choices(hp: Hyperparameters, data: TrainingData) -> tuple[str, str]:
     if mixed_precision == "fp16" and data.cuda_workers is False:
         raise InvalidArgument(
             "hyperparameters.mixed_precision fp16 needs a CUDA worker and every worker here runs on the CPU; "
-            "use bf16 or no"
+            "use auto, bf16 or no"
         )
     return lr_scheduler, mixed_precision
 

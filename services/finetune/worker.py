@@ -44,10 +44,12 @@ log = logging.getLogger("services.finetune.worker")
 def device_info() -> dict:
     import torch
 
+    from shared.devices import auto_mixed_precision
+
     cuda = torch.cuda.is_available()
     return {
         "cuda": cuda,
-        "bf16": bool(cuda and torch.cuda.is_bf16_supported()),
+        "bf16": auto_mixed_precision(torch.device("cuda" if cuda else "cpu")) == "bf16",
         "device": torch.cuda.get_device_name() if cuda else "cpu",
     }
 

@@ -12,6 +12,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,8 @@ class OneDnnLinear(nn.Linear):
     """An `nn.Linear` (same parameters, same state dict) whose forward calls oneDNN's matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():  # the op has no backward: anything that trains gets the default path
+            return F.linear(x, self.weight, self.bias)
         rows = x.reshape(-1, self.in_features)
         y = torch.ops.mkldnn._linear_pointwise(rows, self.weight, self.bias, "none", [], "")
         return y.view(*x.shape[:-1], self.out_features)
@@ -34,6 +37,9 @@ def onednn_usable(dtype: torch.dtype) -> bool:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(3, 2, 64, generator=generator).to(dtype)
     probe = nn.Linear(64, 48, dtype=dtype)
+    with torch.no_grad():
+        probe.weight.copy_(torch.randn(48, 64, generator=generator))
+        probe.bias.copy_(torch.randn(48, generator=generator))
     with torch.inference_mode():
         expected = probe(x)
         probe.__class__ = OneDnnLinear
@@ -48,11 +54,13 @@ def onednn_usable(dtype: torch.dtype) -> bool:
 def use_onednn_linears(model: nn.Module) -> int:
     """Route every plain `nn.Linear` of a CPU model through oneDNN (idempotent); returns how many now do.
     Nothing changes on other devices, or where oneDNN cannot take the model's dtype."""
-    dtype = next(model.parameters()).dtype
-    if next(model.parameters()).device.type != "cpu" or not onednn_usable(dtype):
-        log.info("linear layers stay on torch's default matmul", extra={"dtype": str(dtype)})
-        return 0
     linears = [module for module in model.modules() if type(module) in (nn.Linear, OneDnnLinear)]
+    dtypes = {module.weight.dtype for module in linears}
+    on_cpu = all(module.weight.device.type == "cpu" for module in linears)
+    if not linears or not on_cpu or not all(onednn_usable(dtype) for dtype in dtypes):
+        log.info("linear layers stay on torch's default matmul", extra={"dtypes": sorted(map(str, dtypes))})
+        return 0
     for module in linears:
         module.__class__ = OneDnnLinear
+    log.info("linear layers run through oneDNN", extra={"linears": len(linears)})
     return len(linears)

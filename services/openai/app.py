@@ -77,6 +77,9 @@ class KeyGuard:
         await self.app(scope, receive, send)
 
 
+METHODS = frozenset({"GET", "POST", "DELETE", "HEAD", "OPTIONS", "PUT", "PATCH"})
+
+
 class Metered:
     """Counts each response by route and status, and times it to its start (a stream's headers go with its
     first chunk). Plain ASGI: a streamed body passes through untouched.
@@ -90,13 +93,17 @@ class Metered:
         self.routes = routes
 
     def _route(self, scope: Scope) -> str:
+        """The route's template, as the router would pick it: a full match first, then one of another method."""
         if (matched := scope.get("route")) is not None:
             return matched.path
+        partial = None
         for route in self.routes:
             match, _ = route.matches(scope)
-            if match is not Match.NONE:
+            if match is Match.FULL:
                 return route.path
-        return "unmatched"
+            if match is Match.PARTIAL and partial is None:
+                partial = route.path
+        return partial or "unmatched"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -106,8 +113,9 @@ class Metered:
         async def observed(message: Message) -> None:
             if message["type"] == "http.response.start":
                 route = self._route(scope)
-                metrics.LATENCY.labels(scope["method"], route).observe(time.perf_counter() - start)
-                metrics.REQUESTS.labels(scope["method"], route, str(message["status"])).inc()
+                method = scope["method"] if scope["method"] in METHODS else "other"  # bounded label values
+                metrics.LATENCY.labels(method, route).observe(time.perf_counter() - start)
+                metrics.REQUESTS.labels(method, route, str(message["status"])).inc()
             await send(message)
 
         await self.app(scope, receive, observed)
@@ -140,5 +148,6 @@ def build_app(settings: OpenAISettings, keys: KeyRing) -> FastAPI:
 
     app.add_middleware(BodyLimit, settings=settings)
     app.add_middleware(KeyGuard, keys=keys)  # before the body is read
-    app.add_middleware(Metered, routes=[route for router in routers for route in router.routes])
+    own = [route for route in app.router.routes if isinstance(route, APIRoute)]  # /health
+    app.add_middleware(Metered, routes=[*(route for router in routers for route in router.routes), *own])
     return app

@@ -38,7 +38,10 @@ def spec_for(dataset: Path, job_dir: Path, **hyperparameters) -> TrainingSpec:
         targets=LLM_TARGETS["llama"],
         model_defaults={"learning_rate": 5e-3},
     )
-    hp, total = resolve(Hyperparameters(**({"method": "lora"} | hyperparameters)), data)
+    # float32 unless a test asks: `auto` is bf16 on CPUs with native bf16, and the equivalence checks here
+    # (accumulation against one batch, DDP against one process, resume) are meant for one dtype everywhere
+    defaults = {"method": "lora", "mixed_precision": "no"}
+    hp, total = resolve(Hyperparameters(**(defaults | hyperparameters)), data)
     return TrainingSpec("job", "llm", TINY_LLM, dataset, hp, total, job_dir)
 
 
@@ -209,3 +212,18 @@ def _context(spec: TrainingSpec, settings, hooks) -> RecipeContext:
         job_dir=spec.job_dir,
         hooks=hooks,
     )
+
+
+@pytest.mark.parametrize(("native_bf16", "expected"), [(True, "bf16"), (False, "no")])
+def test_mixed_precision_auto_is_what_the_device_computes_natively(
+    monkeypatch, settings, dataset, tmp_path, native_bf16, expected
+):
+    """The default (`auto`) is resolved by the recipe's context, whoever builds it: bf16 autocast on a CPU
+    with native bf16, float32 on others; the base weights stay float32 on a CPU either way."""
+    reported = {**torch.cpu.get_capabilities(), "amx_bf16": False, "avx512_bf16": native_bf16}
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: reported)
+    spec = spec_for(dataset, tmp_path, max_steps=2, mixed_precision="auto")
+    assert spec.hyperparameters.mixed_precision == "auto"
+    context = _context(spec, settings, None)
+    assert context.mixed_precision == context.loop_config().mixed_precision == expected
+    assert context.base_dtype() == torch.float32

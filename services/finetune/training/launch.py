@@ -11,7 +11,6 @@ the adapter.
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import logging
 import os
@@ -28,7 +27,6 @@ from services.finetune.datasets import DatasetStore
 from services.finetune.hyperparams import Hyperparameters
 from services.finetune.training.loop import TrainingHooks, TrainingResult, TrainingStopped
 from services.finetune.training.recipe import RecipeContext, TrainingInputError, load_recipe
-from shared.devices import auto_mixed_precision
 from shared.errors import NotFound
 from shared.registry import ModelRegistry
 from shared.settings import ModelEntry, Settings
@@ -53,19 +51,11 @@ class TrainingSpec:
     validation_dataset_path: Path | None = None  # None: validate on a split of the training dataset
 
     def context(self, settings: Settings, hooks: TrainingHooks | None, device: torch.device) -> RecipeContext:
-        """The recipe's context on `device`, where `mixed_precision: auto` becomes what this device computes."""
-        hyperparameters = self.hyperparameters
-        if hyperparameters.mixed_precision == "auto":
-            hyperparameters = dataclasses.replace(hyperparameters, mixed_precision=auto_mixed_precision(device))
-            log.info(
-                "mixed precision chosen for the device",
-                extra={"job": self.job_id, "device": str(device), "mixed_precision": hyperparameters.mixed_precision},
-            )
-        return RecipeContext(
+        context = RecipeContext(
             job_id=self.job_id,
             base_model=self.base_model,
             dataset_path=self.dataset_path,
-            hyperparameters=hyperparameters,
+            hyperparameters=self.hyperparameters,
             total_steps=self.total_steps,
             settings=settings,
             device=device,
@@ -74,6 +64,11 @@ class TrainingSpec:
             attempt=self.attempt,
             validation_dataset_path=self.validation_dataset_path,
         )
+        log.info(
+            "training precision",
+            extra={"job": self.job_id, "device": str(device), "mixed_precision": context.mixed_precision},
+        )
+        return context
 
 
 def spec_for(job, attempt: int, settings: Settings) -> TrainingSpec:

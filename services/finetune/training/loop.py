@@ -90,7 +90,7 @@ class LoopConfig:
     lr_scheduler: str
     warmup_ratio: float
     max_grad_norm: float
-    mixed_precision: str  # no | bf16 | fp16
+    mixed_precision: str  # no | bf16 | fp16 (the recipe context resolved `auto`)
     seed: int
     eval_steps: int
     early_stopping_patience: int
@@ -129,11 +129,12 @@ def lr_lambda(config: LoopConfig) -> Callable[[int], float]:
     return factor
 
 
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # `auto` is resolved before
+
+
 def _autocast(device: torch.device, mixed_precision: str):
-    if mixed_precision == "no":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if mixed_precision == "bf16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    dtype = AUTOCAST_DTYPES[mixed_precision]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _world() -> tuple[int, int]:

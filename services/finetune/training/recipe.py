@@ -14,7 +14,16 @@ from typing import Protocol
 import torch
 
 from services.finetune.hyperparams import Hyperparameters
-from services.finetune.training.loop import CountFn, LoopConfig, LossFn, Trainer, TrainingHooks, TrainingResult
+from services.finetune.training.loop import (
+    AUTOCAST_DTYPES,
+    CountFn,
+    LoopConfig,
+    LossFn,
+    Trainer,
+    TrainingHooks,
+    TrainingResult,
+)
+from shared.devices import auto_mixed_precision
 from shared.settings import ModelEntry, Settings
 
 RECIPES = {
@@ -47,7 +56,7 @@ class RecipeContext:
             lr_scheduler=hp.lr_scheduler,
             warmup_ratio=hp.warmup_ratio,
             max_grad_norm=hp.max_grad_norm,
-            mixed_precision=hp.mixed_precision,
+            mixed_precision=self.mixed_precision,
             seed=hp.seed,
             eval_steps=hp.eval_steps,
             early_stopping_patience=hp.early_stopping_patience,
@@ -71,11 +80,16 @@ class RecipeContext:
             attempt=self.attempt,
         )
 
+    @property
+    def mixed_precision(self) -> str:
+        """The job's mixed precision on this device: `auto` becomes what the device computes natively."""
+        chosen = self.hyperparameters.mixed_precision
+        return auto_mixed_precision(self.device) if chosen == "auto" else chosen
+
     def base_dtype(self) -> torch.dtype:
         """Frozen base weights in the autocast dtype on GPUs (half the memory); float32 elsewhere."""
-        if self.device.type != "cuda" or self.hyperparameters.mixed_precision == "no":
-            return torch.float32
-        return torch.bfloat16 if self.hyperparameters.mixed_precision == "bf16" else torch.float16
+        dtype = AUTOCAST_DTYPES[self.mixed_precision]
+        return dtype if self.device.type == "cuda" and dtype is not None else torch.float32
 
 
 class TrainingInputError(ValueError):
