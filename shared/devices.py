@@ -1,5 +1,5 @@
-"""Device and dtype choice: CUDA gets bf16 (fp16 where bf16 is unsupported); a CPU that computes bf16 natively
-(AMX or AVX-512 BF16) gets bf16, any other CPU float32 (emulated bf16 is slower than float32 there)."""
+"""Device and dtype choice: `auto` is bf16 where the device computes it natively (GPUs from Ampere on, CPUs with
+AMX or AVX-512 BF16), else fp16 on a GPU and float32 on a CPU (emulated bf16 is slower than either there)."""
 
 from __future__ import annotations
 

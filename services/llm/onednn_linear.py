@@ -8,6 +8,7 @@ oneDNN's kernels beat the BLAS path `F.linear` takes on the CPU; the weights sta
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -30,6 +31,7 @@ class OneDnnLinear(nn.Linear):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+@functools.cache  # a property of this process's torch and CPU: probed once per dtype
 def onednn_usable(dtype: torch.dtype) -> bool:
     """oneDNN is built in, takes `dtype`, and agrees with `F.linear` on a probe (else: torch's default)."""
     if dtype not in DTYPES or not torch.backends.mkldnn.is_available():
