@@ -61,3 +61,33 @@ def client(gateway):
 def unreachable_target() -> str:
     """An address where nothing listens: a stopped service."""
     return f"127.0.0.1:{free_port()}"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """One headless Chromium for the session's browser tests."""
+    from playwright.sync_api import sync_playwright
+
+    from tests.gateway.browsing import CHROMIUM, CHROMIUM_ARGS
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, gateway, request):
+    """A fresh page on the shared gateway, once its pickers are filled; screenshotted if the test fails."""
+    from tests.gateway.browsing import open_page, screenshot
+    from tests.harness import wait_for
+
+    page = open_page(browser, gateway.address)
+    # the pickers are filled from the services once the page has loaded
+    page.locator("#chat-model input").wait_for()
+    wait_for(lambda: page.locator("#chat-model input").input_value() == "tiny-llm", 120, "the model picker to fill")
+    yield page
+    report = getattr(request.node, "report_call", None)
+    if report is not None and report.failed:
+        screenshot(page, f"failed-{request.node.name}")
+    page.context.close()
