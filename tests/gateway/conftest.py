@@ -63,9 +63,10 @@ def unreachable_target() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium for the session's browser tests."""
+    """A headless Chromium for one test module: Playwright's sync API holds an event loop on the main thread
+    while it runs, so it must end before later tests call `asyncio.run`."""
     from playwright.sync_api import sync_playwright
 
     from tests.gateway.browsing import CHROMIUM, CHROMIUM_ARGS
