@@ -26,9 +26,9 @@ def build_app(clients: ServiceClients, files: ImageFiles) -> gr.Blocks:
                 chat = build_chat_tab(clients, limit)
             with gr.Tab("Images", id="images", elem_id="tab-images"):
                 images = build_images_tab(clients, files, limit)
-            with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune"):
+            with gr.Tab("Fine-tune", id="finetune", elem_id="tab-finetune") as finetune_tab:
                 finetune = build_finetune_tab(clients, limit)
-            with gr.Tab("System", id="system", elem_id="tab-system"):
+            with gr.Tab("System", id="system", elem_id="tab-system") as system_tab:
                 system = build_system_tab(clients)
 
         # Each tab fills itself on page load, separately, so one stopped service leaves the others usable.
@@ -36,9 +36,16 @@ def build_app(clients: ServiceClients, files: ImageFiles) -> gr.Blocks:
         app.load(images.refresh_pickers, images.pickers, images.pickers, **private).then(
             images.model_defaults, images.pickers[:1], images.defaults, **private
         )
-        for loader in (finetune.loader, system.loader):
+        # ... and again each time it is opened, so what it shows is current without waiting for its timer
+        for tab, loader in ((finetune_tab, finetune.loader), (system_tab, system.loader)):
             app.load(loader.fn, loader.inputs, loader.outputs, show_progress="hidden", **private)
+            tab.select(loader.fn, loader.inputs, loader.outputs, show_progress="hidden", **private)
         app.unload(finetune.forget)
+        # a job that just succeeded changes the adapters Chat offers and System lists
+        finetune.finished_adapter.change(chat.refresh_pickers, chat.pickers[:2], chat.pickers, **private)
+        finetune.finished_adapter.change(
+            system.loader.fn, system.loader.inputs, system.loader.outputs, show_progress="hidden", **private
+        )
 
         def tab_timers(event: gr.SelectData):
             """Poll only what is on screen: the jobs table on Fine-tune, the tables on System."""

@@ -1,99 +1,68 @@
 """The Chat tab: streaming chat with history over `LLMService.GenerateStream`.
 
-Model and adapter pickers come from `ListModels` (LLM service) and `ListAdapters` (fine-tune service);
-Stop closes the generator, which cancels the stream, so the LLM service frees the request's slot.
+A message goes through three events, so that the tab stays usable after any error:
+1. `prepare` checks the message and settings and builds the request. A bad input fails this event alone:
+   its outputs are untouched, so the message stays in the box and the box stays usable; the error shows as
+   a toast.
+2. `answer` streams the reply. If the service fails (an unknown adapter, a stopped service), it first puts
+   the conversation back as it was and the message back in the box, then raises the error to show it.
+3. `settle` re-enables the box and commits the conversation, after success, failure and Stop alike
+   (Gradio's browser code runs `.then` listeners only after success or a cancel, `.failure` ones after an
+   error or a cancel, so it listens on both).
+Stop cancels the stream: closing the generator cancels the gRPC call, and the LLM service frees its slot.
+The `/chat` API endpoint is its own event with the same checks, history kept in the caller's session and a
+default for every argument but the message.
 """
 
 from __future__ import annotations
 
-import json
+import inspect
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import gradio as gr
 
 from modelworks.finetune.v1 import finetune_pb2
 from modelworks.llm.v1 import llm_pb2
-from services.gateway import validation
 from services.gateway.adapters import adapter_names
-from services.gateway.clients import QUICK_CALL_S, ServiceClients
+from services.gateway.chat_layout import ChatLayout, build_chat_layout
+from services.gateway.chat_request import (
+    BUILTIN_BANNER,
+    NO_ADAPTER,
+    ChatSettings,
+    chat_models,
+    chat_request,
+    limits_of,
+    model_limits,
+)
+from services.gateway.clients import ServiceClients
 from services.gateway.errors import call_or_warn, user_errors
 from services.gateway.streams import follow
 
-NO_ADAPTER = "(base model)"
 REDRAW_S = 0.05  # at most 20 updates a second per chat: each one re-sends the reply to the browser
-DEFAULT_MAX_NEW_TOKENS = 256
 FINISH_WORDS = {
     llm_pb2.FINISH_REASON_EOS: "the model ended its answer",
     llm_pb2.FINISH_REASON_LENGTH: "the token limit was reached",
     llm_pb2.FINISH_REASON_STOP: "a stop string was generated",
     llm_pb2.FINISH_REASON_TOOL_CALLS: "the model called a tool",
 }
+GENERATING = "Generating…"
+PRIVATE = {"api_visibility": "private"}
 
 
 @dataclass
 class ChatTab:
-    pickers: list  # model, adapter, max new tokens
+    pickers: list  # model, adapter, max new tokens, random-weights banner
     refresh_pickers: Callable  # (model, adapter) -> updates of `pickers`
 
 
-def history_messages(history: list[dict], system_prompt: str, message: str) -> list[llm_pb2.ChatMessage]:
-    """The conversation as the LLM service takes it: system prompt, past turns, the new message."""
-    messages = [llm_pb2.ChatMessage(role="system", content=system_prompt.strip())] if system_prompt.strip() else []
-    for turn in history or []:
-        role, text = turn.get("role"), _text_of(turn.get("content"))
-        if role in ("user", "assistant") and text:
-            messages.append(llm_pb2.ChatMessage(role=role, content=text))
-    messages.append(llm_pb2.ChatMessage(role="user", content=message))
-    return messages
+@dataclass(frozen=True)
+class Turn:
+    """A checked message on its way to the service: what the box held, and the request made of it."""
 
-
-def _text_of(content) -> str:
-    """Gradio gives a turn's content as a string or as a list of parts; files and components carry no text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, dict):
-        return content.get("text", "") if content.get("type", "text") == "text" else ""
-    if isinstance(content, list):
-        return "".join(_text_of(part) for part in content)
-    return ""
-
-
-def sampling_params(max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos):
-    return llm_pb2.SamplingParams(
-        max_new_tokens=validation.whole_number(max_new_tokens, 1, 1_000_000, "Max new tokens"),
-        temperature=validation.number_in_range(temperature, 0, 5, "Temperature"),
-        top_p=validation.number_in_range(top_p, 0.01, 1, "Top-p"),
-        top_k=validation.whole_number(top_k, 0, 100_000, "Top-k"),
-        repetition_penalty=validation.number_in_range(repetition_penalty, 0.01, 100, "Repetition penalty"),
-        stop=validation.stop_strings(stop),
-        seed=validation.optional_seed(seed),
-        ignore_eos=bool(ignore_eos),
-    )
-
-
-def structured_output(json_schema: str | None, tools: str | None) -> dict:
-    """The request fields for an optional JSON schema the answer must follow and optional tools (OpenAI's
-    function definitions, with or without the {"type": "function", "function": ...} wrapper)."""
-    fields = {}
-    schema = validation.optional_json(json_schema, "The JSON schema", dict)
-    if schema is not None:
-        fields["response_format"] = llm_pb2.ResponseFormat(json_schema=json.dumps(schema))
-    listed = validation.optional_json(tools, "Tools", list)
-    if listed:
-        functions = [t.get("function", t) if isinstance(t, dict) else None for t in listed]
-        if not all(isinstance(f, dict) and f.get("name") for f in functions):
-            raise gr.Error('Each tool needs at least a "name".', print_exception=False)
-        fields["tools"] = [
-            llm_pb2.Tool(
-                name=str(f["name"]),
-                description=str(f.get("description", "")),
-                parameters=json.dumps(f["parameters"]) if f.get("parameters") else "",
-            )
-            for f in functions
-        ]
-    return fields
+    message: str
+    request: llm_pb2.GenerateRequest
 
 
 def call_text(call: llm_pb2.ToolCall) -> str:
@@ -110,118 +79,128 @@ def finish_note(event: llm_pb2.GenerateStreamResponse) -> str:
     )
 
 
-def sampling_inputs() -> tuple:
-    """The sampling settings, in a closed accordion: max new tokens, temperature, top-p, top-k, repetition
-    penalty, seed, stop strings, ignore end of sequence."""
-    with gr.Accordion("Sampling", open=False):
-        with gr.Row():
-            max_new_tokens = gr.Number(
-                value=DEFAULT_MAX_NEW_TOKENS, precision=0, label="Max new tokens", elem_id="chat-max-new-tokens"
-            )
-            temperature = gr.Slider(0, 2, value=0.7, step=0.05, label="Temperature", info="0 is greedy")
-            top_p = gr.Slider(0.01, 1, value=1.0, step=0.01, label="Top-p")
-        with gr.Row():
-            top_k = gr.Slider(0, 200, value=0, step=1, label="Top-k", info="0 is off")
-            repetition_penalty = gr.Slider(0.5, 2.0, value=1.0, step=0.05, label="Repetition penalty")
-            seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 draws one", elem_id="chat-seed")
-        stop = gr.Textbox(label="Stop strings", lines=2, info="one a line; \\n stands for a newline")
-        ignore_eos = gr.Checkbox(
-            label="Ignore end of sequence", info="keep generating to the token limit", elem_id="chat-ignore-eos"
-        )
-    return max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos
+def replies(clients: ServiceClients, request: llm_pb2.GenerateRequest) -> Iterator[tuple[str, str]]:
+    """The reply so far and a note under it, as it streams; a failure is raised as a readable `gr.Error`."""
+    reply, note, sent = "", GENERATING, 0.0
+    with user_errors(clients.llm_service, "chat"):
+        for event in follow(clients.llm.GenerateStream(request)):
+            if event is not None:
+                reply += event.text + "".join(call_text(c) for c in event.tool_calls)
+                if event.finish_reason:
+                    note = finish_note(event)
+                elif time.monotonic() - sent < REDRAW_S:
+                    continue  # tokens arriving faster than a person reads are sent together
+            sent = time.monotonic()
+            yield reply, note
 
 
-def structured_output_inputs() -> tuple[gr.Code, gr.Code]:
-    """The optional JSON schema and tools boxes, in their own accordion under the sampling settings."""
-    with gr.Accordion("Structured output and tools", open=False):
-        with gr.Row():
-            json_schema = gr.Code(
-                label="JSON schema", language="json", lines=4, elem_id="chat-json-schema",
-            )  # fmt: skip
-            tools = gr.Code(label="Tools", language="json", lines=4, elem_id="chat-tools")
-        gr.Markdown(
-            "Optional. With a **JSON schema** every answer is JSON that follows it. **Tools** is a JSON list of "
-            'functions the model may call (`[{"name": ..., "description": ..., "parameters": {JSON schema}}]`); '
-            "its calls show in the chat, their arguments checked against the schema."
-        )
-    return json_schema, tools
+def _user(message: str) -> dict:
+    return {"role": "user", "content": message}
 
 
-def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
-    llm = clients.llm_service
+def _assistant(reply: str) -> dict:
+    return {"role": "assistant", "content": reply}
 
-    def respond(
-        message, history, system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k,
-        repetition_penalty, stop, seed, ignore_eos, json_schema=None, tools=None,
-    ) -> Iterator[tuple[str, str]]:  # fmt: skip
-        text = validation.required_text(message, "The message")
-        request = llm_pb2.GenerateRequest(
-            **structured_output(json_schema, tools),
-            model=model or "",
-            adapter="" if adapter in (None, "", NO_ADAPTER) else adapter,
-            messages=history_messages(history, system_prompt or "", text),
-            sampling=sampling_params(
-                max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed, ignore_eos
-            ),
-        )
-        reply, note, sent = "", "Generating…", 0.0
-        with user_errors(llm, "chat"):
-            for event in follow(clients.llm.GenerateStream(request)):
-                if event is not None:
-                    reply += event.text + "".join(call_text(c) for c in event.tool_calls)
-                    if event.finish_reason:
-                        note = finish_note(event)
-                    elif time.monotonic() - sent < REDRAW_S:
-                        continue  # tokens arriving faster than a person reads are sent together
-                sent = time.monotonic()
-                yield reply, note
 
+def _box(**changes) -> gr.Textbox:
+    """The message box ready for the next message (or, with changes, in another state)."""
+    return gr.Textbox(**{"interactive": True, "submit_btn": True, "stop_btn": False, **changes})
+
+
+def _settings_signature(fn: Callable) -> Callable:
+    """Give `fn(message, history, *settings)` a signature naming each setting with its default, for the API
+    page and for Gradio, which makes an argument optional where its component has a value or its default is
+    None (see `Blocks.get_api_info`)."""
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter("message", kind), inspect.Parameter("history", kind, default=None)]
+    parameters += [inspect.Parameter(f.name, kind, default=f.default) for f in fields(ChatSettings)]
+    fn.__signature__ = inspect.Signature(parameters)
+    return fn
+
+
+def _handlers(clients: ServiceClients):
+    """The event functions, closed over the service clients."""
+
+    def prepare(message, history, *settings):
+        """Check the message and settings; show the message in the conversation and lock the box."""
+        values = ChatSettings(*settings)
+        request = chat_request(message, history, values, model_limits(clients, values.model))
+        locked = _box(value="", interactive=False, submit_btn=False, stop_btn=True)
+        return locked, [*history, _user(message)], Turn(message, request)
+
+    def answer(turn: Turn, history):
+        shown = [*history, _user(turn.message)]
+        try:
+            for reply, note in replies(clients, turn.request):
+                yield [*shown, _assistant(reply)], note, gr.skip()
+        except gr.Error:
+            yield history, "", gr.Textbox(value=turn.message)  # as before the message was sent
+            raise
+
+    def settle(shown, note):
+        """The box ready again and the conversation as shown committed (with a stopped reply's text so far)."""
+        return _box(), shown, "Stopped by you." if note == GENERATING else gr.skip()
+
+    @_settings_signature
+    def api_chat(message, history, *settings):
+        """Answer `message` after this session's earlier turns, streaming the reply; returns (reply, note)."""
+        values = ChatSettings(*settings)
+        request = chat_request(message, history, values, model_limits(clients, values.model))
+        reply = ""
+        for reply, note in replies(clients, request):
+            yield reply, gr.skip(), note
+        yield reply, [*(history or []), _user(message.strip()), _assistant(reply)], note
+
+    return prepare, answer, settle, api_chat
+
+
+def _refresh(clients: ServiceClients) -> Callable:
     def refresh(current_model: str | None, current_adapter: str | None):
-        def list_models():
-            listed = clients.llm.ListModels(llm_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
-            return [m for m in listed if m.kind == "llm"]  # embedding models do not chat
-
-        models = call_or_warn(llm, "list_models", list_models, [])
+        """The pickers as the services see them now, keeping the current picks where they still exist."""
+        models = call_or_warn(clients.llm_service, "list_models", lambda: chat_models(clients), [])
         names = [m.name for m in models]
         model = current_model if current_model in names else next((m.name for m in models if m.is_default), None)
-        context = next((m.max_context_length for m in models if m.name == model), 0)
+        limits = limits_of(models, model)
         adapters = adapter_names(clients, finetune_pb2.JOB_KIND_LLM, model)
         adapter = current_adapter if current_adapter in adapters else NO_ADAPTER
         return (
             gr.Dropdown(choices=names, value=model),
             gr.Dropdown(choices=[NO_ADAPTER, *adapters], value=adapter),
-            gr.Number(info=f"up to {context:,} with the prompt" if context else None),
+            gr.Number(info=limits.hint),
+            gr.Markdown(BUILTIN_BANNER, visible=limits.random_weights),
         )
 
-    with gr.Row():
-        # choices arrive from the services after load; API callers may name any model (the service checks)
-        model = gr.Dropdown(label="Model", choices=[], scale=3, allow_custom_value=True, elem_id="chat-model")
-        adapter = gr.Dropdown(
-            label="Adapter", choices=[NO_ADAPTER], value=NO_ADAPTER, scale=3, allow_custom_value=True,
-            elem_id="chat-adapter",
-            info="LoRA adapters trained for this model",
-        )  # fmt: skip
-        refresh_button = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="chat-refresh")
-    system_prompt = gr.Textbox(label="System prompt", lines=2, placeholder="Optional: how the assistant should behave")
-    max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop, ignore_eos = sampling_inputs()
-    json_schema, tools = structured_output_inputs()
-    note = gr.Markdown(elem_id="chat-note")
-    gr.ChatInterface(
-        respond,
-        additional_inputs=[
-            system_prompt, model, adapter, max_new_tokens, temperature, top_p, top_k, repetition_penalty, stop, seed,
-            ignore_eos, json_schema, tools,
-        ],
-        additional_outputs=[note],
-        chatbot=gr.Chatbot(label="Chat", height=420, elem_id="chat-history"),
-        textbox=gr.Textbox(
-            placeholder="Message the model…", show_label=False, submit_btn=True, stop_btn=True, elem_id="chat-input"
-        ),
-        api_name="chat",
-        concurrency_limit=concurrency_limit,
-        fill_height=False,
+    return refresh
+
+
+def _wire_messages(layout: ChatLayout, clients: ServiceClients, concurrency_limit: int) -> None:
+    prepare, answer, settle, api_chat = _handlers(clients)
+    history, turn = gr.State([]), gr.State(None)
+    chat = {"concurrency_limit": concurrency_limit, "concurrency_id": "chat"}
+    sent = layout.box.submit(
+        prepare, [layout.box, history, *layout.settings], [layout.box, layout.chatbot, turn],
+        show_progress="hidden", concurrency_limit=None, **PRIVATE,
     )  # fmt: skip
-    pickers = [model, adapter, max_new_tokens]
-    refresh_button.click(refresh, [model, adapter], pickers, api_visibility="private")
-    model.input(refresh, [model, adapter], pickers, api_visibility="private")
+    answered = sent.success(
+        answer, [turn, history], [layout.chatbot, layout.note, layout.box], show_progress="hidden", **chat, **PRIVATE
+    )
+    for ended in (answered.then, answered.failure):
+        ended(settle, [layout.chatbot, layout.note], [layout.box, history, layout.note], queue=False,
+              show_progress="hidden", **PRIVATE)  # fmt: skip
+    layout.box.stop(None, None, None, cancels=[answered], **PRIVATE)
+    layout.chatbot.clear(lambda: [], None, history, queue=False, **PRIVATE)
+
+    reply = gr.Textbox(visible=False)  # the API's answer; the browser shows it in the conversation
+    gr.Button(visible=False).click(
+        api_chat, [layout.box, history, *layout.settings], [reply, history, layout.note], api_name="chat", **chat
+    )
+
+
+def build_chat_tab(clients: ServiceClients, concurrency_limit: int) -> ChatTab:
+    layout = build_chat_layout()
+    _wire_messages(layout, clients, concurrency_limit)
+    refresh = _refresh(clients)
+    pickers = [layout.model, layout.adapter, layout.max_new_tokens, layout.banner]
+    layout.refresh.click(refresh, [layout.model, layout.adapter], pickers, **PRIVATE)
+    layout.model.input(refresh, [layout.model, layout.adapter], pickers, **PRIVATE)
     return ChatTab(pickers, refresh)

@@ -8,12 +8,22 @@ from __future__ import annotations
 
 import json
 import math
+from decimal import Decimal
 
 import gradio as gr
 
 from shared.adapters import ADAPTER_NAME_RE, ADAPTER_NAME_RULE
 
 MAX_SEED = 2**64 - 1
+
+
+def plain(number: float) -> str:
+    """A number as people write it: 4,096, 0.01, 1,000,000 (never 1e+06 or 4096.0)."""
+    if isinstance(number, int) or (math.isfinite(number) and number == int(number)):
+        return f"{int(number):,}"
+    if not math.isfinite(number):
+        return str(number)
+    return format(Decimal(repr(float(number))), ",f")
 
 
 def required_text(value: str | None, what: str) -> str:
@@ -25,16 +35,19 @@ def required_text(value: str | None, what: str) -> str:
 
 def number_in_range(value: float | None, low: float, high: float, what: str) -> float:
     if value is None or not math.isfinite(float(value)):
-        raise gr.Error(f"{what} must be a number between {low:g} and {high:g}.", print_exception=False)
+        raise gr.Error(f"{what} must be a number between {plain(low)} and {plain(high)}.", print_exception=False)
     if not low <= float(value) <= high:
-        raise gr.Error(f"{what} must be between {low:g} and {high:g}; it is {float(value):g}.", print_exception=False)
+        raise gr.Error(
+            f"{what} must be between {plain(low)} and {plain(high)}; it is {plain(float(value))}.",
+            print_exception=False,
+        )
     return float(value)
 
 
 def whole_number(value: float | None, low: int, high: int, what: str) -> int:
     number = number_in_range(value, low, high, what)
     if number != int(number):
-        raise gr.Error(f"{what} must be a whole number; it is {number:g}.", print_exception=False)
+        raise gr.Error(f"{what} must be a whole number; it is {plain(number)}.", print_exception=False)
     return int(number)
 
 
@@ -43,7 +56,9 @@ def optional_seed(value: float | None) -> int | None:
     if value is None or value == "" or value == -1:
         return None
     if value != int(value) or not 0 <= value <= MAX_SEED:
-        raise gr.Error(f"Seed must be -1 (draw one) or a whole number from 0 to {MAX_SEED}.", print_exception=False)
+        raise gr.Error(
+            f"Seed must be -1 (draw one) or a whole number from 0 to {plain(MAX_SEED)}.", print_exception=False
+        )
     return int(value)
 
 

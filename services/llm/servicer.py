@@ -218,6 +218,7 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
             )
             if served is not None:
                 info.max_context_length = served.context_length
+                info.max_new_tokens_limit = served.limits.max_new_tokens_limit
                 info.dtype, info.dtype_reason = served.dtype, served.dtype_reason
                 info.device = str(served.device)
             info.adapters.extend(a.name for a in adapters if a.base_model in (entry.name, entry.source))

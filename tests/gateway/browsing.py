@@ -80,9 +80,28 @@ def send_chat(page, text: str) -> None:
     box.press("Enter")
 
 
+def bot_messages(page):
+    return page.locator("#chat-history [data-testid='bot']")
+
+
 def bot_text(page) -> str:
-    messages = page.locator("#chat-history .message-row.bot-row, #chat-history [data-testid='bot']")
+    messages = bot_messages(page)
     return messages.last.inner_text() if messages.count() else ""
+
+
+def chat_box_ready(page) -> bool:
+    """The message box takes a new message: enabled, with its send button (not Stop) showing."""
+    box = page.locator("#chat-input textarea")
+    return box.is_enabled() and page.locator("#chat-input .submit-button").is_visible()
+
+
+def chat_and_wait(page, text: str) -> str:
+    """Send `text`, wait until its reply has finished streaming, and return the reply."""
+    replies = bot_messages(page).count()
+    send_chat(page, text)
+    wait_for(lambda: bot_messages(page).count() == replies + 1 and chat_box_ready(page), 120, f"a reply to {text!r}")
+    wait_for(lambda: "Stopped because" in page.locator("#chat-note").inner_text(), 60, "the reply's note")
+    return bot_text(page)
 
 
 def toast_text(page, kind: str = "") -> str:
@@ -92,5 +111,7 @@ def toast_text(page, kind: str = "") -> str:
 
 
 def open_sampling(page) -> None:
-    page.get_by_text("Sampling", exact=True).click()
+    """Show the sampling settings (open in the side panel from the start; opened if someone closed them)."""
+    if not page.locator("#chat-max-new-tokens input").is_visible():
+        page.get_by_text("Sampling", exact=True).click()
     page.locator("#chat-max-new-tokens input").wait_for()

@@ -48,6 +48,14 @@ def test_the_api_names_programs_can_call(client):
     assert {"/chat", "/generate_images", "/create_job", "/list_jobs"} <= names
 
 
+def test_chat_needs_only_the_message(client):
+    """Every other argument of /chat is optional, with the form's defaults (the default model, no adapter)."""
+    parameters = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/chat"]["parameters"]
+    assert [p["parameter_name"] for p in parameters if not p["parameter_has_default"]] == ["message"]
+    reply, note = client.predict("Hi", api_name="/chat")
+    assert isinstance(reply, str) and "Stopped because" in note
+
+
 def test_chat_streams_the_services_answer_and_keeps_history(client, llm_stub):
     job = client.submit(
         "Hello there", "", "tiny-llm", "(base model)", 24, 0, 1, 0, 1, "", 7, True, api_name="/chat"
@@ -76,6 +84,7 @@ def test_chat_serves_a_named_adapter(client, llm_stub, adapters):
         ({"temperature": 9}, "hi", "greater than maximum value 2"),
         ({"seed": -2}, "hi", "Seed must be -1 (draw one) or a whole number"),
         ({"max_new_tokens": 0}, "hi", "Max new tokens must be between 1"),
+        ({"max_new_tokens": 200_000}, "hi", "Max new tokens must be between 1 and 131,072; it is 200,000."),
         ({"adapter": "no-such-adapter"}, "hi", "no-such-adapter"),
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 
 from modelworks.finetune.v1 import finetune_pb2 as ft
 from services.gateway import validation
-from services.gateway.chat import history_messages
+from services.gateway.chat_request import ChatSettings, ModelLimits, history_messages
 from services.gateway.clients import Service
 from services.gateway.config import GatewayConfig
 from services.gateway.errors import describe
@@ -67,7 +67,7 @@ def test_image_sides_and_stop_strings():
     assert validation.image_side(512, "Width") == 512
     with pytest.raises(gr.Error, match="multiple of 8"):
         validation.image_side(100, "Width")
-    with pytest.raises(gr.Error, match="between 64 and 2048"):
+    with pytest.raises(gr.Error, match="between 64 and 2,048"):
         validation.image_side(4096, "Width")
     assert validation.stop_strings("###\n\\n\\nUser:\n\n") == ["###", "\n\nUser:"]
 
@@ -92,6 +92,34 @@ def test_history_keeps_text_turns_in_order_with_the_system_prompt_first():
         ("assistant", "hello"),
         ("user", "and now?"),
     ]
+
+
+@pytest.mark.parametrize(
+    ("number", "written"),
+    [(4096, "4,096"), (1e8, "100,000,000"), (4096.0, "4,096"), (0.01, "0.01"), (1e-7, "0.0000001"), (2.5, "2.5")],
+)
+def test_numbers_in_messages_print_as_people_write_them(number, written):
+    assert validation.plain(number) == written
+
+
+def test_a_bad_number_is_named_in_plain_digits():
+    with pytest.raises(gr.Error) as excinfo:
+        validation.whole_number(1e8, 1, 4096, "Max new tokens")
+    assert excinfo.value.message == "Max new tokens must be between 1 and 4,096; it is 100,000,000."
+
+
+def test_max_new_tokens_are_bounded_by_what_the_service_says():
+    assert ModelLimits(context_length=8192, max_new_tokens_limit=4096).max_new_tokens == 4096
+    assert ModelLimits(context_length=2048, max_new_tokens_limit=4096).max_new_tokens == 2048
+    assert ModelLimits().max_new_tokens == 1_000_000  # unknown: the service checks alone
+    assert ModelLimits(8192, 4096).hint == "up to 4,096 (prompt and answer share 8,192)"
+    assert ModelLimits(source="builtin:tiny-llm").random_weights and not ModelLimits(source="hf:x").random_weights
+
+
+def test_chat_settings_default_like_the_form():
+    settings = ChatSettings("Be brief.")
+    assert settings.values()[:3] == ("Be brief.", None, "(base model)")
+    assert ChatSettings.names()[0] == "system_prompt" and ChatSettings.names()[-2:] == ["json_schema", "tools"]
 
 
 def test_the_loss_plot_draws_one_point_a_step_and_skips_non_finite_losses():

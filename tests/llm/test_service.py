@@ -40,6 +40,7 @@ def test_list_models(llm_stub):
     model, embedder = llm_stub.ListModels(llm_pb2.ListModelsRequest()).models
     assert (model.name, model.kind, model.is_default, model.device) == ("tiny-llm", "llm", True, "cpu")
     assert model.max_context_length == 131072
+    assert model.max_new_tokens_limit == 131072  # the session server's llm.max_new_tokens_limit (tests/conftest.py)
     assert (model.dtype, model.dtype_reason) == ("float32", "set in the model entry")
     assert (embedder.dtype, embedder.dtype_reason) == ("float32", "set in the model entry")
     assert (embedder.name, embedder.kind, embedder.is_default, embedder.max_context_length) == (
