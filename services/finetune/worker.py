@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import redis
@@ -34,6 +35,7 @@ from services.finetune.training.recipe import RECIPES, load_recipe
 from shared.allocator import keep_freed_memory_for_reuse
 from shared.cli import check_required_gpu
 from shared.devices import is_fatal_device_error
+from shared.loaders import disable_progress_bars
 from shared.logs import configure_logging
 from shared.metrics import start_metrics_server
 from shared.settings import Settings, load_settings
@@ -139,6 +141,16 @@ def build(settings: Settings, name: str):
     return app, context
 
 
+def quiet_celery_startup() -> None:
+    """Celery warns at every start that it runs as root: the images run their workers as root by design (the
+    container is the boundary), so the warning is noise to whoever reads the log."""
+    from celery.exceptions import SecurityWarning
+
+    warnings.filterwarnings(
+        "ignore", message="You're running the worker with superuser privileges", category=SecurityWarning
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.finetune.worker", description=__doc__)
     parser.add_argument(
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     app, context = build(settings, args.name)
     for kind in RECIPES:  # import the recipes (transformers, peft, diffusers: seconds) before the first job
         load_recipe(kind)
+    disable_progress_bars()
     port = settings.finetune.worker_metrics_port if args.metrics_port is None else args.metrics_port
     metrics.export_every_series()
     metrics_port = start_metrics_server(port, settings.metrics_bind_address)
@@ -174,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
         log.info("worker stopping; a running job checkpoints and goes back to the queue", extra={"signal": sig})
         context.preempt.set()
 
+    quiet_celery_startup()
     app.worker_main(
         [
+            "--quiet",  # no banner: the log says "worker ready" with the queue
             "worker",
             "--pool=solo",
             "--concurrency=1",

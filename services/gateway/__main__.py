@@ -44,7 +44,10 @@ def main(argv=None) -> int | str:
     from services.gateway.config import GatewayConfig
 
     config = GatewayConfig.from_environ()
-    configure_logging("gateway", os.environ.get("MODELWORKS_LOG_LEVEL", "INFO"), "text")
+    configure_logging(
+        "gateway", os.environ.get("MODELWORKS_LOG_LEVEL", "INFO"), os.environ.get("MODELWORKS_LOG_FORMAT", "json")
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own startup requests, one line each
     bind = config.bind_address if args.bind is None else args.bind
     refusal = config.exposure_refusal(bind)
     if refusal:  # before the heavy imports: a misconfigured deployment fails at once
