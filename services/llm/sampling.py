@@ -125,8 +125,10 @@ def _filter(sorted_logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tenso
     return sorted_logits.masked_fill(outside_p, float("-inf"))
 
 
+@torch.inference_mode()
 def sample(logits: torch.Tensor, rows: list[RowSampler]) -> Picks:
-    """Pick one token per row from `logits` of shape (B, V) (adjusted in place)."""
+    """Pick one token per row from `logits` of shape (B, V) (adjusted in place). Under `inference_mode`, like
+    the forward that made them: its logits are inference tensors, which only that mode may change in place."""
     logits = logits.float()
     adjust(logits, rows)
     chosen = logits.argmax(-1)

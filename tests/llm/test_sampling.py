@@ -132,3 +132,16 @@ def test_rows_that_do_not_ask_get_no_logprobs_and_each_gets_its_own_count():
     assert picks.logprobs[0].top_ids == [] and len(picks.logprobs[2].top_ids) == 5
     assert picks.logprobs[2].top_ids[0] == picks.tokens[2], "greedy takes the likeliest"
     assert math.isclose(picks.logprobs[0].logprob, logits[0].log_softmax(-1).max().item(), rel_tol=1e-6)
+
+
+def test_logits_from_the_engines_inference_mode_forward_take_every_adjustment():
+    """The engine's forward runs under `inference_mode`, so its logits are inference tensors: adjusting them in
+    place (min_new_tokens, biases, penalties) must work on those too (it once failed with INTERNAL)."""
+    row = greedy_row(
+        min_new_tokens=2, stop_token_ids=frozenset({3}), repetition_penalty=1.5, presence_penalty=0.5,
+        logit_bias=((0, -3.0),),
+    )  # fmt: skip
+    row.observe(1)
+    with torch.inference_mode():
+        logits = torch.tensor([[0.0, 1.0, 2.0, 8.0, 9.0]])
+    assert next_tokens(logits, [row]) == [2], "EOS (4) and the stop token (3) are masked"

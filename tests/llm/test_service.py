@@ -486,3 +486,17 @@ def test_an_adapter_whose_base_is_not_served_says_so(llm_stub, settings):
         store.delete("orphan-adapter")
     assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "trained on base model 'llama-70b', which this server does not serve" in caught.value.details()
+
+
+def test_every_logits_adjustment_is_served_end_to_end(llm_stub, tokenizer):
+    """min_new_tokens, logit_bias and the three penalties change the engine's logits in place: each works through
+    the server, not only in unit tests (a bias or min_new_tokens once failed with INTERNAL)."""
+    favoured = tokenizer.encode("x", add_special_tokens=False)[0]
+    reply = llm_stub.Generate(
+        request(
+            max_new_tokens=6, min_new_tokens=6, logit_bias={favoured: 100.0}, repetition_penalty=1.2,
+            frequency_penalty=0.5, presence_penalty=0.5, ignore_eos=False,
+        )
+    )  # fmt: skip
+    assert reply.usage.completion_tokens == 6, "min_new_tokens holds back the end of sequence"
+    assert "x" in reply.text, "a +100 bias makes its token come"
