@@ -2,6 +2,7 @@
 
 Live progress shows the service's latent preview; finished images go to a gallery as the PNG files the
 service made (so a download keeps their "parameters" chunk), each captioned with its seed and settings.
+The layout is `images_layout.py`, the form's value `images_form.py`; this module wires the events.
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import grpc
 from PIL import Image
 
 from modelworks.diffusion.v1 import diffusion_pb2
 from modelworks.finetune.v1 import finetune_pb2
-from services.gateway import validation
 from services.gateway.adapters import adapter_names
+from services.gateway.chat_request import BUILTIN_BANNER
 from services.gateway.clients import QUICK_CALL_S, ServiceClients
 from services.gateway.errors import call_or_warn, user_errors
+from services.gateway.images_form import MODEL_SCHEDULER, NO_ADAPTER, ImageForm, form_signature
+from services.gateway.images_layout import ImagesLayout, build_images_layout
 from services.gateway.streams import follow
 
-NO_ADAPTER = "(base model)"
-MODEL_SCHEDULER = "(model default)"
 GALLERY_LIMIT = 48
+PRIVATE = {"api_visibility": "private"}
 
 
 @dataclass
@@ -63,34 +66,9 @@ class ImageFiles:
         self._folder.cleanup()
 
 
-def image_request(
-    prompt, negative_prompt, model, scheduler, steps, guidance, width, height, seed, num_images, adapter,
-    adapter_scale, init_image, strength,
-) -> diffusion_pb2.GenerateImagesRequest:  # fmt: skip
-    """The request for what the form holds, each value checked first."""
-    request = diffusion_pb2.GenerateImagesRequest(
-        model=model or "",
-        prompt=validation.required_text(prompt, "The prompt"),
-        negative_prompt=(negative_prompt or "").strip(),
-        steps=validation.whole_number(steps, 1, 1000, "Steps"),
-        guidance_scale=validation.number_in_range(guidance, 0, 30, "Guidance scale"),
-        num_images=validation.whole_number(num_images, 1, 64, "Number of images"),
-        scheduler="" if scheduler in (None, "", MODEL_SCHEDULER) else scheduler,
-        seed=validation.optional_seed(seed),
-        preview=True,
-    )
-    if init_image is None:
-        request.width = validation.image_side(width, "Width")
-        request.height = validation.image_side(height, "Height")
-    else:
-        buffer = io.BytesIO()
-        init_image.convert("RGB").save(buffer, format="PNG")
-        request.init_image = buffer.getvalue()
-        request.strength = validation.number_in_range(strength, 0, 1, "Strength")
-    if adapter not in (None, "", NO_ADAPTER):
-        request.adapter = adapter
-        request.adapter_scale = validation.number_in_range(adapter_scale, 0, 2, "Adapter scale")
-    return request
+def image_request(*form) -> diffusion_pb2.GenerateImagesRequest:
+    """The request for what the form holds (in `ImageForm` order), each value checked first."""
+    return ImageForm(*form).request()
 
 
 def caption(image: diffusion_pb2.Image, request: diffusion_pb2.GenerateImagesRequest) -> str:
@@ -104,15 +82,16 @@ def caption(image: diffusion_pb2.Image, request: diffusion_pb2.GenerateImagesReq
     return " · ".join(parts)
 
 
-def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_limit: int) -> ImagesTab:
-    diffusion = clients.diffusion_service
+def _generators(clients: ServiceClients, files: ImageFiles) -> tuple[Callable, Callable]:
+    """The form's Generate (adding to this page's gallery) and `/generate_images` (its own images only)."""
 
     def generate(*args):
+        """Make images for the form's values, showing each step's preview; the gallery keeps earlier ones."""
         *form, gallery = args
-        request = image_request(*form)
+        request = ImageForm(*form).request()
         started = time.monotonic()
         gallery = list(gallery or [])
-        with user_errors(diffusion, "generate_images"):
+        with user_errors(clients.diffusion_service, "generate_images"):
             yield None, "Waiting for the diffusion service…", gallery, gallery
             for event in follow(clients.diffusion.GenerateImagesStream(request)):
                 if event is None:
@@ -129,21 +108,34 @@ def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_lim
                     note = f"{len(made)} image(s) in {time.monotonic() - started:.1f} s · seed(s) {seeds}"
                     yield gr.skip(), note, gallery, gallery
 
+    @form_signature
+    def api_generate(*form):
+        """Make images for `prompt`; every other input is optional (None: the model's own steps, guidance and
+        size). Streams (preview, status, gallery); the last gallery holds this call's images."""
+        for preview, status, gallery, _ in generate(*form, []):
+            yield preview, status, gallery
+
+    return generate, api_generate
+
+
+def _pickers(clients: ServiceClients) -> tuple[Callable, Callable, Callable]:
+    """The functions that fill the pickers, a model's defaults and the random-weights banner."""
+    diffusion = clients.diffusion_service
+
+    def models() -> list:
+        return clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
+
     def refresh(current_model, current_adapter, current_scheduler):
-        models = call_or_warn(
-            diffusion,
-            "list_models",
-            lambda: clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models,
-            [],
-        )
+        """The pickers as the services see them now, keeping the current picks where they still exist."""
+        listed = call_or_warn(diffusion, "list_models", models, [])
         schedulers = call_or_warn(
             diffusion,
             "list_schedulers",
             lambda: clients.diffusion.ListSchedulers(diffusion_pb2.ListSchedulersRequest(), timeout=QUICK_CALL_S).names,
             [],
         )
-        names = [m.name for m in models]
-        model = current_model if current_model in names else next((m.name for m in models if m.is_default), None)
+        names = [m.name for m in listed]
+        model = current_model if current_model in names else next((m.name for m in listed if m.is_default), None)
         adapters = adapter_names(clients, finetune_pb2.JOB_KIND_DIFFUSION, model)
         adapter = current_adapter if current_adapter in adapters else NO_ADAPTER
         return (
@@ -157,13 +149,7 @@ def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_lim
 
     def model_defaults(model_name):
         """Steps, guidance and size of the chosen model, as the service reports them."""
-        models = call_or_warn(
-            diffusion,
-            "list_models",
-            lambda: clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models,
-            [],
-        )
-        info = next((m for m in models if m.name == model_name), None)
+        info = next((m for m in call_or_warn(diffusion, "list_models", models, []) if m.name == model_name), None)
         if info is None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         return (
@@ -173,60 +159,31 @@ def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_lim
             gr.Slider(value=info.default_height),
         )
 
-    with gr.Row():
-        with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", lines=2, elem_id="images-prompt")
-            negative_prompt = gr.Textbox(label="Negative prompt", lines=1)
-            with gr.Row():
-                model = gr.Dropdown(label="Model", choices=[], allow_custom_value=True, elem_id="images-model")
-                scheduler = gr.Dropdown(
-                    label="Scheduler", choices=[MODEL_SCHEDULER], value=MODEL_SCHEDULER, allow_custom_value=True
-                )
-                refresh_button = gr.Button("↻ Refresh", size="sm", scale=0, min_width=100, elem_id="images-refresh")
-            with gr.Row():
-                steps = gr.Slider(1, 150, value=20, step=1, label="Steps")
-                guidance = gr.Slider(0, 20, value=7.5, step=0.5, label="Guidance scale", info="≤ 1 turns guidance off")
-            with gr.Row():
-                width = gr.Slider(64, 1024, value=512, step=8, label="Width")
-                height = gr.Slider(64, 1024, value=512, step=8, label="Height")
-            with gr.Row():
-                seed = gr.Number(label="Seed", value=-1, precision=0, info="-1 draws one; image i gets seed + i")
-                num_images = gr.Slider(1, 8, value=1, step=1, label="Images")
-            with gr.Row():
-                adapter = gr.Dropdown(
-                    label="Adapter",
-                    choices=[NO_ADAPTER],
-                    value=NO_ADAPTER,
-                    allow_custom_value=True,
-                    elem_id="images-adapter",
-                )
-                adapter_scale = gr.Slider(0, 2, value=1.0, step=0.05, label="Adapter scale")
-            with gr.Accordion("Image to image", open=False):
-                init_image = gr.Image(label="Init image (optional)", type="pil", sources=["upload", "clipboard"])
-                strength = gr.Slider(0, 1, value=0.75, step=0.05, label="Strength", info="how far from the init image")
-            generate_button = gr.Button("Generate", variant="primary", elem_id="images-generate")
-        with gr.Column(scale=2):
-            preview = gr.Image(label="Preview", interactive=False, height=256, elem_id="images-preview")
-            status = gr.Markdown(elem_id="images-status")
-    gallery = gr.Gallery(
-        label="Gallery", columns=6, height=420, object_fit="contain", preview=False, elem_id="images-gallery",
-        format="png",
-    )  # fmt: skip
+    def banner(model_name):
+        """The random-weights banner, shown while the picked model is a built-in test model (quiet when the
+        service is down: the pickers' refresh says so)."""
+        try:
+            info = next((m for m in models() if m.name == model_name), None)
+        except grpc.RpcError:
+            return gr.skip()
+        return gr.Markdown(BUILTIN_BANNER, visible=bool(info and info.source.startswith("builtin:")))
+
+    return refresh, model_defaults, banner
+
+
+def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_limit: int) -> ImagesTab:
+    layout: ImagesLayout = build_images_layout()
+    generate, api_generate = _generators(clients, files)
     gallery_items = gr.State([])
-    inputs = [
-        prompt, negative_prompt, model, scheduler, steps, guidance, width, height, seed, num_images, adapter,
-        adapter_scale, init_image, strength, gallery_items,
-    ]  # fmt: skip
-    generate_button.click(
-        generate,
-        inputs,
-        [preview, status, gallery, gallery_items],
-        api_name="generate_images",
-        concurrency_limit=concurrency_limit,
-    )
-    pickers, defaults = [model, adapter, scheduler], [steps, guidance, width, height]
-    refresh_button.click(refresh, pickers, pickers, api_visibility="private")
-    model.input(refresh, pickers, pickers, api_visibility="private").then(
-        model_defaults, [model], defaults, api_visibility="private"
-    )
-    return ImagesTab(pickers, refresh, defaults, model_defaults)
+    shown = [layout.preview, layout.status, layout.gallery]
+    images = {"concurrency_limit": concurrency_limit, "concurrency_id": "images"}
+    layout.generate.click(generate, [*layout.form, gallery_items], [*shown, gallery_items], **images, **PRIVATE)
+    gr.Button(visible=False).click(api_generate, layout.api_form, shown, api_name="generate_images", **images)
+    refresh, model_defaults, banner = _pickers(clients)
+    pickers = [layout.model, layout.adapter, layout.scheduler]
+    layout.refresh.click(refresh, pickers, pickers, **PRIVATE)
+    layout.model.input(refresh, pickers, pickers, **PRIVATE).then(model_defaults, [layout.model], layout.defaults,
+                                                                  **PRIVATE)  # fmt: skip
+    # however the model changes (page load, a pick, Fine-tune's "Make images with this adapter")
+    layout.model.change(banner, [layout.model], [layout.banner], show_progress="hidden", **PRIVATE)
+    return ImagesTab(pickers, refresh, layout.defaults, model_defaults)
