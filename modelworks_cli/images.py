@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 from modelworks.diffusion.v1 import diffusion_pb2
 from modelworks_cli.connection import CliError
-from modelworks_cli.options import command_options
+from modelworks_cli.options import command_options, count, seed_number
 from modelworks_cli.output import print_json
 
 
@@ -19,13 +19,13 @@ def register(commands) -> None:
     image.add_argument("--out", type=Path, default=Path("."), help="folder for the PNGs (default: here)")
     image.add_argument("--model", default="", help="a model from `models list --kind diffusion`")
     image.add_argument("--negative-prompt", default="", help="what to steer away from")
-    image.add_argument("-n", "--num-images", type=int, default=1, help="how many (default 1)")
-    image.add_argument("--steps", type=int, default=0, help="denoising steps (default: the model's)")
-    image.add_argument("--width", type=int, default=0, help="a multiple of 8 (default: the model's)")
-    image.add_argument("--height", type=int, default=0, help="a multiple of 8 (default: the model's)")
+    image.add_argument("-n", "--num-images", type=count, default=1, help="how many (default 1)")
+    image.add_argument("--steps", type=count, default=0, help="denoising steps (default: the model's)")
+    image.add_argument("--width", type=count, default=0, help="a multiple of 8 (default: the model's)")
+    image.add_argument("--height", type=count, default=0, help="a multiple of 8 (default: the model's)")
     image.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance (<= 1: off)")
     image.add_argument("--scheduler", default="", help="a scheduler name (default: the model's)")
-    image.add_argument("--seed", type=int, default=None, help="image i gets seed + i (default: drawn)")
+    image.add_argument("--seed", type=seed_number, default=None, help="image i gets seed + i (default: drawn)")
     image.add_argument("--adapter", default="", help="a diffusion LoRA adapter from `adapters list`")
     image.add_argument("--adapter-scale", type=float, default=None, help="the adapter's weight (default 1)")
     image.set_defaults(run=image_command)

@@ -4,24 +4,24 @@ from __future__ import annotations
 
 from modelworks.finetune.v1 import finetune_pb2
 from modelworks_cli.adapters import KINDS
-from modelworks_cli.options import command_options
+from modelworks_cli.options import command_options, count, seed_number
 from modelworks_cli.output import enum_name, print_json, print_table, timestamp
 from modelworks_cli.watch import follow, state_name
 
 STATES = {state_name(v): v for v in finetune_pb2.JobState.values() if v}
 # Flag -> Hyperparameters field, for the settings people change most; the rest take the service's defaults.
 HYPERPARAMETERS = {
-    "method": str,
-    "epochs": int,
-    "max_steps": int,
-    "learning_rate": float,
-    "batch_size": int,
-    "lora_r": int,
-    "lora_alpha": float,
-    "max_seq_length": int,
-    "resolution": int,
-    "validation_fraction": float,
-    "seed": int,
+    "method": (str, "NAME"),
+    "epochs": (count, "N"),
+    "max_steps": (count, "N"),
+    "learning_rate": (float, "LR"),
+    "batch_size": (count, "N"),
+    "lora_r": (count, "R"),
+    "lora_alpha": (float, "ALPHA"),
+    "max_seq_length": (count, "TOKENS"),
+    "resolution": (count, "PIXELS"),
+    "validation_fraction": (float, "FRACTION"),
+    "seed": (seed_number, "SEED"),
 }
 
 
@@ -33,18 +33,16 @@ def register(commands) -> None:
     create.add_argument("--adapter-name", required=True, help="the name the trained adapter is served by")
     create.add_argument("--kind", choices=sorted(KINDS), default="llm", help="default llm")
     create.add_argument("--validation-dataset", default="", help="a JSONL dataset id to validate on (LLM)")
-    for name, kind in HYPERPARAMETERS.items():
+    for name, (parse, metavar) in HYPERPARAMETERS.items():
         flag = name.replace("_", "-")
-        create.add_argument(
-            f"--{flag}", type=kind, default=None, metavar=kind.__name__.upper(), help="default: the service's"
-        )
+        create.add_argument(f"--{flag}", type=parse, default=None, metavar=metavar, help="default: the service's")
     create.add_argument("--target-modules", default="", help="comma-separated module names LoRA adapts")
     create.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
     create.set_defaults(run=create_job)
 
     listing = jobs.add_parser("list", parents=[command_options()], help="jobs, newest first")
     listing.add_argument("--state", choices=sorted(STATES), help="only jobs in this state")
-    listing.add_argument("--limit", type=int, default=0, help="at most this many (default 100)")
+    listing.add_argument("--limit", type=count, default=0, help="at most this many (default 100)")
     listing.set_defaults(run=list_jobs)
     for name, run, text in [
         ("show", show_job, "a job's settings and progress"),

@@ -9,6 +9,26 @@ import os
 from modelworks_cli.connection import SERVICE_TITLES, default_target
 
 
+def _unsigned(bits: int):
+    """An argparse type for a proto `uint32`/`uint64` field: out of range is a usage error, not a traceback."""
+    largest = 2**bits - 1
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not 0 <= value <= largest:
+            raise argparse.ArgumentTypeError(f"{value} is out of range: from 0 to {largest:,}")
+        return value
+
+    return parse
+
+
+count = _unsigned(32)  # steps, tokens, sizes: the protos' uint32 fields
+seed_number = _unsigned(64)
+
+
 def add_global_options(parser: argparse.ArgumentParser, suppress: bool = False) -> None:
     """With `suppress`, an option left out does not override the value given before the command."""
 

@@ -14,18 +14,21 @@ from tests.conftest import TEST_SERVER_CONFIG
 from tests.harness import REPO_ROOT, free_port, spawn_service, start_redis, wait_for
 
 
-def modelworks(*args: str, targets: dict[str, str] | None = None, stdin: str = "", env: dict | None = None):
+def modelworks(
+    *args: str, targets: dict[str, str] | None = None, stdin: str = "", env: dict | None = None, stdin_bytes=None
+):
     """Run `python -m modelworks_cli` with the given targets; returns the completed process (never raises)."""
     options = [f"--{service}-target={address}" for service, address in (targets or {}).items()]
-    return subprocess.run(
+    result = subprocess.run(
         [sys.executable, "-m", "modelworks_cli", *options, *args],
         cwd=REPO_ROOT,
         env={**os.environ, **(env or {})},
-        input=stdin,
+        input=stdin.encode() if stdin_bytes is None else stdin_bytes,
         capture_output=True,
-        text=True,
         timeout=300,
     )
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
 
 
 def ok(result) -> str:
@@ -64,7 +67,7 @@ def test_generate_streams_what_generate_returns_whole(llm):
 
 
 def test_chat_with_a_message_and_from_stdin(llm):
-    args = ["--system", "You are terse.", "--model", "tiny-llm", *GREEDY]
+    args = ["--system", "You are terse.", "--model", "tiny-llm", "--top-k", "5", "--repetition-penalty", "1.1", *GREEDY]
     reply = ok(modelworks("chat", "Hello there", *args, targets=llm))
     assert reply.strip()
     assert ok(modelworks("chat", *args, targets=llm, stdin="Hello there")) == reply
@@ -94,6 +97,10 @@ def test_a_bad_input_exits_2_with_the_services_message(llm):
     too_many = modelworks("chat", "hi", "--max-tokens", "100000000", targets=llm)
     assert too_many.returncode == 2, too_many.stderr
     assert "INVALID_ARGUMENT" in too_many.stderr and "Traceback" not in too_many.stderr
+    negative = modelworks("generate", "hi", "--max-tokens", "-1", targets=llm)  # refused before any call
+    assert negative.returncode == 2 and "--max-tokens: -1 is out of range" in negative.stderr
+    binary = modelworks("generate", targets=llm, stdin_bytes=b"\xff\xfe not text")
+    assert binary.returncode == 2 and "standard input is not UTF-8 text" in binary.stderr, binary.stderr
 
 
 def test_image_writes_a_png_per_image(diffusion_server, tmp_path):
@@ -181,10 +188,11 @@ def test_ctrl_c_detaches_from_a_watched_job_which_jobs_cancel_then_stops(all_tar
         assert watcher.wait(60) == 130
     finally:
         watcher.kill()
+        cancelled = modelworks("jobs", "cancel", job_id, targets=all_targets)  # frees the shared worker, always
     shown = log.read_text()
     assert f"Re-attach with: modelworks jobs watch {job_id}" in shown and "Traceback" not in shown
 
-    ok(modelworks("jobs", "cancel", job_id, targets=all_targets))
+    ok(cancelled)
     assert modelworks("jobs", "watch", job_id, targets=all_targets).returncode == 1  # re-attached; it ended cancelled
     assert json.loads(ok(modelworks("--json", "jobs", "show", job_id, targets=all_targets)))["state"] == (
         "JOB_STATE_CANCELLED"
