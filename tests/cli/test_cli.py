@@ -169,6 +169,12 @@ def test_a_dataset_uploaded_trains_a_watched_job_whose_adapter_chats(all_targets
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def ctrl_c_delivered() -> None:
+    """In the child: SIGINT as a terminal delivers it. A suite started in the background (`make test &`, nohup)
+    inherits SIGINT ignored, and a Python started so never turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_detaches_from_a_watched_job_which_jobs_cancel_then_stops(all_targets, tmp_path):
     created = modelworks(
         "--json", "jobs", "create", "--base-model", "tiny-llm", "--dataset", "sample-llm-lighthouse",
@@ -180,7 +186,7 @@ def test_ctrl_c_detaches_from_a_watched_job_which_jobs_cancel_then_stops(all_tar
     with log.open("w") as err:
         watcher = subprocess.Popen(
             [sys.executable, "-m", "modelworks_cli", *options, "jobs", "watch", job_id],
-            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True,
+            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=err, text=True, preexec_fn=ctrl_c_delivered,
         )  # fmt: skip
     try:
         wait_for(lambda: "[running]" in log.read_text(), 300, "the watcher to show the job running")
