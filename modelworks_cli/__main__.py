@@ -44,9 +44,6 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"modelworks: {error}", file=sys.stderr)
         return 1
-    except ValueError as error:  # input the options could not check: a file or stdin that is not UTF-8 text
-        print(f"modelworks: {error}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
