@@ -39,17 +39,24 @@ def _job(pb, model: str, name: str, steps: int):
     )
 
 
+def sample_training_data(context_length: int):
+    """What CreateJob would find out about the bundled lighthouse sample on a Llama-shaped base."""
+    from services.finetune.hyperparams import LLM_TARGETS, TrainingData
+
+    return TrainingData(
+        kind="llm", num_records=40, architecture="llama", context_length=context_length,
+        record_type="prompt_completion", targets=LLM_TARGETS["llama"],
+    )  # fmt: skip
+
+
 def _in_process(settings, model: str, steps: int, job_dir: Path) -> float:
-    from services.finetune.hyperparams import LLM_TARGETS, Hyperparameters, TrainingData, resolve
+    from services.finetune.hyperparams import Hyperparameters, resolve
     from services.finetune.samples import llm_sample_jsonl
     from services.finetune.training.launch import TrainingSpec, train_here
 
     dataset = job_dir.parent / "inprocess.jsonl"
     dataset.write_bytes(llm_sample_jsonl())
-    data = TrainingData(
-        kind="llm", num_records=40, architecture="llama", context_length=2048, record_type="prompt_completion",
-        targets=LLM_TARGETS["llama"],
-    )  # fmt: skip
+    data = sample_training_data(context_length=2048)
     hp, total = resolve(
         Hyperparameters(max_steps=steps, learning_rate=5e-3, save_steps=100, validation_fraction=0), data
     )

@@ -42,6 +42,9 @@ class AdapterInfo:
     # serving caches can tell a replaced adapter from the one they hold.
     version: str = ""
     owner: str = ""  # the name of the API key whose job made it ("local" with no keys configured)
+    # How its base was held in training: "bnb-nf4" for QLoRA. It serves on the base model however that is
+    # loaded; a base served unquantized gives slightly different outputs (docs/quantization.md).
+    quantization: str = "none"
 
 
 def validate_adapter_name(name: str) -> str:

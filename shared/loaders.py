@@ -19,6 +19,7 @@ from shared import hub_files
 from shared.devices import DTypeChoice, choose_dtype, dtype_name, resolve_device
 from shared.errors import FailedPrecondition
 from shared.locations import prepared_folder, pretrained_location
+from shared.quantization import quantization_config, weight_bytes
 from shared.registry import ModelSource, parse_source
 from shared.settings import ModelEntry, Settings
 
@@ -31,8 +32,10 @@ class LoadedCausalLM:
     model: Any  # transformers PreTrainedModel, in eval mode on `device`
     tokenizer: Any
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # what it computes in (a quantized model's linear layers hold packed weights)
     dtype_reason: str = ""
+    quantization: str = "none"
+    weight_bytes: int = 0  # the loaded weights, quantization scales included
 
 
 def _placement(entry: ModelEntry, settings: Settings) -> tuple[str, dict[str, Any], torch.device, DTypeChoice]:
@@ -68,11 +71,18 @@ def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) ->
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
+    config = quantization_config(entry.quantization, device, choice.dtype)
+    if config is not None:  # loaded straight onto the device: a quantized model is not moved after loading
+        kwargs = {**kwargs, "quantization_config": config, "device_map": {"": device}}
     model = getattr(transformers, auto_class).from_pretrained(
         location, dtype=choice.dtype, use_safetensors=True, **kwargs
     )
-    model.to(device).eval()
-    return LoadedCausalLM(entry, model, tokenizer, device, choice.dtype, choice.reason)
+    if config is None:
+        model.to(device)
+    model.eval()
+    return LoadedCausalLM(
+        entry, model, tokenizer, device, choice.dtype, choice.reason, entry.quantization, weight_bytes(model)
+    )
 
 
 @dataclass

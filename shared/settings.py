@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from shared.addresses import exposure_refusal, is_loopback
 from shared.auth import ADMIN, SCOPES, Caller, KeyRing, key_digest
 from shared.credentials import fill_from_files
+from shared.quantization import QuantizationName
 
 ENV_PREFIX = "MODELWORKS_"
 CONFIG_ENV = "MODELWORKS_CONFIG"
@@ -73,6 +74,11 @@ class ModelEntry(_Section):
     )
     gguf_file: str | None = Field(None, description="with an hf: source: the repository's GGUF file to convert")
     dtype: DTypeName = "auto"
+    quantization: QuantizationName = Field(
+        "none",
+        description="load the weights quantized: bnb-nf4 (4-bit NormalFloat, double quantized, computing in dtype), "
+        "bnb-int8, or fp8 (GPUs of compute capability 8.9+); LLM and embedding models",
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     trust_remote_code: bool = False
     tool_parser: Literal["auto", "hermes", "llama3", "mistral"] = Field(
@@ -94,6 +100,8 @@ class ModelEntry(_Section):
             raise ValueError("gguf_file names a file of an hf: repository; for a local file use source gguf:<path>")
         if (self.gguf_file or self.source.startswith("gguf:")) and self.kind != "llm":
             raise ValueError("GGUF checkpoints are LLMs: use kind llm")
+        if self.quantization != "none" and self.kind == "diffusion":
+            raise ValueError("quantization applies to llm and embedding models; diffusion models load unquantized")
         return self
 
 
@@ -246,6 +254,12 @@ class FinetuneSettings(_Section):
     max_queued_jobs: int = Field(
         100, ge=1, description="jobs one API key may have queued or running at once (per-key setting overrides it)"
     )
+    max_concurrent_exports: int = Field(
+        1,
+        ge=1,
+        description="ExportAdapter calls merging at once (each loads its base model); past it RESOURCE_EXHAUSTED",
+    )
+    export_timeout_s: float = Field(3600.0, gt=0, description="an export that takes longer is stopped and fails")
     job_retention_days: float = Field(
         30.0, gt=0, description="finished jobs (record, events, folder) are removed this long after they end"
     )
@@ -476,6 +490,10 @@ class Settings(_Section):
     @property
     def jobs_dir(self) -> Path:
         return self.data_dir / "jobs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.data_dir / "exports"
 
 
 def load_settings(path: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:

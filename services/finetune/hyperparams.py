@@ -10,12 +10,14 @@ import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from shared.errors import InvalidArgument
+from shared.quantization import TRAINABLE_QUANTIZATIONS
 
 METHODS = ("lora", "dora", "rslora", "p_tuning")
 LLM_METHODS = METHODS
 DIFFUSION_METHODS = ("lora", "dora", "rslora")
 LR_SCHEDULERS = ("linear", "cosine", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16", "fp16")  # auto: bf16 where the device computes it natively
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit")  # the 8-bit ones: bitsandbytes; paged: CUDA only
 
 # Linear layers a LoRA can target, by architecture (config.json `model_type`); the first list is the default.
 LLM_TARGETS: dict[str, tuple[list[str], list[str]]] = {
@@ -47,6 +49,8 @@ DEFAULTS: dict = {
     "method": "lora",
     "lr_scheduler": "cosine",
     "mixed_precision": "auto",
+    "quantization": "none",
+    "optimizer": "adamw",
     "epochs": 3,
     "learning_rate": {"adapter": 2e-4, "p_tuning": 1e-2},
     "batch_size": {"llm": 4, "diffusion": 1},  # then rounded up to a multiple of the worker's GPUs
@@ -89,6 +93,9 @@ class Hyperparameters:
     random_crop: bool = False
     random_flip: bool = False
     learning_rate_multiplier: float = 0.0  # scales the default learning rate (OpenAI's field)
+    quantization: str = ""  # the frozen base's: none, bnb-nf4 (QLoRA), bnb-int8
+    gradient_checkpointing: bool = False
+    optimizer: str = ""
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -150,6 +157,7 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
     method = _method(hp, data)
     _check_bounds(hp, data)
     lr_scheduler, mixed_precision = _choices(hp, data)
+    quantization, optimizer = _memory_choices(hp, data)
     target_modules = _target_modules(hp, method, data)
     max_seq_length, resolution = _input_size(hp, method, data)
     validation_fraction, train_records = _validation_split(hp, data)
@@ -181,6 +189,8 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         lr_scheduler=lr_scheduler,
         max_grad_norm=hp.max_grad_norm or DEFAULTS["max_grad_norm"],
         mixed_precision=mixed_precision,
+        quantization=quantization,
+        optimizer=optimizer,
         validation_fraction=validation_fraction,
         seed=DEFAULTS["seed"] if hp.seed is None else hp.seed % 2**63,  # room for seed + epoch in a torch seed
         max_seq_length=max_seq_length,
@@ -247,6 +257,27 @@ def _choices(hp: Hyperparameters, data: TrainingData) -> tuple[str, str]:
             "use auto, bf16 or no"
         )
     return lr_scheduler, mixed_precision
+
+
+def _memory_choices(hp: Hyperparameters, data: TrainingData) -> tuple[str, str]:
+    """The base's quantization (QLoRA) and the optimizer: what lets a bigger model train in less memory."""
+    quantization = hp.quantization or DEFAULTS["quantization"]
+    if quantization not in TRAINABLE_QUANTIZATIONS:
+        raise InvalidArgument(
+            f"hyperparameters.quantization {quantization!r} cannot train; use one of "
+            f"{', '.join(TRAINABLE_QUANTIZATIONS)} (bnb-nf4 is QLoRA)"
+        )
+    if quantization != "none" and data.kind != "llm":
+        raise InvalidArgument("hyperparameters.quantization applies to LLM jobs; diffusion jobs train on a full base")
+    optimizer = hp.optimizer or DEFAULTS["optimizer"]
+    if optimizer not in OPTIMIZERS:
+        raise InvalidArgument(f"hyperparameters.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+    if optimizer.startswith("paged_") and data.cuda_workers is False:
+        raise InvalidArgument(
+            f"hyperparameters.optimizer {optimizer} pages optimizer state between GPU and host memory, and every "
+            "worker here runs on the CPU; use adamw_8bit or adamw"
+        )
+    return quantization, optimizer
 
 
 def _target_modules(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[str, ...]:

@@ -23,8 +23,8 @@ import redis
 from services.finetune import metrics
 from services.finetune.jobs import JobEvent, JobRecord, JobState, JobStore
 from services.finetune.training import checkpoint, launch
+from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.loop import StepReport, StopReason, TooManyBadSteps, TrainingStopped
-from services.finetune.training.recipe import TrainingInputError
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.devices import is_fatal_device_error
 from shared.errors import AlreadyExists, ServiceError
@@ -292,6 +292,7 @@ def _attempt(job_id: str, attempt: int, token: str, lease: LeaseKeeper, context:
             kind=job.kind,
             base_model=job.base_model,
             method=job.hyperparameters.get("method", "lora"),
+            quantization=job.hyperparameters.get("quantization") or "none",
             job_id=job.id,
             metrics=_metrics_of(result),
             owner=job.owner,
@@ -381,9 +382,14 @@ def _describe(exc: Exception) -> str:
     import torch
 
     if isinstance(exc, torch.OutOfMemoryError):
-        return "out of accelerator memory: lower batch_size, max_seq_length or resolution, or use mixed_precision"
+        return (
+            "out of accelerator memory: lower batch_size, max_seq_length or resolution, or use mixed_precision, "
+            "gradient_checkpointing, or (LLM jobs) quantization bnb-nf4"
+        )
     if isinstance(exc, TrainingInputError):  # written for users: it says what to change
         return str(exc)
+    if isinstance(exc, ServiceError):  # the shared library's refusals are written for users too
+        return exc.message
     return f"training failed with an internal error ({type(exc).__name__}); the worker's log has the details"
 
 

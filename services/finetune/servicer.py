@@ -18,10 +18,13 @@ from modelworks.finetune.v1 import finetune_pb2_grpc
 from services.finetune.api import FineTuneAPI
 from services.finetune.datasets import DatasetRecord
 from services.finetune.events import EventFollower
+from services.finetune.export.access import ExportAccess
+from services.finetune.export.process import run_export
+from services.finetune.export.store import ExportInfo, ExportStore
 from services.finetune.hyperparams import Hyperparameters
 from services.finetune.jobs import JobEvent, JobRecord, JobState
 from shared.adapters import AdapterInfo
-from shared.errors import InvalidArgument, Unavailable
+from shared.errors import InvalidArgument, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +144,7 @@ def adapter_to_proto(info: AdapterInfo) -> pb.Adapter:
         metrics={k: float(v) for k, v in info.metrics.items() if isinstance(v, int | float)},
         version=info.version,
         owner=info.owner,
+        quantization=info.quantization,
     )
 
 
@@ -188,6 +192,8 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
         self.api = api
         self.watchers = watchers
         self.chunk_bytes = read_chunk_bytes(api.settings.finetune.max_message_bytes)
+        self.exports = ExportAccess(api.adapters, ExportStore(api.settings.exports_dir), api.jobs)
+        self._export_slots = asyncio.Semaphore(api.settings.finetune.max_concurrent_exports)
 
     async def UploadDataset(self, request_iterator, context):
         upload = None
@@ -292,3 +298,62 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
                 for m in models
             ]
         )
+
+    async def ExportAdapter(self, request, context):
+        fmt = EXPORT_FORMATS.get(request.format)
+        if fmt is None:
+            raise InvalidArgument(f"unknown export format {request.format}")
+        arguments = await asyncio.to_thread(
+            self.exports.export_arguments,
+            request.adapter,
+            request.job_id,
+            fmt,
+            request.gguf_type,
+            request.dtype,
+            request.name,
+        )
+        if self._export_slots.locked():
+            raise ResourceExhausted(
+                "another export is running (finetune.max_concurrent_exports); retry when it finishes"
+            )
+        async with self._export_slots:
+            written = await run_export(arguments, self.api.settings.finetune.export_timeout_s)
+        return export_to_proto(await asyncio.to_thread(self.exports.get, written["name"]))
+
+    async def ListExports(self, request, context):
+        exports = await asyncio.to_thread(self.exports.list)
+        return pb.ListExportsResponse(exports=[export_to_proto(e) for e in exports])
+
+    async def ReadExport(self, request, context):
+        file = await asyncio.to_thread(self.exports.open_file, request.name, request.path)
+        try:
+            while chunk := await asyncio.to_thread(file.read, self.chunk_bytes):
+                yield pb.ReadExportResponse(chunk=chunk)
+        finally:
+            file.close()
+
+    async def DeleteExport(self, request, context):
+        await asyncio.to_thread(self.exports.delete, request.name)
+        return pb.DeleteExportResponse()
+
+
+EXPORT_FORMATS = {
+    pb.EXPORT_FORMAT_UNSPECIFIED: "merged",
+    pb.EXPORT_FORMAT_MERGED: "merged",
+    pb.EXPORT_FORMAT_GGUF: "gguf",
+}
+
+
+def export_to_proto(info: ExportInfo) -> pb.Export:
+    return pb.Export(
+        name=info.name,
+        adapter=info.adapter,
+        base_model=info.base_model,
+        format=pb.EXPORT_FORMAT_GGUF if info.format == "gguf" else pb.EXPORT_FORMAT_MERGED,
+        dtype=info.dtype,
+        gguf_type=info.gguf_type,
+        created_at=info.created_at,
+        owner=info.owner,
+        files=[pb.ExportFile(path=path, bytes=size) for path, size in sorted(info.files.items())],
+        total_bytes=info.total_bytes,
+    )

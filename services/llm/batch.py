@@ -18,6 +18,7 @@ from transformers.cache_utils import DynamicLayer
 from services.llm import slot_attention
 from services.llm.kv_slots import Slot, SlotKV
 from services.llm.slot_attention import Segment, StepPlan
+from shared.quantization import activation_dtype
 
 
 def check_cache_support(model) -> None:
@@ -105,7 +106,7 @@ def prefill_logits(model, prompts: list[list[int]], prefixes: list[torch.Tensor 
     lengths = [len(p) + (0 if e is None else e.shape[0]) for p, e in zip(prompts, prefixes, strict=True)]
     kv = SlotKV(
         model.config,
-        dtype=next(model.parameters()).dtype,
+        dtype=activation_dtype(model),
         device=model.device,
         budget_bytes=2**62,
         max_rows=len(prompts),

@@ -41,6 +41,7 @@ from services.llm.stop import StopStringMatcher
 from shared.devices import is_fatal_device_error
 from shared.engine_thread import EngineThread
 from shared.errors import Cancelled, DeadlineExceeded, InvalidArgument, ResourceExhausted, ServiceError
+from shared.quantization import activation_dtype
 from shared.waiting import WaitingQueue
 
 log = logging.getLogger(__name__)
@@ -179,7 +180,7 @@ class LLMEngine:
         )
         self.kv = SlotKV(
             model.config,
-            dtype=next(model.parameters()).dtype,
+            dtype=activation_dtype(model),
             device=model.device,
             budget_bytes=kv_cache_bytes if kv_cache_bytes is not None else default_budget_bytes(model.device),
             max_rows=max_batch_size,

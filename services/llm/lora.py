@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 from shared.devices import is_fatal_device_error
 from shared.errors import FailedPrecondition, ResourceExhausted
+from shared.quantization import activation_dtype, dense_weight
 
 if TYPE_CHECKING:
     from services.llm.kv_slots import SlotKV
@@ -89,17 +90,21 @@ class LayerWeights:
 
 
 def dora_factor(base_weight: torch.Tensor, weights: LayerWeights) -> torch.Tensor:
-    """m / ‖W₀ + s·BA‖ per output feature (peft's DoRA; the scaling is already in B), in float32."""
+    """m / ‖W₀ + s·BA‖ per output feature (peft's DoRA; the scaling is already in B), in float32; a quantized
+    base's W₀ is its dequantized weight, as peft computes it."""
     adapted = base_weight.float() + weights.B.float().to(base_weight.device) @ weights.A.float().to(base_weight.device)
     return weights.magnitude.float().to(base_weight.device) / torch.linalg.norm(adapted, dim=1)
 
 
 class MultiLoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, state: LoraBatchState, slots: int, rank: int):
+    """A linear layer (plain or quantized) with every slot's LoRA; the slots are in `dtype`, the model's
+    compute dtype."""
+
+    def __init__(self, base: nn.Linear, state: LoraBatchState, slots: int, rank: int, dtype: torch.dtype):
         super().__init__()
         self.base = base
         self.state = state
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        factory = {"device": base.weight.device, "dtype": dtype}
         self.register_buffer("lora_A", torch.zeros(slots * rank, base.in_features, **factory), persistent=False)
         self.register_buffer("lora_B", torch.zeros(base.out_features, slots * rank, **factory), persistent=False)
         # DoRA factors: row s is slot s's m/‖W₀+s·BA‖ (ones for LoRA slots); the last row is the base's ones
@@ -172,7 +177,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_A[slot * rank : slot * rank + r] = weights.A.to(self.lora_A)
         self.lora_B[:, slot * rank : slot * rank + r] = weights.B.to(self.lora_B)
         if weights.magnitude is not None:
-            self.dora_scale[slot] = dora_factor(self.base.weight, weights).to(self.dora_scale)
+            self.dora_scale[slot] = dora_factor(dense_weight(self.base), weights).to(self.dora_scale)
 
 
 @dataclass
@@ -280,7 +285,9 @@ class MultiLora:
     def _allocate(self, slots: int, rank: int, targets: list[str]) -> _Layout:
         """Every buffer of the new layout; nothing of the model changes here."""
         return _Layout(
-            wrapped={name: MultiLoraLinear(self._target(name), self.state, slots, rank) for name in targets},
+            wrapped={
+                name: MultiLoraLinear(self._target(name), self.state, slots, rank, self._dtype) for name in targets
+            },
             relaid={name: layer.relaid(slots, rank, self.rank) for name, layer in self.layers.items()},
             columns_slot=torch.arange(slots, device=self._device).repeat_interleave(rank),
         )
@@ -299,6 +306,10 @@ class MultiLora:
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def _dtype(self) -> torch.dtype:
+        return activation_dtype(self.model)
+
     def _target(self, name: str) -> nn.Linear:
         parent_name, _, child = name.rpartition(".")
         return getattr(self.model.get_submodule(parent_name), child)
@@ -306,9 +317,9 @@ class MultiLora:
     def _layout_bytes(self, slots: int, rank: int, targets: list[str]) -> int:
         """Bytes of the slot buffers for `slots` slots of rank `rank` in the wrapped and `targets` layers."""
         bases = [layer.base for layer in self.layers.values()] + [self._target(name) for name in targets]
+        itemsize = self._dtype.itemsize
         return sum(
-            (slots * rank * (base.in_features + base.out_features) + (slots + 1) * base.out_features)
-            * base.weight.element_size()
+            (slots * rank * (base.in_features + base.out_features) + (slots + 1) * base.out_features) * itemsize
             for base in bases
         )
 

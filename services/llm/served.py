@@ -62,6 +62,7 @@ class ServedLLM:
         self.device = loaded.device
         self.dtype = dtype_name(loaded.dtype)
         self.dtype_reason = loaded.dtype_reason
+        self.weight_bytes = loaded.weight_bytes
         self.tokenizer = loaded.tokenizer
         self.context_length = context_length(loaded.model, loaded.tokenizer)
         vocab_size = loaded.model.get_output_embeddings().weight.shape[0]  # the logits' width

@@ -18,6 +18,7 @@ class ServedEmbedder:
         self.device = loaded.device
         self.dtype = dtype_name(loaded.dtype)
         self.dtype_reason = loaded.dtype_reason
+        self.weight_bytes = loaded.weight_bytes
         self.tokenizer = loaded.tokenizer
         self.dimensions = loaded.model.config.hidden_size
         self.context_length = context_length(loaded.model, loaded.tokenizer)

@@ -214,13 +214,18 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
         adapters = await asyncio.to_thread(self._llm_adapters)
         for entry, served in self.host.entries():
             info = llm_pb2.ModelInfo(
-                name=entry.name, kind=entry.kind, source=entry.source, is_default=entry.name == default
+                name=entry.name,
+                kind=entry.kind,
+                source=entry.source,
+                is_default=entry.name == default,
+                quantization=entry.quantization,
             )
             if served is not None:
                 info.max_context_length = served.context_length
                 info.max_new_tokens_limit = served.limits.max_new_tokens_limit
                 info.dtype, info.dtype_reason = served.dtype, served.dtype_reason
                 info.device = str(served.device)
+                info.weight_bytes = served.weight_bytes
             info.adapters.extend(a.name for a in adapters if a.base_model in (entry.name, entry.source))
             models.append(info)
         for entry, embedder in self.embedders.entries() if self.embedders else ():
@@ -229,11 +234,13 @@ class LLMServicer(llm_pb2_grpc.LLMServiceServicer):
                 kind=entry.kind,
                 source=entry.source,
                 is_default=entry.name == self.embedders.registry.default_name,
+                quantization=entry.quantization,
             )
             if embedder is not None:
                 info.max_context_length = embedder.max_input_tokens
                 info.dtype, info.dtype_reason = embedder.dtype, embedder.dtype_reason
                 info.device = str(embedder.device)
+                info.weight_bytes = embedder.weight_bytes
             models.append(info)
         return llm_pb2.ListModelsResponse(models=models)
 

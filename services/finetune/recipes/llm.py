@@ -1,4 +1,5 @@
-"""LLM adapters: LoRA, DoRA, rsLoRA or p-tuning on a causal LM, from a JSONL dataset.
+"""LLM adapters: LoRA, DoRA, rsLoRA or p-tuning on a causal LM (full precision, or QLoRA on an NF4/int8
+base), from a JSONL dataset.
 
 Records become (input ids, labels) with the loss only where the model should learn to write:
 - `{"prompt", "completion"}`: the completion and EOS (the prompt is tokenized alone, as serving does);
@@ -22,9 +23,11 @@ import torch
 import torch.nn.functional as F
 
 from services.finetune.datasets import read_jsonl
+from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.loop import TrainingResult
-from services.finetune.training.recipe import RecipeContext, TrainingInputError, split_records
+from services.finetune.training.recipe import RecipeContext, split_records
 from shared.locations import pretrained_location
+from shared.quantization import quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -182,9 +185,7 @@ class LLMRecipe:
         location, kwargs = pretrained_location(ctx.base_model, ctx.settings)
         self.tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=ctx.base_dtype(), use_safetensors=True, **kwargs)
-        model.to(ctx.device)
-        model.config.use_cache = False
+        model = self._base_model(AutoModelForCausalLM, location, kwargs)
         examples = self._examples(*read_jsonl(ctx.dataset_path))
         seed = hp.seed
         if ctx.validation_dataset_path is None:
@@ -215,6 +216,28 @@ class LLMRecipe:
         for parameter in self.model.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # trainable weights stay float32 under autocast
+
+    def _base_model(self, auto_class, location: str, kwargs: dict):
+        """The frozen base: full precision, or quantized for QLoRA (prepared as peft does: norms and the
+        head in float32, input gradients on); with gradient checkpointing if the job asks."""
+        ctx, hp = self.context, self.hp
+        config = quantization_config(hp.quantization or "none", ctx.device, ctx.base_dtype())
+        if config is not None:
+            kwargs = {**kwargs, "quantization_config": config, "device_map": {"": ctx.device}}
+        model = auto_class.from_pretrained(location, dtype=ctx.base_dtype(), use_safetensors=True, **kwargs)
+        if config is None:
+            model.to(ctx.device)
+        model.config.use_cache = False
+        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        if config is not None:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=hp.gradient_checkpointing, **checkpointing
+            )
+        elif hp.gradient_checkpointing:
+            model.gradient_checkpointing_enable(**checkpointing)
+        return model
 
     def _examples(self, records: list[dict], record_type: str, source: str = "dataset") -> list[Example]:
         limit = self.hp.max_seq_length

@@ -25,8 +25,9 @@ import torch.multiprocessing as mp
 
 from services.finetune.datasets import DatasetStore
 from services.finetune.hyperparams import Hyperparameters
+from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.loop import TrainingHooks, TrainingResult, TrainingStopped
-from services.finetune.training.recipe import RecipeContext, TrainingInputError, load_recipe
+from services.finetune.training.recipe import RecipeContext, load_recipe
 from shared.errors import NotFound
 from shared.registry import ModelRegistry
 from shared.settings import ModelEntry, Settings

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from services.finetune.training import checkpoint
 from services.finetune.training.batches import StepBatches
 from services.finetune.training.checkpoint import LoopState
+from services.finetune.training.optimizers import make_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class LoopConfig:
     profile_steps: int
     max_bad_steps: int
     weight_decay: float = 0.0
+    optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
 
 
 @dataclass
@@ -183,7 +185,9 @@ class Trainer:
         self.hooks = hooks if self.rank == 0 else None
         self.device = device
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(
+            config.optimizer, self.parameters, config.learning_rate, config.weight_decay, device
+        )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         use_scaler = config.mixed_precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None

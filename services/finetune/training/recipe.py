@@ -63,6 +63,7 @@ class RecipeContext:
             save_steps=hp.save_steps,
             profile_steps=hp.profile_steps,
             max_bad_steps=self.settings.finetune.max_bad_steps,
+            optimizer=hp.optimizer or "adamw",
         )
 
     def trainer(self, model: torch.nn.Module, train: list, validation: list, loss_sum: LossFn, count: CountFn):
@@ -90,11 +91,6 @@ class RecipeContext:
         """Frozen base weights in the autocast dtype on GPUs (half the memory); float32 elsewhere."""
         dtype = AUTOCAST_DTYPES[self.mixed_precision]
         return dtype if self.device.type == "cuda" and dtype is not None else torch.float32
-
-
-class TrainingInputError(ValueError):
-    """Something about the job's data or model that only shows once training starts; its message is written
-    for the user (what is wrong, what to change) and becomes the job's error as is."""
 
 
 class Recipe(Protocol):
