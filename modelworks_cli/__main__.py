@@ -8,11 +8,11 @@ import sys
 
 import grpc
 
-from modelworks_cli import adapters, chat, datasets, images, jobs, models, status
+from modelworks_cli import adapters, chat, datasets, exports, images, jobs, models, status
 from modelworks_cli.connection import SERVICE_TITLES, Clients, CliError, report_rpc_error
 from modelworks_cli.options import add_global_options
 
-COMMAND_GROUPS = (models, status, chat, images, adapters, datasets, jobs)
+COMMAND_GROUPS = (models, status, chat, images, adapters, exports, datasets, jobs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,6 +22,8 @@ HYPERPARAMETERS = {
     "resolution": (count, "PIXELS"),
     "validation_fraction": (float, "FRACTION"),
     "seed": (seed_number, "SEED"),
+    "quantization": (str, "none|bnb-nf4|bnb-int8"),
+    "optimizer": (str, "adamw|adamw_8bit|paged_adamw_8bit"),
 }
 
 
@@ -37,6 +39,9 @@ def register(commands) -> None:
         flag = name.replace("_", "-")
         create.add_argument(f"--{flag}", type=parse, default=None, metavar=metavar, help="default: the service's")
     create.add_argument("--target-modules", default="", help="comma-separated module names LoRA adapts")
+    create.add_argument(
+        "--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower steps"
+    )
     create.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
     create.set_defaults(run=create_job)
 
@@ -57,7 +62,9 @@ def register(commands) -> None:
 
 def job_request(args) -> finetune_pb2.CreateJobRequest:
     modules = [name.strip() for name in args.target_modules.split(",") if name.strip()]
-    hyperparameters = finetune_pb2.Hyperparameters(target_modules=modules)
+    hyperparameters = finetune_pb2.Hyperparameters(
+        target_modules=modules, gradient_checkpointing=args.gradient_checkpointing
+    )
     for name in HYPERPARAMETERS:
         if getattr(args, name) is not None:
             setattr(hyperparameters, name, getattr(args, name))

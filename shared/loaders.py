@@ -71,7 +71,8 @@ def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) ->
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
-    config = quantization_config(entry.quantization, device, choice.dtype)
+    keep = ["pooler"] if auto_class == "AutoModel" else None  # encoders: see `quantization_config`
+    config = quantization_config(entry.quantization, device, choice.dtype, keep)
     if config is not None:  # loaded straight onto the device: a quantized model is not moved after loading
         kwargs = {**kwargs, "quantization_config": config, "device_map": {"": device}}
     model = getattr(transformers, auto_class).from_pretrained(

@@ -24,10 +24,14 @@ TRAINABLE_QUANTIZATIONS: tuple[str, ...] = ("none", "bnb-nf4", "bnb-int8")  # QL
 FP8_MIN_CAPABILITY = (8, 9)  # Ada and Hopper: float8 tensor cores
 
 
-def quantization_config(name: str, device: torch.device, compute_dtype: torch.dtype) -> Any | None:
+def quantization_config(
+    name: str, device: torch.device, compute_dtype: torch.dtype, keep: list[str] | None = None
+) -> Any | None:
     """transformers' quantization config for loading a model as `name` on `device` (None: not quantized).
 
-    NF4 uses double quantization (the block scales quantized too) and computes in `compute_dtype`."""
+    NF4 uses double quantization (the block scales quantized too) and computes in `compute_dtype`. `keep`
+    names modules left in full precision besides those transformers keeps (the output head): a BERT pooler,
+    which an encoder checkpoint may lack and which would then be made after quantizing, without its state."""
     if name == "none":
         return None
     if name == "fp8":
@@ -41,11 +45,12 @@ def quantization_config(name: str, device: torch.device, compute_dtype: torch.dt
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
+            llm_int8_skip_modules=keep,  # the name covers both bitsandbytes modes
         )
     if name == "bnb-int8":
         # its layers cast float32/bf16 inputs to float16 by design, and would warn on every forward
         warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep)
     raise FailedPrecondition(f"unknown quantization {name!r}; use one of {', '.join(QUANTIZATIONS)}")
 
 

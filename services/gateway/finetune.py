@@ -19,6 +19,7 @@ import gradio as gr
 from modelworks.finetune.v1 import finetune_pb2 as pb
 from services.gateway.clients import QUICK_CALL_S, ServiceClients
 from services.gateway.errors import call_or_warn, user_errors
+from services.gateway.finetune_export import Exporter
 from services.gateway.finetune_form import KINDS, JobForm
 from services.gateway.finetune_layout import build_finetune_layout
 from services.gateway.finetune_watch import JobWatcher
@@ -190,7 +191,30 @@ def build_finetune_tab(clients: ServiceClients, concurrency_limit: int) -> Finet
     )
     ui.log_scale.change(watcher.redraw, [ui.log_scale], [ui.plot], queue=False, show_progress="hidden", **PRIVATE)
     ui.cancel.click(catalog.cancel, [ui.job], None, **PRIVATE)
+    exporter = Exporter(clients)
+    ui.export.click(
+        lambda: (gr.File(visible=False), "Exporting: the base model loads and the adapter is merged…"),
+        None, [ui.export_file, ui.export_note], queue=False, **PRIVATE,
+    ).then(
+        _shown_file(exporter.export), [ui.finished, ui.export_choice], [ui.export_file, ui.export_note],
+        api_name="export_adapter",
+    )  # fmt: skip
     return FinetuneTab(ui.use_in_chat, ui.use_in_images, ui.finished, loader, timer, watcher.forget)
+
+
+def _shown_file(export: Callable) -> Callable:
+    """`export`'s (path, note) with the download box made visible; a refusal in the note (and a toast)."""
+
+    @functools.wraps(export)
+    def shown(finished, choice):
+        try:
+            path, note = export(finished, choice)
+        except gr.Error as error:
+            gr.Warning(error.message)
+            return gr.File(visible=False), f"Not exported: {error.message}"
+        return gr.File(value=path, visible=True), note
+
+    return shown
 
 
 def _row_job_id(event: gr.SelectData):

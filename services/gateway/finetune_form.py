@@ -111,6 +111,13 @@ class JobForm:
     num_virtual_tokens: float | None = _count("Virtual tokens (p-tuning)", 512, "0: 20")
     random_crop: bool | None = _flag("Random crop (diffusion)")
     random_flip: bool | None = _flag("Random flip (diffusion)")
+    quantization: str | None = _choice(
+        "Base quantization (LLM)", ["none", "bnb-nf4", "bnb-int8"], "none", "bnb-nf4: QLoRA, the base in 4 bits"
+    )
+    gradient_checkpointing: bool | None = _flag("Gradient checkpointing (less memory, slower steps)")
+    optimizer: str | None = _choice(
+        "Optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"], "adamw", "8-bit: a quarter of the state; paged: CUDA"
+    )
 
     @classmethod
     def names(cls) -> list[str]:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
+from services.gateway.finetune_export import CHOICES, DEFAULT_CHOICE
 from services.gateway.finetune_form import KINDS, JobForm
 from services.gateway.jobview import jobs_table
 from services.gateway.lossplot import loss_svg
@@ -35,6 +36,10 @@ class FinetuneLayout:
     cancel: gr.Button
     use_in_chat: gr.Button
     use_in_images: gr.Button
+    export_choice: gr.Dropdown
+    export: gr.Button
+    export_file: gr.File
+    export_note: gr.Markdown
     events: gr.Textbox
     resolved: gr.JSON
     table: gr.Dataframe
@@ -63,13 +68,27 @@ def build_finetune_layout() -> FinetuneLayout:
                 cancel = gr.Button("Cancel job", variant="stop", visible=False, elem_id="ft-cancel")
                 use_in_chat = gr.Button("Chat with this adapter", visible=False, elem_id="ft-use-in-chat")
                 use_in_images = gr.Button("Make images with this adapter", visible=False, elem_id="ft-use-in-images")
+            export_parts = _export_row()
             events = gr.Textbox(label="Events", lines=8, max_lines=8, interactive=False, elem_id="ft-events")
             resolved = gr.JSON(label="Resolved hyperparameters", max_height=240)
     table = gr.Dataframe(jobs_table([]), label="Jobs (newest first)", interactive=False, wrap=True, elem_id="ft-jobs")
     return FinetuneLayout(
         form, refresh, *upload, create, created, job, progress, plot, log_scale, cancel, use_in_chat, use_in_images,
-        events, resolved, table, gr.State(None),
+        *export_parts, events, resolved, table, gr.State(None),
     )  # fmt: skip
+
+
+def _export_row() -> tuple[gr.Dropdown, gr.Button, gr.File, gr.Markdown]:
+    """A succeeded LLM job's export: the format, the button, then the file to download and what it is."""
+    with gr.Row(equal_height=True):
+        choice = gr.Dropdown(
+            list(CHOICES), value=DEFAULT_CHOICE, label="Export the adapter merged into its base", visible=False,
+            elem_id="ft-export-choice", scale=3,
+        )  # fmt: skip
+        button = gr.Button("Export", visible=False, elem_id="ft-export", scale=1)
+    file = gr.File(label="Download", visible=False, interactive=False, elem_id="ft-export-file")
+    note = gr.Markdown(elem_id="ft-export-note")
+    return choice, button, file, note
 
 
 def _job_form() -> tuple[list, tuple[gr.File, gr.Textbox, gr.Button]]:

@@ -177,19 +177,21 @@ class JobWatcher:
         }
 
     def _finished(self, view: JobView) -> dict:
-        """The buttons that hand a succeeded job's adapter to Chat or Images."""
+        """The buttons that hand a succeeded job's adapter to Chat or Images, or export an LLM's."""
         job, ui = view.job, self.layout
         return {
             ui.use_in_chat: gr.Button(visible=view.succeeded and job.kind == pb.JOB_KIND_LLM),
             ui.use_in_images: gr.Button(visible=view.succeeded and job.kind == pb.JOB_KIND_DIFFUSION),
+            ui.export_choice: gr.Dropdown(visible=view.succeeded and job.kind == pb.JOB_KIND_LLM),
+            ui.export: gr.Button(visible=view.succeeded and job.kind == pb.JOB_KIND_LLM),
             ui.finished: (KIND_NAMES.get(job.kind), job.base_model, job.adapter_name) if view.succeeded else None,
         }
 
     @property
     def outputs(self) -> list:
         ui = self.layout
-        return [ui.plot, ui.progress, ui.events, ui.cancel, ui.use_in_chat, ui.use_in_images, ui.finished,
-                ui.resolved, ui.table, ui.job]  # fmt: skip
+        return [ui.plot, ui.progress, ui.events, ui.cancel, ui.use_in_chat, ui.use_in_images, ui.export_choice,
+                ui.export, ui.finished, ui.resolved, ui.table, ui.job]  # fmt: skip
 
 
 def _resolved(job: pb.Job) -> dict:

@@ -65,7 +65,18 @@ def _models(clients: ServiceClients) -> dict[str, str]:
 
 
 def _listing(models) -> str:
-    return ", ".join(f"{m.name} ({m.device}, {m.dtype})" for m in models) or "none"
+    return ", ".join(f"{m.name} ({_held(m)})" for m in models) or "none"
+
+
+def _held(model) -> str:
+    """Where and how a model's weights are held: device, dtype, and a quantization and their size if known."""
+    parts = [model.device, model.dtype]
+    quantization = getattr(model, "quantization", "")  # LLM and embedding models
+    if quantization and quantization != "none":
+        parts.append(quantization)
+    if getattr(model, "weight_bytes", 0):
+        parts.append(f"{model.weight_bytes / 2**20:,.0f} MiB")
+    return ", ".join(p for p in parts if p)
 
 
 def services_table(clients: ServiceClients) -> pd.DataFrame:

@@ -164,6 +164,13 @@ def test_a_dataset_uploaded_trains_a_watched_job_whose_adapter_chats(all_targets
     assert "cli-qa" in {a["name"] for a in adapters}
     assert ok(modelworks("chat", "Question 1?", "--adapter", "cli-qa", *GREEDY, targets=all_targets)).strip()
 
+    exported = ok(
+        modelworks("exports", "create", "--job", job_id, "--gguf-type", "Q8_0", "--download", str(tmp_path),
+                   targets=all_targets)
+    )  # fmt: skip
+    assert "exported cli-qa-q8_0" in exported and (tmp_path / "cli-qa-q8_0.gguf").read_bytes()[:4] == b"GGUF"
+    assert "gguf Q8_0" in ok(modelworks("exports", "list", targets=all_targets))
+    assert "deleted export cli-qa-q8_0" in ok(modelworks("exports", "delete", "cli-qa-q8_0", targets=all_targets))
     assert "deleted adapter cli-qa" in ok(modelworks("adapters", "delete", "cli-qa", targets=all_targets))
     missing = modelworks("jobs", "show", "no-such-job", targets=all_targets)
     assert missing.returncode == 2 and "NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr

@@ -13,12 +13,15 @@ import torch
 from peft import LoraConfig, PeftModel, PromptEncoderConfig, get_peft_model
 
 from modelworks.finetune.v1 import finetune_pb2 as pb
+from modelworks.finetune.v1 import finetune_pb2_grpc
 from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 from services.finetune.export.merge import export_adapter
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.loaders import load_causal_lm, prepare
 from shared.settings import Settings
 from tests.conftest import TEST_SERVER_CONFIG
+from tests.finetune.conftest import spawn_two_key_server
+from tests.finetune.test_limits import as_key
 from tests.harness import spawn_service
 
 PROMPT = torch.tensor([[1, 286, 80, 340, 1237]])
@@ -254,3 +257,35 @@ def test_the_command_line_exports_and_refuses_with_exit_code_2(settings, exporte
     assert (settings.exports_dir / "export-rslora-bf16" / "export-rslora-bf16.gguf").is_file()
     refused = subprocess.run([*command, exported["p_tuning"]], env=env, capture_output=True, text=True)
     assert refused.returncode == 2 and "cannot be merged" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def two_keys(data_dir, smollm2, redis_server, tmp_path_factory):
+    server = spawn_two_key_server(data_dir, redis_server.url, tmp_path_factory.mktemp("export-keys"), "export-keys")
+    with grpc.insecure_channel(server.address) as channel:
+        yield finetune_pb2_grpc.FineTuneServiceStub(channel)
+    server.stop()
+
+
+def test_another_keys_adapter_and_exports_are_not_found_to_a_key(settings, two_keys):
+    """alice exports her adapter; to bob neither it nor its export exists, and he cannot delete it."""
+    model = load_causal_lm(settings.models[0], settings).model
+    adapter = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    info = AdapterInfo(name="export-alices", kind="llm", base_model="tiny-llm", owner="alice")
+    AdapterStore(settings.adapters_dir).save(info, adapter.save_pretrained)
+    request = pb.ExportAdapterRequest(adapter="export-alices", format=pb.EXPORT_FORMAT_GGUF)
+    with pytest.raises(grpc.RpcError) as hidden:
+        two_keys.ExportAdapter(request, metadata=as_key("bob"))
+    assert hidden.value.code() == grpc.StatusCode.NOT_FOUND
+    export = two_keys.ExportAdapter(request, metadata=as_key("alice"))
+    assert export.owner == "alice"
+    seen_by_bob = two_keys.ListExports(pb.ListExportsRequest(), metadata=as_key("bob")).exports
+    assert export.name not in {e.name for e in seen_by_bob}
+    for call in (
+        lambda: two_keys.ReadExport(pb.ReadExportRequest(name=export.name), metadata=as_key("bob")).next(),
+        lambda: two_keys.DeleteExport(pb.DeleteExportRequest(name=export.name), metadata=as_key("bob")),
+    ):
+        with pytest.raises(grpc.RpcError) as refused:
+            call()
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+    two_keys.DeleteExport(pb.DeleteExportRequest(name=export.name), metadata=as_key("alice"))

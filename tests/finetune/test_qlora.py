@@ -13,6 +13,7 @@ from services.finetune.hyperparams import Hyperparameters, resolve
 from services.finetune.samples import llm_sample_jsonl
 from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.launch import train_here
+from services.finetune.training.memory import activations_kept
 from services.finetune.training.recipe import load_recipe
 from services.llm.lora import MultiLora
 from shared.errors import InvalidArgument
@@ -35,19 +36,8 @@ def trained_recipe(settings, spec):
 
 
 def saved_activation_bytes(recipe) -> int:
-    """Bytes autograd keeps for the backward pass of one training forward (checkpointed layers keep theirs
-    only as their inputs): the activation memory gradient checkpointing is there to cut."""
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        seen[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
-        return tensor
-
     recipe.model.train()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        loss, _ = recipe.loss_sum(recipe.model, recipe.train_examples[:4])
-    loss.backward()
-    return sum(seen.values())
+    return activations_kept(recipe.model, lambda: recipe.loss_sum(recipe.model, recipe.train_examples[:4])[0])
 
 
 def test_gradient_checkpointing_gives_the_same_losses_while_keeping_fewer_activations(settings, dataset, tmp_path):
@@ -55,7 +45,7 @@ def test_gradient_checkpointing_gives_the_same_losses_while_keeping_fewer_activa
     checkpointed, result = trained_recipe(
         settings, spec_for(dataset, tmp_path / "b", max_steps=4, gradient_checkpointing=True)
     )
-    assert checkpointed.model.get_base_model().is_gradient_checkpointing
+    assert checkpointed.model.get_base_model().is_activation_checkpointing
     torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(plain_result.losses), rtol=1e-5, atol=1e-6)
     kept, full = saved_activation_bytes(checkpointed), saved_activation_bytes(plain)
     assert kept < 0.7 * full, (kept, full)

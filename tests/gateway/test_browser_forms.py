@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from tests.gateway.browsing import (
     SCREENSHOTS,
@@ -128,6 +129,7 @@ def test_a_finished_fine_tune_job_opens_chat_with_its_adapter(page):
     wait_for(lambda: "log scale" in page.locator("#ft-loss-plot").inner_text(), 60, "the plot on a log scale")
     assert plotted(page) == 60 and len(y_tick_labels(page)) > 2
     page.locator("#ft-loss-plot").screenshot(path=str(SCREENSHOTS / "finetune-loss-plot-log.png"))
+    export_and_download(page, "GGUF Q8_0")
     page.locator("#ft-use-in-chat").click()
     wait_for(
         lambda: page.locator("#chat-adapter input").input_value() == "browser-lighthouse", 60, "the adapter picked"
@@ -135,3 +137,16 @@ def test_a_finished_fine_tune_job_opens_chat_with_its_adapter(page):
     send_chat(page, "Who keeps the Zephyr lighthouse?")
     wait_for(lambda: "Stopped because" in page.locator("#chat-note").inner_text(), 120, "the adapter's reply")
     screenshot(page, "chat-with-adapter")
+
+
+def export_and_download(page, choice: str) -> None:
+    """Export the succeeded job's adapter from its view, and download the file the page offers."""
+    assert page.locator("#ft-export").is_visible(), "a succeeded LLM job offers an export"
+    choose(page, "ft-export-choice", choice)
+    page.locator("#ft-export").click()
+    wait_for(lambda: "Exported" in page.locator("#ft-export-note").inner_text(), 300, "the export")
+    assert "browser-lighthouse-q8_0" in page.locator("#ft-export-note").inner_text()
+    with page.expect_download() as download:
+        page.locator("#ft-export-file a").first.click()
+    assert Path(download.value.path()).read_bytes()[:4] == b"GGUF", "the download is the GGUF file"
+    screenshot(page, "finetune-exported")

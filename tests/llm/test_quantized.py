@@ -141,3 +141,18 @@ def test_fp8_is_refused_on_the_cpu_with_what_to_use_instead():
 def test_a_diffusion_model_cannot_be_quantized():
     with pytest.raises(ValueError, match="quantization applies to llm and embedding models"):
         ModelEntry(name="sd", kind="diffusion", source="builtin:tiny-sd", quantization="bnb-nf4")
+
+
+def test_an_embedding_model_loads_in_nf4_and_its_vectors_stay_close(settings):
+    """The encoder's hidden states through NF4 linear layers: mean-pooled vectors point the same way."""
+    from shared.loaders import load_encoder
+
+    full_entry = next(e for e in settings.models if e.kind == "embedding")
+    full = load_encoder(full_entry, settings)
+    nf4 = load_encoder(full_entry.model_copy(update={"quantization": "bnb-nf4"}), settings)
+    assert nf4.weight_bytes < full.weight_bytes
+    ids = full.tokenizer(["a function that parses text", "import os"], return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        vectors = [m.model(**ids).last_hidden_state.mean(1) for m in (full, nf4)]
+    similarity = torch.nn.functional.cosine_similarity(*vectors)
+    assert (similarity > 0.9).all(), similarity

@@ -219,7 +219,7 @@ class LLMRecipe:
 
     def _base_model(self, auto_class, location: str, kwargs: dict):
         """The frozen base: full precision, or quantized for QLoRA (prepared as peft does: norms and the
-        head in float32, input gradients on); with gradient checkpointing if the job asks."""
+        head in float32); with gradient checkpointing if the job asks."""
         ctx, hp = self.context, self.hp
         config = quantization_config(hp.quantization or "none", ctx.device, ctx.base_dtype())
         if config is not None:
@@ -228,15 +228,12 @@ class LLMRecipe:
         if config is None:
             model.to(ctx.device)
         model.config.use_cache = False
-        checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        if config is not None:
+        if config is not None:  # norms and the head in float32, as peft prepares a k-bit base
             from peft import prepare_model_for_kbit_training
 
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=hp.gradient_checkpointing, **checkpointing
-            )
-        elif hp.gradient_checkpointing:
-            model.gradient_checkpointing_enable(**checkpointing)
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        if hp.gradient_checkpointing:  # non-reentrant: frozen inputs need no requires_grad trick
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         return model
 
     def _examples(self, records: list[dict], record_type: str, source: str = "dataset") -> list[Example]:
