@@ -29,10 +29,16 @@ def progress_losses(events) -> list[float]:
     return [e.train_loss for e in events if e.type == "progress"]
 
 
-@pytest.mark.parametrize("method", ["lora", "dora", "rslora", "p_tuning"])
-def test_an_llm_job_teaches_the_sample_and_the_llm_service_serves_it_by_name(finetune_stub, worker, llm_stub, method):
-    adapter = f"lighthouse-{method.replace('_', '-')}"
-    job = finetune_stub.CreateJob(job_request("llm", method, adapter))
+@pytest.mark.parametrize(
+    ("method", "quantization"),
+    [("lora", "none"), ("dora", "none"), ("rslora", "none"), ("p_tuning", "none"), ("lora", "bnb-nf4")],
+)
+def test_an_llm_job_teaches_the_sample_and_the_llm_service_serves_it_by_name(
+    finetune_stub, worker, llm_stub, method, quantization
+):
+    """Every method, and QLoRA (an NF4 base in training; the service serves the adapter on its full base)."""
+    adapter = f"lighthouse-{method.replace('_', '-')}" + ("" if quantization == "none" else f"-{quantization}")
+    job = finetune_stub.CreateJob(job_request("llm", method, adapter, quantization=quantization))
     assert job.state == pb.JOB_STATE_QUEUED and job.hyperparameters.method == method
     events = watch(finetune_stub, job.id)
     final = finetune_stub.GetJob(pb.GetJobRequest(id=job.id))
@@ -47,6 +53,7 @@ def test_an_llm_job_teaches_the_sample_and_the_llm_service_serves_it_by_name(fin
     ]
     (listed,) = [a for a in finetune_stub.ListAdapters(pb.ListAdaptersRequest()).adapters if a.name == adapter]
     assert (listed.method, listed.job_id, listed.base_model) == (method, job.id, "tiny-llm")
+    assert listed.quantization == quantization
     taught = answer(llm_stub, adapter)
     assert taught.startswith(" " + TAUGHT_ANSWER[:20]), taught
     assert not answer(llm_stub).startswith(" " + TAUGHT_ANSWER[:8]), "the base model does not know it"

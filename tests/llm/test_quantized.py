@@ -156,3 +156,30 @@ def test_an_embedding_model_loads_in_nf4_and_its_vectors_stay_close(settings):
         vectors = [m.model(**ids).last_hidden_state.mean(1) for m in (full, nf4)]
     similarity = torch.nn.functional.cosine_similarity(*vectors)
     assert (similarity > 0.9).all(), similarity
+
+
+def test_a_p_tuning_adapter_over_an_nf4_base_prefixes_its_virtual_tokens_like_peft(settings, tmp_path):
+    from peft import PromptEncoderConfig
+
+    from services.llm.adapters import LoraAdapterCache
+    from services.llm.batch import prefill_logits
+    from shared.adapters import AdapterInfo, AdapterStore
+
+    torch.manual_seed(6)
+    config = PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_hidden_size=32)
+    peft_model = get_peft_model(load_causal_lm(settings.models[0], settings).model, config)
+    store = AdapterStore(tmp_path / "adapters")
+    store.save(AdapterInfo("prompted", "llm", "tiny-llm", method="p_tuning"), peft_model.save_pretrained)
+    served = load_causal_lm(entry("bnb-nf4"), settings).model
+    cache = LoraAdapterCache(served, store, 2, "tiny-llm", "builtin:tiny-llm")
+    keys = [cache.acquire("prompted"), None]
+    prefixes = [cache.prefix(k) for k in keys]
+    cache.set_rows([keys[0]] * (5 + len(PROMPT)) + [None] * len(PROMPT), packed=True)
+    mixed = prefill_logits(served, [PROMPT, PROMPT], prefixes)
+    reference = PeftModel.from_pretrained(load_causal_lm(entry("bnb-nf4"), settings).model, store.path("prompted"))
+    with torch.inference_mode():
+        expected = reference.eval()(input_ids=torch.tensor([PROMPT])).logits[:, -1]
+        base = served(torch.tensor([PROMPT])).logits[:, -1]
+    torch.testing.assert_close(mixed[0:1], expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed[1:2], base, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(mixed[0:1], base, atol=1e-2), "the virtual tokens change the output"
