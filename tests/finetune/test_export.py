@@ -24,6 +24,8 @@ from tests.finetune.conftest import spawn_two_key_server
 from tests.finetune.test_limits import as_key
 from tests.harness import spawn_service
 
+pytestmark = pytest.mark.timeout(900)  # the first tests' setup runs four exports (a process each) and starts a server
+
 PROMPT = torch.tensor([[1, 286, 80, 340, 1237]])
 QUESTION = "def parse(text):"
 

@@ -16,6 +16,8 @@ from shared.settings import Settings
 from tests.conftest import TEST_SERVER_CONFIG
 from tests.harness import spawn_service
 
+pytestmark = pytest.mark.timeout(900)  # its setup merges SmolLM2, writes and converts a GGUF and starts a server
+
 ADAPTER = "smollm2-export"
 QUESTIONS = ["What is the capital of France?", "Name three colours."]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from tests.gateway.browsing import (
     SCREENSHOTS,
     WAIT_MS,
@@ -112,6 +114,7 @@ def test_a_fine_tune_job_shows_its_loss_curve_grow_and_can_be_cancelled(page):
     assert page.locator("#ft-use-in-chat").is_hidden()
 
 
+@pytest.mark.timeout(600)  # a job, an export (a process that merges and writes a GGUF) and a chat reply
 def test_a_finished_fine_tune_job_opens_chat_with_its_adapter(page):
     open_form(page)
     create_job_in_form(page, "browser-lighthouse", 60)

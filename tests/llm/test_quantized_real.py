@@ -10,6 +10,8 @@ from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
 from tests.conftest import TEST_SERVER_CONFIG
 from tests.harness import spawn_service
 
+pytestmark = pytest.mark.timeout(900)  # its setup converts SmolLM2 and loads it twice, quantized
+
 
 @pytest.fixture(scope="module")
 def quantized(data_dir, smollm2, tmp_path_factory):
