@@ -1,22 +1,19 @@
-"""A LoRA adapter on the real default model (SmolLM2-135M-Instruct) exported as a Q8_0 GGUF, served back
-through `gguf:`, against base + adapter on the full-precision server."""
+"""A LoRA adapter on the real default model (SmolLM2-135M-Instruct) exported as a Q8_0 GGUF, read back through
+a `gguf:` source (the loader the LLM service uses), against base + adapter on the full-precision server."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
 from modelworks.finetune.v1 import finetune_pb2 as pb
-from modelworks.llm.v1 import llm_pb2, llm_pb2_grpc
+from modelworks.llm.v1 import llm_pb2
 from shared.adapters import AdapterInfo, AdapterStore
 from shared.loaders import load_causal_lm, prepare
 from shared.settings import Settings
-from tests.conftest import TEST_SERVER_CONFIG
-from tests.harness import spawn_service
 
-pytestmark = pytest.mark.timeout(900)  # its setup merges SmolLM2, writes and converts a GGUF and starts a server
+pytestmark = pytest.mark.timeout(900)  # its setup merges SmolLM2, writes a GGUF and converts it back
 
 ADAPTER = "smollm2-export"
 QUESTIONS = ["What is the capital of France?", "Name three colours."]
@@ -40,36 +37,44 @@ def adapter(data_dir, smollm2) -> str:
 
 
 @pytest.fixture(scope="module")
-def q8_server(finetune_stub, adapter, data_dir, tmp_path_factory):
+def q8_model(finetune_stub, adapter, data_dir):
+    """The Q8_0 export, read back through a `gguf:` source by the loader the LLM service uses."""
     export = finetune_stub.ExportAdapter(
         pb.ExportAdapterRequest(adapter=adapter, format=pb.EXPORT_FORMAT_GGUF, gguf_type="Q8_0")
     )
     settings = Settings.model_validate({"data_dir": data_dir, "models": []})
     path = settings.exports_dir / export.name / f"{export.name}.gguf"
     entry = {"name": "smollm2-q8", "kind": "llm", "source": f"gguf:{path}", "dtype": "float32"}
-    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": [entry]}
-    prepare(Settings.model_validate(config).models[0], Settings.model_validate(config))
-    server = spawn_service("llm", tmp_path_factory.mktemp("llm-q8"), config, timeout=180)
-    with grpc.insecure_channel(server.address) as channel:
-        yield llm_pb2_grpc.LLMServiceStub(channel)
-    server.stop()
+    settings = Settings.model_validate({"data_dir": data_dir, "models": [entry]})
+    prepare(settings.models[0], settings)
+    return load_causal_lm(settings.models[0], settings)
 
 
-def tokens(stub, question: str, adapter: str = "") -> tuple[list[int], str]:
+def served_tokens(stub, question: str, adapter: str) -> list[int]:
     request = llm_pb2.GenerateRequest(
         messages=[llm_pb2.ChatMessage(role="user", content=question)],
         adapter=adapter,
         sampling=llm_pb2.SamplingParams(max_new_tokens=24, logprobs=True),
     )
-    reply = stub.Generate(request)
-    return [t.id for t in reply.logprobs], reply.text
+    return [t.id for t in stub.Generate(request).logprobs]
 
 
-def test_a_q8_export_of_smollm2_agrees_with_base_plus_adapter_on_most_tokens(q8_server, real_llm, adapter):
+def exported_tokens(loaded, question: str, n: int) -> tuple[list[int], str]:
+    """Greedy tokens of the exported model on the chat template it carries."""
+    tokenizer = loaded.tokenizer
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    with torch.inference_mode():
+        out = loaded.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    new = out[0, len(ids) :].tolist()
+    return new, tokenizer.decode(new, skip_special_tokens=True)
+
+
+def test_a_q8_export_of_smollm2_agrees_with_base_plus_adapter_on_most_tokens(q8_model, real_llm, adapter):
     agreeing, total = 0, 0
     for question in QUESTIONS:
-        expected, _ = tokens(real_llm, question, adapter)
-        got, text = tokens(q8_server, question)
+        expected = served_tokens(real_llm, question, adapter)
+        got, text = exported_tokens(q8_model, question, len(expected))
         same = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), len(expected))
         agreeing, total = agreeing + same, total + len(expected)
         if question.startswith("What is the capital"):
