@@ -166,7 +166,7 @@ def test_an_image_is_generated(stack):
     assert (image.width, image.height, image.seed) == (64, 64, 1) and image.png.startswith(b"\x89PNG")
 
 
-def test_a_finetune_job_succeeds_and_the_llm_container_serves_its_adapter(stack):
+def test_a_finetune_job_succeeds_and_the_llm_container_serves_its_adapter_and_it_exports(stack):
     from modelworks.finetune.v1 import finetune_pb2 as pb
 
     job = create_job(stack, "compose-lighthouse")
@@ -176,6 +176,11 @@ def test_a_finetune_job_succeeds_and_the_llm_container_serves_its_adapter(stack)
     taught = lighthouse_answer(stack, "compose-lighthouse")  # trained in the worker container, served by llm's
     assert taught.startswith(" " + TAUGHT_ANSWER[:20]), taught
     assert not lighthouse_answer(stack).startswith(" " + TAUGHT_ANSWER[:8]), "the base model does not know it"
+    # the finetune container exports it (a child process of its API) into the data volume, and serves the file
+    request = pb.ExportAdapterRequest(job_id=job.id, format=pb.EXPORT_FORMAT_GGUF, gguf_type="Q8_0")
+    export = finetune_stub(stack).ExportAdapter(request, timeout=600)
+    first = next(finetune_stub(stack).ReadExport(pb.ReadExportRequest(name=export.name), timeout=120))
+    assert export.name == "compose-lighthouse-q8_0" and first.chunk[:4] == b"GGUF"
 
 
 def test_the_gateway_page_answers(stack):

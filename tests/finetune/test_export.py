@@ -132,6 +132,14 @@ def llm_with_exports(settings, exports, tmp_path_factory):
     server.stop()
 
 
+def gguf_metadata(path) -> dict:
+    """A GGUF file's metadata, without the vocabulary's long lists."""
+    from gguf import GGUFReader
+
+    lists = {"tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges"}
+    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if k not in lists}
+
+
 def greedy(stub, model: str, adapter: str = "", n: int = 24) -> llm_pb2.GenerateResponse:
     sampling = llm_pb2.SamplingParams(max_new_tokens=n, ignore_eos=True, logprobs=True)
     return stub.Generate(llm_pb2.GenerateRequest(model=model, prompt=QUESTION, adapter=adapter, sampling=sampling))
@@ -151,6 +159,10 @@ def test_the_service_lists_reads_and_describes_its_exports(finetune_stub, export
     downloaded = b"".join(c.chunk for c in finetune_stub.ReadExport(pb.ReadExportRequest(name=gguf.name)))
     assert downloaded == (settings.exports_dir / gguf.name / file.path).read_bytes() and len(downloaded) == file.bytes
     assert downloaded[:4] == b"GGUF"
+    metadata = gguf_metadata(settings.exports_dir / gguf.name / file.path)
+    # names llama.cpp knows (llama-cpp-python 0.3.36 loads these files; an unknown pre-tokenizer it refuses)
+    assert (metadata["general.architecture"], metadata["tokenizer.ggml.model"]) == ("llama", "gpt2")
+    assert metadata["tokenizer.ggml.pre"] == "gpt-2" and metadata["tokenizer.chat_template"]
     assert exports["q8"].total_bytes < 0.7 * exports["f16"].total_bytes, "Q8_0 is about half of F16 for the weights"
 
 

@@ -117,7 +117,7 @@ def _pre_tokenizer_name(pre: dict) -> str:
     parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
     if any(p.get("type") == "Digits" and p.get("individual_digits") for p in parts):
         return "smollm"
-    return "gpt2"
+    return "gpt-2"
 
 
 def _llama_tensors(model):
