@@ -138,16 +138,3 @@ def _quant_state_tensors(state) -> list[torch.Tensor]:
     tensors = [t for t in (getattr(state, "absmax", None), getattr(state, "code", None)) if t is not None]
     nested = getattr(state, "state2", None)
     return tensors + (_quant_state_tensors(nested) if nested is not None else [])
-
-
-def model_quantization(model: nn.Module) -> str:
-    """The quantization a loaded model carries (its config's, as transformers records it)."""
-    config = getattr(getattr(model, "config", None), "quantization_config", None)
-    if config is None:
-        return "none"
-    config = config if isinstance(config, dict) else config.to_dict()
-    if config.get("load_in_4bit"):
-        return "bnb-nf4" if config.get("bnb_4bit_quant_type") == "nf4" else "bnb-fp4"
-    if config.get("load_in_8bit"):
-        return "bnb-int8"
-    return str(config.get("quant_method", "unknown"))
