@@ -72,18 +72,29 @@ def _load_transformer(auto_class: str, entry: ModelEntry, settings: Settings) ->
     location, kwargs, device, choice = _placement(entry, settings)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, **kwargs)
     keep = ["pooler"] if auto_class == "AutoModel" else None  # encoders: see `quantization_config`
-    config = quantization_config(entry.quantization, device, choice.dtype, keep)
-    if config is not None:  # loaded straight onto the device: a quantized model is not moved after loading
-        kwargs = {**kwargs, "quantization_config": config, "device_map": {"": device}}
-    model = getattr(transformers, auto_class).from_pretrained(
-        location, dtype=choice.dtype, use_safetensors=True, **kwargs
+    model = from_pretrained_on(
+        getattr(transformers, auto_class), location, kwargs, choice.dtype, device, entry.quantization, keep
     )
-    if config is None:
-        model.to(device)
     model.eval()
     return LoadedCausalLM(
         entry, model, tokenizer, device, choice.dtype, choice.reason, entry.quantization, weight_bytes(model)
     )
+
+
+def from_pretrained_on(
+    auto_class, location: str, kwargs: dict, dtype: torch.dtype, device: torch.device, quantization: str,
+    keep: list[str] | None = None,
+):  # fmt: skip
+    """`auto_class.from_pretrained` in `dtype` on `device`, its linear layers quantized as `quantization`
+    (then loaded straight onto the device: a quantized model is not moved after loading). Serving and
+    training load through this."""
+    config = quantization_config(quantization, device, dtype, keep)
+    if config is not None:
+        kwargs = {**kwargs, "quantization_config": config, "device_map": {"": device}}
+    model = auto_class.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
+    if config is None:
+        model.to(device)
+    return model
 
 
 @dataclass

@@ -12,7 +12,7 @@ from services.finetune.export.store import ExportInfo, ExportStore, validate_exp
 from services.finetune.jobs import JobState, JobStore
 from shared.adapters import AdapterStore, validate_adapter_name
 from shared.auth import current_caller
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 
 
 class ExportAccess:
@@ -29,8 +29,7 @@ class ExportAccess:
         gguf_type, dtype = gguf_type or "F16", dtype or "auto"
         check_format(fmt, gguf_type, dtype)
         name = validate_export_name(name) if name else default_name(adapter, fmt, gguf_type)
-        if self.exports.path(name).exists():
-            raise AlreadyExists(f"export {name!r} already exists; choose another name or delete it first")
+        self.exports.require_free(name)
         owner = current_caller().name
         return [adapter, "--format", fmt, "--gguf-type", gguf_type, "--dtype", dtype, "--owner", owner, "--name", name]
 

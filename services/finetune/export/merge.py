@@ -18,7 +18,7 @@ from services.finetune.export.checks import check_exportable, check_format, defa
 from services.finetune.export.gguf_file import write_gguf
 from services.finetune.export.store import ExportInfo, ExportStore, validate_export_name
 from shared.adapters import AdapterInfo, AdapterStore
-from shared.errors import AlreadyExists, FailedPrecondition
+from shared.errors import FailedPrecondition
 from shared.locations import prepared_folder, pretrained_location
 from shared.settings import ModelEntry, Settings
 
@@ -34,18 +34,18 @@ def export_adapter(
 ) -> ExportInfo:  # fmt: skip
     """Merge `adapter` into its base and write it into the export store as `name` (by default
     `<adapter>-merged` or `<adapter>-<gguf type>`)."""
-    info = AdapterStore(settings.adapters_dir).get(adapter)
+    adapters = AdapterStore(settings.adapters_dir)
+    info = adapters.get(adapter)
     check_exportable(info)
     check_format(fmt, gguf_type, dtype)
     name = validate_export_name(name or default_name(adapter, fmt, gguf_type))
     store = ExportStore(settings.exports_dir)
-    if store.path(name).exists():
-        raise AlreadyExists(f"export {name!r} already exists; choose another name or delete it first")
+    store.require_free(name)  # before the model loads
     entry = _base_entry(settings, info)
     pretrained_location(entry, settings)  # a built-in base is built on first use
     folder = prepared_folder(entry, settings)  # local files only: an export never downloads
     kwargs = {"trust_remote_code": entry.trust_remote_code}
-    model = merged_model(str(folder), kwargs, AdapterStore(settings.adapters_dir).path(adapter), dtype)
+    model = merged_model(str(folder), kwargs, adapters.path(adapter), dtype)
     record = ExportInfo(
         name=name,
         adapter=adapter,

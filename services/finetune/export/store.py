@@ -85,13 +85,16 @@ class ExportStore:
             raise NotFound(f"export {name!r} has no file {relative!r}; its files: {listed}")
         return (self.path(name) / relative).open("rb")
 
+    def require_free(self, name: str) -> None:
+        if self.path(name).exists():
+            raise AlreadyExists(f"export {name!r} already exists; choose another name or delete it first")
+
     @contextmanager
     def writing(self, info: ExportInfo) -> Iterator[Path]:
         """A staging folder to write the export's files into; on a clean exit it is listed in `export.json`
         and renamed into place (AlreadyExists if the name was taken meanwhile), else removed."""
         target = self.path(info.name)
-        if target.exists():
-            raise AlreadyExists(f"export {info.name!r} already exists; choose another name or delete it first")
+        self.require_free(info.name)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{info.name}-", dir=self.root))
         try:

@@ -26,8 +26,8 @@ from services.finetune.datasets import read_jsonl
 from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.loop import TrainingResult
 from services.finetune.training.recipe import RecipeContext, split_records
+from shared.loaders import from_pretrained_on
 from shared.locations import pretrained_location
-from shared.quantization import quantization_config
 
 log = logging.getLogger(__name__)
 
@@ -221,14 +221,10 @@ class LLMRecipe:
         """The frozen base: full precision, or quantized for QLoRA (prepared as peft does: norms and the
         head in float32); with gradient checkpointing if the job asks."""
         ctx, hp = self.context, self.hp
-        config = quantization_config(hp.quantization or "none", ctx.device, ctx.base_dtype())
-        if config is not None:
-            kwargs = {**kwargs, "quantization_config": config, "device_map": {"": ctx.device}}
-        model = auto_class.from_pretrained(location, dtype=ctx.base_dtype(), use_safetensors=True, **kwargs)
-        if config is None:
-            model.to(ctx.device)
+        quantization = hp.quantization or "none"
+        model = from_pretrained_on(auto_class, location, kwargs, ctx.base_dtype(), ctx.device, quantization)
         model.config.use_cache = False
-        if config is not None:  # norms and the head in float32, as peft prepares a k-bit base
+        if quantization != "none":  # norms and the head in float32, as peft prepares a k-bit base
             from peft import prepare_model_for_kbit_training
 
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
