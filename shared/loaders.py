@@ -17,6 +17,7 @@ import torch
 
 from shared import hub_files
 from shared.devices import DTypeChoice, choose_dtype, dtype_name, resolve_device
+from shared.diffusion_families import FAMILIES, Family, family_of_class, other_family
 from shared.errors import FailedPrecondition
 from shared.locations import prepared_folder, pretrained_location
 from shared.quantization import quantization_config, weight_bytes
@@ -100,10 +101,11 @@ def from_pretrained_on(
 @dataclass
 class LoadedDiffusionPipeline:
     entry: ModelEntry
-    pipeline: Any  # diffusers StableDiffusionPipeline on `device`
+    pipeline: Any  # a diffusers text-to-image pipeline on `device`
     device: torch.device
     dtype: torch.dtype
     dtype_reason: str = ""
+    family: Family = FAMILIES["sd"]
 
 
 def disable_progress_bars() -> None:
@@ -119,25 +121,46 @@ def disable_progress_bars() -> None:
 
 
 def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiffusionPipeline:
-    """A Stable Diffusion (1.x/2.x, Turbo) pipeline; img2img shares its components via `from_pipe`."""
-    from diffusers import StableDiffusionPipeline
+    """A text-to-image pipeline of the entry's family (read from `model_index.json` unless the entry sets it);
+    the engine derives its image-to-image and inpainting pipelines from it (`from_pipe`)."""
+    import diffusers
 
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    family = _declared_family(entry, location)
+    # a family we do not describe (or a checkpoint not on disk yet): diffusers' AutoPipeline picks the class
+    pipeline_class = diffusers.AutoPipelineForText2Image if family is None else getattr(diffusers, family.text2img)
+    if family is not None and family.name == "sd":  # SD 1.x checkpoints carry a safety checker: never loaded
+        kwargs = {**kwargs, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+    pipeline = pipeline_class.from_pretrained(
         location,
         dtype=choice.dtype,
         use_safetensors=True,
         variant=_downloaded_variant(entry, settings),  # what prepare downloaded
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
         **kwargs,
     )
     if device.type != "cpu":
         pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    return LoadedDiffusionPipeline(entry, pipeline, device, choice.dtype, choice.reason)
+    family = family or family_of_class(type(pipeline).__name__) or other_family(type(pipeline).__name__)
+    return LoadedDiffusionPipeline(entry, pipeline, device, choice.dtype, choice.reason, family)
+
+
+def _declared_family(entry: ModelEntry, location: str) -> Family | None:
+    """The entry's family, checked against the checkpoint's `model_index.json` where it is on disk; with
+    `auto`, the checkpoint's (None: a family of AutoPipeline's we do not describe, or not on disk yet)."""
+    index = Path(location) / "model_index.json"
+    class_name = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    found = family_of_class(class_name)
+    if entry.diffusion.family == "auto":
+        return found
+    declared = FAMILIES[entry.diffusion.family]
+    if class_name and found is not declared:
+        raise FailedPrecondition(
+            f"model {entry.name!r} sets diffusion.family {declared.name!r}, but its model_index.json names "
+            f"{class_name} ({found.name if found else 'another family'}); fix the family or use auto"
+        )
+    return declared
 
 
 def _downloaded_variant(entry: ModelEntry, settings: Settings) -> str | None:

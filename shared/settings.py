@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from shared.addresses import exposure_refusal, is_loopback
 from shared.auth import ADMIN, SCOPES, Caller, KeyRing, key_digest
 from shared.credentials import fill_from_files
+from shared.diffusion_families import FamilyName
 from shared.quantization import QuantizationName
 
 ENV_PREFIX = "MODELWORKS_"
@@ -46,9 +47,15 @@ class DiffusionDefaults(_Section):
 
     width: int | None = Field(None, ge=8, multiple_of=8)
     height: int | None = Field(None, ge=8, multiple_of=8)
-    steps: int = Field(25, ge=1)
-    guidance_scale: float = Field(7.5, ge=0)
+    steps: int | None = Field(None, ge=1, description="unset: the family's (25 SD, 30 SDXL, 28 SD3 and Flux)")
+    guidance_scale: float | None = Field(
+        None, ge=0, description="unset: the family's (7.5 SD, 5 SDXL, 7 SD3, 3.5 Flux)"
+    )
     scheduler: str | None = Field(None, description="a scheduler name; unset: the checkpoint's own scheduler")
+    family: FamilyName = Field("auto", description="sd, sdxl, sd3 or flux; auto: read from model_index.json")
+    max_sequence_length: int | None = Field(
+        None, ge=1, le=512, description="T5 tokens of a prompt (SD3, Flux); unset: the family's (256 SD3, 512 Flux)"
+    )
 
 
 class EmbeddingDefaults(_Section):

@@ -23,8 +23,12 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 
 
 def _injected_layers(pipeline, internal: str) -> int:
+    import torch
+
     count = 0
-    for component in (pipeline.unet, pipeline.text_encoder):
+    for component in pipeline.components.values():  # UNet or transformer, and the text encoders
+        if not isinstance(component, torch.nn.Module):
+            continue
         for module in component.modules():
             lora_a = getattr(module, "lora_A", None)
             if lora_a is not None and internal in lora_a:

@@ -18,8 +18,9 @@ import torch
 
 from services.diffusion import metrics
 from services.diffusion.adapters import DiffusionAdapterCache
-from services.diffusion.images import encode_png, keep_unmasked, latent_preview_png
+from services.diffusion.images import encode_png, keep_unmasked
 from services.diffusion.params import ImageRequest
+from services.diffusion.pipelines import FamilyPipelines
 from services.diffusion.schedulers import build_scheduler
 from shared.devices import is_fatal_device_error
 from shared.engine_thread import EngineThread
@@ -66,7 +67,7 @@ class ImageJob:
 class DiffusionEngine:
     def __init__(
         self,
-        pipeline,
+        pipelines: FamilyPipelines,
         *,
         model_name: str,
         adapters: DiffusionAdapterCache,
@@ -74,15 +75,10 @@ class DiffusionEngine:
         max_waiting: int,
         batch_window_s: float,
     ):
-        from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline
-
-        self.text2img = pipeline
-        # both share the loaded components; inpainting works with a regular 4-channel UNet (diffusers blends
-        # the kept region back into the latents at every step) and with a 9-channel inpainting UNet
-        self.img2img = StableDiffusionImg2ImgPipeline.from_pipe(pipeline)
-        self.inpaint = StableDiffusionInpaintPipeline.from_pipe(pipeline)
-        for pipe in (self.img2img, self.inpaint):
-            pipe.set_progress_bar_config(disable=True)
+        # inpainting works with a regular denoiser (diffusers blends the kept region back into the latents at
+        # every step) and with an inpainting one (SD's 9-channel UNet)
+        self.pipelines = pipelines
+        pipeline = pipelines.text2img
         self._scheduler_config = dict(pipeline.scheduler.config)
         self._own_scheduler = type(pipeline.scheduler)
         self.model_name = model_name
@@ -172,9 +168,9 @@ class DiffusionEngine:
             metrics.QUEUE_WAIT.labels(self.model_name).observe(started - job.arrival)
         spec = jobs[0].request
         self.adapters.activate(spec.adapter, spec.adapter_scale)
-        pipe = self._pipeline_for(spec)
+        mode, pipe = self.pipelines.for_request(spec)
         pipe.scheduler = (
-            build_scheduler(spec.scheduler, self._scheduler_config)
+            build_scheduler(spec.scheduler, self.pipelines.family, self._scheduler_config)
             if spec.scheduler
             else self._own_scheduler.from_config(self._scheduler_config)
         )
@@ -187,12 +183,28 @@ class DiffusionEngine:
                 init_images.append(job.request.init_image)
                 masks.append(job.request.mask)
         metrics.BATCH_IMAGES.labels(self.model_name).observe(len(prompts))
+        kwargs = self.pipelines.call_kwargs(mode, spec, prompts, negatives, init_images, masks)
+        kwargs |= dict(
+            generator=generators,
+            callback_on_step_end=self._progress(jobs),
+            callback_on_step_end_tensor_inputs=["latents"],
+        )
+        with torch.inference_mode():
+            images = pipe(**kwargs).images
+        self._deliver(jobs, images)
+
+    def _progress(self, jobs: list[ImageJob]) -> Callable:
+        """The pipeline's step callback: a progress event (and preview) per live job, and the batch interrupted
+        once every job is cancelled."""
+        spec = jobs[0].request
 
         def on_step(pipeline, index: int, timestep, tensors: dict) -> dict:
             latents, row = tensors["latents"], 0
             for job in jobs:
                 if not job.cancelled:
-                    preview = latent_preview_png(latents[row]) if job.request.preview else b""
+                    preview = b""
+                    if job.request.preview:
+                        preview = self.pipelines.preview_png(latents[row], spec.width, spec.height)
                     job.on_event(ImageEvent(step=index + 1, total_steps=pipeline.num_timesteps, preview_png=preview))
                 row += len(job.request.seeds)
             metrics.DENOISING_STEPS.labels(self.model_name).inc()
@@ -200,31 +212,7 @@ class DiffusionEngine:
                 pipeline._interrupt = True  # diffusers' documented way to stop the loop from a callback
             return {}
 
-        kwargs = dict(
-            prompt=prompts,
-            negative_prompt=negatives if any(negatives) else None,
-            num_inference_steps=spec.steps,
-            guidance_scale=spec.guidance_scale,
-            generator=generators,
-            output_type="pil",
-            callback_on_step_end=on_step,
-            callback_on_step_end_tensor_inputs=["latents"],
-        )
-        if spec.mask is not None:  # given no size, the inpaint pipeline takes the UNet's, not the image's
-            kwargs |= dict(image=init_images, mask_image=masks, strength=spec.strength)
-            kwargs |= dict(width=spec.width, height=spec.height)
-        elif spec.init_image is not None:  # img2img keeps its init image's size
-            kwargs |= dict(image=init_images, strength=spec.strength)
-        else:
-            kwargs |= dict(width=spec.width, height=spec.height)
-        with torch.inference_mode():
-            images = pipe(**kwargs).images
-        self._deliver(jobs, images)
-
-    def _pipeline_for(self, spec: ImageRequest):
-        if spec.mask is not None:
-            return self.inpaint
-        return self.img2img if spec.init_image is not None else self.text2img
+        return on_step
 
     def _deliver(self, jobs: list[ImageJob], images: list) -> None:
         row = 0
@@ -234,7 +222,7 @@ class DiffusionEngine:
             for seed in spec.seeds:
                 image = images[row]
                 if spec.mask is not None:
-                    image = keep_unmasked(image, spec.init_image, spec.mask)
+                    image = keep_unmasked(image, spec.init_image, spec.mask, spec.mask_blur)
                 png = encode_png(image, self._parameters(spec, seed))
                 results.append(GeneratedImage(png, seed, spec.width, spec.height))
                 row += 1
@@ -259,6 +247,8 @@ class DiffusionEngine:
             "adapter_scale": spec.adapter_scale,
             "strength": spec.strength,
             "mask": spec.mask is not None,
+            "mask_blur": spec.mask_blur,
+            "family": self.pipelines.family.name,
         }
 
     def _fail(self, jobs: list[ImageJob], error: ServiceError) -> None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from services.diffusion.adapters import DiffusionAdapterCache
 from services.diffusion.engine import DiffusionEngine
 from services.diffusion.params import ImageRequest, ImageSpec, ModelDefaults, resolve_request
+from services.diffusion.pipelines import FamilyPipelines
 from services.diffusion.schedulers import check_scheduler, name_of
 from shared.adapters import AdapterStore
 from shared.devices import dtype_name
@@ -40,20 +41,42 @@ class ServedPipeline:
         self.engine.shutdown()
 
 
-def model_defaults(loaded: LoadedDiffusionPipeline) -> ModelDefaults:
-    pipe, configured = loaded.pipeline, loaded.entry.diffusion
-    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    override = check_scheduler(configured.scheduler) if configured.scheduler else None
+def model_defaults(loaded: LoadedDiffusionPipeline, pipelines: FamilyPipelines) -> ModelDefaults:
+    pipe, configured, family = loaded.pipeline, loaded.entry.diffusion, loaded.family
+    denoiser = denoiser_of(pipe)
+    override = check_scheduler(configured.scheduler, family) if configured.scheduler else None
+    native = _native_size(pipe, denoiser)
     return ModelDefaults(
         width=configured.width or native,
         height=configured.height or native,
-        steps=configured.steps,
-        guidance_scale=configured.guidance_scale,
+        steps=configured.steps or family.default_steps,
+        guidance_scale=family.default_guidance if configured.guidance_scale is None else configured.guidance_scale,
         scheduler=override or name_of(pipe.scheduler),
         scheduler_override=override,
         train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000),
-        inpainting_only=pipe.unet.config.in_channels == 9,  # the UNet also takes the mask and the masked image
+        # SD's inpainting UNet also takes the mask and the masked image
+        inpainting_only=family.name == "sd" and denoiser.config.in_channels == 9,
+        family=family,
+        size_multiple=max(8, pipe.vae_scale_factor * _patch_size(family, denoiser)),
+        modes=pipelines.modes,
     )
+
+
+def denoiser_of(pipe):
+    """The UNet or transformer that predicts noise (or flow) in a pipeline."""
+    return getattr(pipe, "unet", None) or pipe.transformer
+
+
+def _patch_size(family, denoiser) -> int:
+    if family.name == "flux":  # Flux packs 2x2 latents into one token
+        return 2
+    return getattr(denoiser.config, "patch_size", None) or 1
+
+
+def _native_size(pipe, denoiser) -> int:
+    """The size the checkpoint was trained at: its denoiser's sample size in pixels (Flux's pipeline default)."""
+    sample_size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", 128)
+    return sample_size * pipe.vae_scale_factor
 
 
 def apply_gpu_options(pipe, settings: Settings) -> None:
@@ -66,7 +89,10 @@ def apply_gpu_options(pipe, settings: Settings) -> None:
     if options.compile:
         import torch
 
-        pipe.unet = torch.compile(pipe.unet)
+        if getattr(pipe, "unet", None) is not None:
+            pipe.unet = torch.compile(pipe.unet)
+        else:
+            pipe.transformer = torch.compile(pipe.transformer)
 
 
 def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
@@ -77,15 +103,16 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
         loaded = load_diffusion_pipeline(entry, settings)
         apply_gpu_options(loaded.pipeline, settings)
         adapters = DiffusionAdapterCache(loaded.pipeline, store, options.adapter_cache_size, entry.name, entry.source)
+        pipelines = FamilyPipelines(loaded.pipeline, loaded.family, entry.diffusion.max_sequence_length)
         engine = DiffusionEngine(
-            loaded.pipeline,
+            pipelines,
             model_name=entry.name,
             adapters=adapters,
             max_batch_images=options.max_batch_images,
             max_waiting=options.max_waiting_requests,
             batch_window_s=options.batch_window_ms / 1000,
         )
-        defaults = model_defaults(loaded)
+        defaults = model_defaults(loaded, pipelines)
         placement = (str(loaded.device), dtype_name(loaded.dtype), loaded.dtype_reason)
         return ServedPipeline(entry, defaults, options, engine, adapters, *placement)
 

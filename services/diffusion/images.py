@@ -6,7 +6,7 @@ import io
 import json
 
 import torch
-from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from shared.errors import InvalidArgument
 
@@ -53,10 +53,16 @@ def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
     return mask.point(lambda v: 255 if v >= 128 else 0)
 
 
-def keep_unmasked(generated: Image.Image, init_image: Image.Image, mask: Image.Image) -> Image.Image:
+def paste_mask(mask: Image.Image, blur: int) -> Image.Image:
+    """The mask the result is composited with: the thresholded mask, its edge softened over `blur` pixels
+    (A1111's mask blur); where it is 0, the init image's pixels are kept exactly."""
+    return mask.filter(ImageFilter.GaussianBlur(blur)) if blur else mask
+
+
+def keep_unmasked(generated: Image.Image, init_image: Image.Image, mask: Image.Image, blur: int = 0) -> Image.Image:
     """The init image's own pixels where the mask keeps: the VAE round trip would otherwise alter them too
     (diffusers' inpainting guide recommends the same overlay)."""
-    return Image.composite(generated, init_image, mask)
+    return Image.composite(generated, init_image, paste_mask(mask, blur))
 
 
 def a1111_parameters(p: dict) -> str:
@@ -77,7 +83,7 @@ def a1111_parameters(p: dict) -> str:
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
     if p.get("mask"):
-        fields.append("Mask: yes")  # A1111 writes its mask options (blur, padding); ours has none to write
+        fields.append(f"Mask blur: {p.get('mask_blur', 0)}")  # A1111's field; its presence says it was inpainted
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

@@ -10,12 +10,14 @@ from typing import Any
 from services.diffusion.images import decode_init_image, decode_mask, fit_mask
 from services.diffusion.schedulers import check_scheduler, check_steps
 from shared.adapters import validate_adapter_name
+from shared.diffusion_families import FAMILIES, Family
 from shared.errors import FailedPrecondition, InvalidArgument
 from shared.settings import DiffusionSettings
 
 DEFAULT_STRENGTH = 0.75  # image-to-image
 DEFAULT_INPAINT_STRENGTH = 1.0  # diffusers' inpainting default: the masked area starts from pure noise
 MAX_ADAPTER_SCALE = 10.0
+MAX_MASK_BLUR = 64  # pixels; A1111's slider stops there too
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,7 @@ class ImageSpec:
     strength: float | None = None
     preview: bool = False
     mask_image: bytes = b""
+    mask_blur: int = 0
 
 
 @dataclass(frozen=True)
@@ -49,6 +52,9 @@ class ModelDefaults:
     scheduler_override: str | None  # None: the checkpoint's own scheduler
     train_timesteps: int = 1000  # the schedule the model was trained on: no sampler plans more steps than it has
     inpainting_only: bool = False  # a 9-channel inpainting UNet: it cannot run without a mask
+    family: Family = FAMILIES["sd"]
+    size_multiple: int = 8  # pixels per latent patch side: sizes must be a multiple of it
+    modes: frozenset[str] = frozenset({"text2img", "img2img", "inpaint"})  # the pipelines this model has
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ class ImageRequest:
     steps: int
     guidance_scale: float
     seeds: tuple[int, ...]
-    scheduler: str | None  # a name from SCHEDULERS, or None for the checkpoint's own
+    scheduler: str | None  # a name its family allows (`schedulers.schedulers_for`), or None for the checkpoint's own
     scheduler_label: str
     adapter: str | None
     adapter_scale: float
@@ -70,6 +76,7 @@ class ImageRequest:
     mask: Any | None  # PIL "L" image at width x height, only 0 (keep) and 255 (repaint)
     strength: float | None
     preview: bool
+    mask_blur: int = 0  # the paste-back's soft edge, in pixels
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (prompts and seeds may differ)."""
@@ -84,6 +91,7 @@ class ImageRequest:
             self.init_image is not None,
             self.mask is not None,  # inpainting runs its own pipeline
             self.strength,
+            self.mask_blur,
         )
 
 
@@ -92,20 +100,33 @@ def _check_finite(name: str, value: float | None) -> None:
         raise InvalidArgument(f"{name} must be a finite number")
 
 
-def _check_size(name: str, value: int, maximum: int) -> None:
-    if value % 8 or value < 8:
-        raise InvalidArgument(f"{name} must be a positive multiple of 8, got {value}")
+def _check_size(name: str, value: int, maximum: int, multiple: int) -> None:
+    if value % multiple or value < multiple:
+        raise InvalidArgument(f"{name} must be a positive multiple of {multiple} for this model, got {value}")
     if value > maximum:
         raise InvalidArgument(f"{name} is {value}; the maximum is {maximum}")
 
 
 def _check_mode(spec: ImageSpec, defaults: ModelDefaults) -> None:
-    """A mask needs the image it masks, and an inpainting model needs a mask."""
+    """A mask needs the image it masks, an inpainting model needs a mask, and the model must have the pipeline."""
     if spec.mask_image and not spec.init_image:
         raise InvalidArgument("mask_image needs init_image: send the image to inpaint with its mask")
+    if spec.mask_blur and not spec.mask_image:
+        raise InvalidArgument("mask_blur applies to inpainting only; send mask_image with it")
+    if not 0 <= spec.mask_blur <= MAX_MASK_BLUR:
+        raise InvalidArgument(f"mask_blur must be in [0, {MAX_MASK_BLUR}] pixels, got {spec.mask_blur}")
     if defaults.inpainting_only and not spec.mask_image:
         raise FailedPrecondition(
             "this is an inpainting model; send init_image and mask_image (white = repaint, black = keep)"
+        )
+    mode = "inpaint" if spec.mask_image else "img2img" if spec.init_image else "text2img"
+    if mode not in defaults.modes:
+        raise FailedPrecondition(
+            f"this {defaults.family.name} model has no {mode} pipeline; it serves {', '.join(sorted(defaults.modes))}"
+        )
+    if spec.negative_prompt and not defaults.family.negative_prompt:
+        raise InvalidArgument(
+            f"{defaults.family.name} models take no negative_prompt (their guidance is distilled); leave it empty"
         )
 
 
@@ -132,13 +153,19 @@ def _resolve_images(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
     """The output size, and the init image and mask decoded and brought to it."""
     init_image = decode_init_image(spec.init_image) if spec.init_image else None
     mask = decode_mask(spec.mask_image) if spec.mask_image else None
-    if init_image is not None:  # unset sizes follow the init image (rounded down to a multiple of 8)
-        width = spec.width or max(8, init_image.width // 8 * 8)
-        height = spec.height or max(8, init_image.height // 8 * 8)
+    if mask is not None and mask.size != init_image.size:
+        raise InvalidArgument(
+            f"mask_image is {mask.width}x{mask.height} but init_image is {init_image.width}x{init_image.height}; "
+            "send a mask of the image's size"
+        )
+    multiple = defaults.size_multiple
+    if init_image is not None:  # unset sizes follow the init image (rounded down to the model's multiple)
+        width = spec.width or max(multiple, init_image.width // multiple * multiple)
+        height = spec.height or max(multiple, init_image.height // multiple * multiple)
     else:
         width, height = spec.width or defaults.width, spec.height or defaults.height
-    _check_size("width", width, limits.max_width)
-    _check_size("height", height, limits.max_height)
+    _check_size("width", width, limits.max_width, multiple)
+    _check_size("height", height, limits.max_height, multiple)
     if init_image is not None and init_image.size != (width, height):
         init_image = init_image.resize((width, height))
     if mask is not None:
@@ -168,7 +195,7 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         raise InvalidArgument("adapter_scale is set but no adapter is named")
     if spec.adapter:
         validate_adapter_name(spec.adapter)
-    scheduler = check_scheduler(spec.scheduler) if spec.scheduler else defaults.scheduler_override
+    scheduler = check_scheduler(spec.scheduler, defaults.family) if spec.scheduler else defaults.scheduler_override
     steps = spec.steps or defaults.steps
     if steps >= defaults.train_timesteps:
         raise InvalidArgument(
@@ -199,4 +226,5 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         mask=mask,
         strength=strength,
         preview=spec.preview,
+        mask_blur=spec.mask_blur,
     )

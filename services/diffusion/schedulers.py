@@ -1,7 +1,10 @@
 """Samplers by the names AUTOMATIC1111 and ComfyUI users know, built from a checkpoint's scheduler config.
 
-Schedulers keep per-run state (step index, multistep history) and are not thread-safe, so every batch
-gets a fresh one; the loaded model is never touched.
+Noise-prediction families (SD 1.x/2.x, SDXL) take the ten classic samplers; flow-matching families (SD3,
+Flux) take flow-matching Euler and its sigma schedules (and Heun where the pipeline plans its own sigmas). A
+family we do not describe runs its checkpoint's own scheduler only. Schedulers keep per-run state (step
+index, multistep history) and are not thread-safe, so every batch gets a fresh one; the loaded model is never
+touched.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from shared.diffusion_families import Family
 from shared.errors import InvalidArgument
 
 
@@ -21,7 +25,7 @@ def _factory(class_name: str, **overrides: Any) -> Callable[[dict], Any]:
     return make
 
 
-SCHEDULERS: dict[str, Callable[[dict], Any]] = {
+NOISE_SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "DDIM": _factory("DDIMScheduler"),
     "Euler": _factory("EulerDiscreteScheduler"),
     "Euler a": _factory("EulerAncestralDiscreteScheduler"),
@@ -33,6 +37,18 @@ SCHEDULERS: dict[str, Callable[[dict], Any]] = {
     "Heun": _factory("HeunDiscreteScheduler"),
     "LCM": _factory("LCMScheduler"),
 }
+
+_FLOW_EULER = "FlowMatchEulerDiscreteScheduler"
+FLOW_SCHEDULERS: dict[str, Callable[[dict], Any]] = {
+    "Euler": _factory(_FLOW_EULER),
+    "Euler a": _factory(_FLOW_EULER, stochastic_sampling=True),  # fresh noise each step, as ancestral samplers
+    "Euler Karras": _factory(_FLOW_EULER, use_karras_sigmas=True),
+    "Euler Exponential": _factory(_FLOW_EULER, use_exponential_sigmas=True),
+    "Euler Beta": _factory(_FLOW_EULER, use_beta_sigmas=True),
+    "Heun": _factory("FlowMatchHeunDiscreteScheduler"),
+}
+# Flux hands the scheduler its own sigmas and resolution shift, which Heun cannot take
+_FLOW_WITHOUT_CUSTOM_SIGMAS = {"Heun"}
 
 # PNDM starts with Runge-Kutta warm-up steps and cannot plan fewer than its order
 MIN_STEPS = {"PNDM": 4}
@@ -48,24 +64,49 @@ _NAMES_BY_CLASS = {
     "LMSDiscreteScheduler": "LMS",
     "HeunDiscreteScheduler": "Heun",
     "LCMScheduler": "LCM",
+    _FLOW_EULER: "Euler",
+    "FlowMatchHeunDiscreteScheduler": "Heun",
 }
 
 
-def scheduler_names() -> list[str]:
-    return list(SCHEDULERS)
+def schedulers_for(family: Family) -> dict[str, Callable[[dict], Any]]:
+    if family.samplers == "noise":
+        return NOISE_SCHEDULERS
+    if family.samplers == "flow":
+        if family.name == "flux":
+            return {k: v for k, v in FLOW_SCHEDULERS.items() if k not in _FLOW_WITHOUT_CUSTOM_SIGMAS}
+        return FLOW_SCHEDULERS
+    return {}
 
 
-def check_scheduler(name: str) -> str:
-    if name not in SCHEDULERS:
-        raise InvalidArgument(f"unknown scheduler {name!r}; available: {', '.join(SCHEDULERS)}")
+def scheduler_names(family: Family) -> list[str]:
+    return list(schedulers_for(family))
+
+
+def check_scheduler(name: str, family: Family) -> str:
+    allowed = schedulers_for(family)
+    if name not in allowed:
+        if not allowed:
+            raise InvalidArgument(
+                f"{family.name} models run their checkpoint's own scheduler; leave scheduler empty, not {name!r}"
+            )
+        raise InvalidArgument(
+            f"scheduler {name!r} does not fit this {family.name} model; available: {', '.join(allowed)}"
+        )
     return name
 
 
 def name_of(scheduler: Any) -> str:
     """Our name for a checkpoint's own scheduler (its class name when we have none)."""
     class_name = type(scheduler).__name__
-    if class_name == "DPMSolverMultistepScheduler" and scheduler.config.get("use_karras_sigmas"):
+    config = scheduler.config
+    if class_name == "DPMSolverMultistepScheduler" and config.get("use_karras_sigmas"):
         return "DPM++ 2M Karras"
+    if class_name == _FLOW_EULER:
+        for flag, name in (("use_karras_sigmas", "Euler Karras"), ("use_exponential_sigmas", "Euler Exponential"),
+                           ("use_beta_sigmas", "Euler Beta"), ("stochastic_sampling", "Euler a")):  # fmt: skip
+            if config.get(flag):
+                return name
     return _NAMES_BY_CLASS.get(class_name, class_name)
 
 
@@ -83,5 +124,5 @@ def check_steps(name: str, steps: int, strength: float | None = None) -> None:
         raise InvalidArgument(f"the LCM scheduler allows at most {limit} steps here, got {steps}")
 
 
-def build_scheduler(name: str, config: dict) -> Any:
-    return SCHEDULERS[check_scheduler(name)](config)
+def build_scheduler(name: str, family: Family, config: dict) -> Any:
+    return schedulers_for(family)[check_scheduler(name, family)](config)

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 from services.diffusion.engine import ImageEvent, ImageJob
 from services.diffusion.host import ServedPipeline
-from services.diffusion.params import ImageSpec
+from services.diffusion.params import ImageSpec, ModelDefaults
+from services.diffusion.pipelines import MODES
 from services.diffusion.schedulers import scheduler_names
 from shared.aiobridge import EventRelay
 from shared.hosting import ModelHost
@@ -37,6 +38,7 @@ def spec_from_proto(request: diffusion_pb2.GenerateImagesRequest) -> ImageSpec:
         strength=_optional(request, "strength"),
         preview=request.preview,
         mask_image=request.mask_image,
+        mask_blur=request.mask_blur,
     )
 
 
@@ -44,6 +46,14 @@ def _result(event: ImageEvent) -> diffusion_pb2.GenerateImagesResponse:
     return diffusion_pb2.GenerateImagesResponse(
         images=[diffusion_pb2.Image(png=i.png, seed=i.seed, width=i.width, height=i.height) for i in event.images]
     )
+
+
+def _describe_family(info: diffusion_pb2.ModelInfo, defaults: ModelDefaults) -> None:
+    family = defaults.family
+    info.family, info.negative_prompt, info.size_multiple = family.name, family.negative_prompt, defaults.size_multiple
+    info.schedulers.extend(scheduler_names(family))
+    info.modes.extend(mode for mode in MODES if mode in defaults.modes)
+    info.guidance = "distilled" if family.distilled_guidance else "classifier-free"
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
@@ -88,8 +98,10 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
                 info.default_width, info.default_height, info.default_steps = d.width, d.height, d.steps
                 info.default_guidance_scale, info.default_scheduler = d.guidance_scale, d.scheduler
                 info.device, info.dtype, info.dtype_reason = served.device, served.dtype, served.dtype_reason
+                _describe_family(info, d)
             models.append(info)
         return diffusion_pb2.ListModelsResponse(models=models)
 
     async def ListSchedulers(self, request, context):
-        return diffusion_pb2.ListSchedulersResponse(names=scheduler_names())
+        served = self.host.get(request.model)
+        return diffusion_pb2.ListSchedulersResponse(names=scheduler_names(served.defaults.family))

@@ -22,6 +22,9 @@ _BUILDERS = {
     "tiny-llm": "shared.builtin.tiny_llm",
     "llm-100m": "shared.builtin.tiny_llm",
     "tiny-sd": "shared.builtin.tiny_sd",
+    "tiny-sdxl": "shared.builtin.tiny_sdxl",
+    "tiny-sd3": "shared.builtin.tiny_sd3",
+    "tiny-flux": "shared.builtin.tiny_flux",
     "tiny-embed": "shared.builtin.tiny_embed",
 }
 

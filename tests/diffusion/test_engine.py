@@ -16,7 +16,9 @@ from prometheus_client import REGISTRY
 from services.diffusion.adapters import DiffusionAdapterCache
 from services.diffusion.engine import DiffusionEngine, ImageJob
 from services.diffusion.params import ImageRequest
+from services.diffusion.pipelines import FamilyPipelines
 from shared.adapters import AdapterStore
+from shared.diffusion_families import FAMILIES
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.loaders import load_diffusion_pipeline
 from tests.harness import wait_for
@@ -31,7 +33,8 @@ def pipeline(settings):
 def make_engine(pipeline, settings, **overrides) -> DiffusionEngine:
     adapters = DiffusionAdapterCache(pipeline, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
     options = dict(max_batch_images=8, max_waiting=64, batch_window_s=0.005) | overrides
-    return DiffusionEngine(pipeline, model_name="tiny-sd", adapters=adapters, **options)
+    pipelines = FamilyPipelines(pipeline, FAMILIES["sd"])
+    return DiffusionEngine(pipelines, model_name="tiny-sd", adapters=adapters, **options)
 
 
 def image_request(prompt: str, seed: int, steps: int = 4, images: int = 1) -> ImageRequest:
@@ -311,7 +314,8 @@ def test_a_9_channel_inpainting_unet_inpaints_and_refuses_requests_without_a_mas
     components = {**pipeline.components, "unet": unet, "requires_safety_checker": False}
     inpainting = StableDiffusionPipeline(**components)
     entry = next(m for m in settings.models if m.kind == "diffusion")
-    defaults = model_defaults(LoadedDiffusionPipeline(entry, inpainting, torch.device("cpu"), torch.float32))
+    loaded = LoadedDiffusionPipeline(entry, inpainting, torch.device("cpu"), torch.float32)
+    defaults = model_defaults(loaded, FamilyPipelines(inpainting, FAMILIES["sd"]))
     assert defaults.inpainting_only
     with pytest.raises(FailedPrecondition, match="inpainting model"):
         resolve_request(ImageSpec(prompt="a fox"), defaults, settings.diffusion)

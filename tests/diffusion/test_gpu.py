@@ -17,6 +17,7 @@ from PIL import Image
 
 from services.diffusion.adapters import DiffusionAdapterCache
 from services.diffusion.engine import DiffusionEngine, ImageJob
+from services.diffusion.pipelines import FamilyPipelines
 from shared.adapters import AdapterStore
 from shared.loaders import load_diffusion_pipeline
 from tests.diffusion.test_engine import Events, image_request
@@ -44,7 +45,12 @@ def test_half_precision_engine_batch_with_lora_matches_each_seed_alone(settings,
         assert component.device.type == device
     adapters = DiffusionAdapterCache(pipe, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
     engine = DiffusionEngine(
-        pipe, model_name="tiny-sd", adapters=adapters, max_batch_images=8, max_waiting=16, batch_window_s=0.005
+        FamilyPipelines(pipe, loaded.family),
+        model_name="tiny-sd",
+        adapters=adapters,
+        max_batch_images=8,
+        max_waiting=16,
+        batch_window_s=0.005,
     )
 
     prompts = ["a cat", "a dog", "a boat", "a tree"]
@@ -81,10 +87,16 @@ def test_half_precision_inpainting_keeps_the_init_image_where_the_mask_is_black(
     entry = next(m for m in settings.models if m.kind == "diffusion").model_copy(
         update={"device": device, "dtype": dtype}
     )
-    pipe = load_diffusion_pipeline(entry, settings).pipeline
+    loaded = load_diffusion_pipeline(entry, settings)
+    pipe = loaded.pipeline
     adapters = DiffusionAdapterCache(pipe, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
     engine = DiffusionEngine(
-        pipe, model_name="tiny-sd", adapters=adapters, max_batch_images=8, max_waiting=16, batch_window_s=0.005
+        FamilyPipelines(pipe, loaded.family),
+        model_name="tiny-sd",
+        adapters=adapters,
+        max_batch_images=8,
+        max_waiting=16,
+        batch_window_s=0.005,
     )
     jobs = [(inpaint_request("a cat", 1, gradient(), "left"), "left", Events())]
     jobs.append((inpaint_request("a dog", 2, gradient(True), "right"), "right", Events()))

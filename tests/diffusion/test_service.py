@@ -141,7 +141,7 @@ def test_inpainting_keeps_the_black_half_and_repaints_the_white_half(diffusion_s
     assert difference[REPAINTED].mean() > 10 * max(difference[KEPT].mean(), 1), difference[REPAINTED].mean()
     assert np.array_equal(pixels(inpaint(diffusion_stub, png(HALF_MASK)).png), pixels(image.png)), "reproducible"
     metadata = Image.open(io.BytesIO(image.png)).text
-    for part in ("Steps: 10", "Seed: 4", "Size: 64x64", "Denoising strength: 1,", "Mask: yes"):  # 1.0: the default
+    for part in ("Steps: 10", "Seed: 4", "Size: 64x64", "Denoising strength: 1,", "Mask blur: 0"):  # 1.0: the default
         assert part in metadata["parameters"], metadata["parameters"]
     assert json.loads(metadata["modelworks"])["mask"] is True
     plain = Image.open(io.BytesIO(diffusion_stub.GenerateImages(request(seed=4)).images[0].png)).text
@@ -172,7 +172,10 @@ def test_an_alpha_mask_repaints_where_transparent_like_the_same_luminance_mask(d
     opaque = np.dstack([HALF_MASK[..., None].repeat(3, -1), np.full((64, 64), 255, np.uint8)])
     assert np.array_equal(pixels(inpaint(diffusion_stub, png(opaque)).png), luminance), "no transparency: luminance"
     other_size = np.asarray(Image.fromarray(HALF_MASK).resize((128, 96), Image.NEAREST))
-    assert np.array_equal(pixels(inpaint(diffusion_stub, png(other_size)).png), luminance), "resized to the image"
+    with pytest.raises(grpc.RpcError) as caught:
+        inpaint(diffusion_stub, png(other_size))
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "mask_image is 128x96 but init_image is 64x64" in caught.value.details()
 
 
 def test_adapter_scale_zero_equals_the_base_model(diffusion_stub, diffusion_adapters):
@@ -261,6 +264,17 @@ def _gif(array: np.ndarray) -> bytes:
 
 BAD = {
     "width not a multiple of 8": (request(width=50), grpc.StatusCode.INVALID_ARGUMENT, "multiple of 8"),
+    "mask blur without a mask": (request(mask_blur=4), grpc.StatusCode.INVALID_ARGUMENT, "mask_blur applies to"),
+    "mask blur over the limit": (
+        request(init_image=png(INIT), mask_image=png(HALF_MASK), mask_blur=65),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        r"mask_blur must be in \[0, 64\]",
+    ),
+    "a flow-matching scheduler on SD": (
+        request(scheduler="Euler Karras"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "does not fit this sd model; available: DDIM",
+    ),
     "height over the maximum": (request(height=4096), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 1024"),
     "too many steps": (request(steps=1001), grpc.StatusCode.INVALID_ARGUMENT, "maximum is 1000"),
     "more steps than the schedule": (request(steps=1000), grpc.StatusCode.INVALID_ARGUMENT, "at most 999 steps"),

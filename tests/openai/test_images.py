@@ -77,7 +77,7 @@ def test_an_edit_with_a_mask_repaints_only_the_masked_half(client):
         extra_body={"seed": 3, "steps": 2},
     )
     edited = decoded(reply.data[0].b64_json)
-    assert "Mask: yes" in edited.text["parameters"]
+    assert "Mask blur: 0" in edited.text["parameters"]
     pixels, original = np.asarray(edited.convert("RGB"), np.int16), np.asarray(start, np.int16)
     kept, repainted = np.abs(pixels - original)[:, :32].mean(), np.abs(pixels - original)[:, 32:].mean()
     assert kept < 1.0 < 10.0 < repainted, (kept, repainted)
