@@ -204,9 +204,20 @@ LLM_LIKELY = {
 }
 EMBED_LIKELY = {"model": ["", "tiny-embed", "tiny-llm"], "inputs": ["hello", "def f(x):", "é日本🎉"]}
 DIFFUSION_LIKELY = {
-    "model": ["", "tiny-sd"],
+    "model": ["", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"],
     "adapter": ["", "", "style-a"],
-    "scheduler": ["", "DDIM", "Euler a", "DPM++ 2M Karras", "PNDM", "LCM", "Heun", "UniPC"],
+    "scheduler": [
+        "",
+        "DDIM",
+        "Euler a",
+        "DPM++ 2M Karras",
+        "PNDM",
+        "LCM",
+        "Heun",
+        "UniPC",
+        "Euler Karras",
+        "Euler Beta",
+    ],
 }
 
 

@@ -18,11 +18,27 @@ from tests.fuzzing import FUZZ_SERVER_ENV, fuzz, fuzz_targets
 EXAMPLES = int(os.environ.get("MODELWORKS_FUZZ_EXAMPLES", "30"))
 
 
-@pytest.fixture(scope="module", params=["llm", "diffusion"])
+@pytest.fixture(scope="module", params=["llm", "diffusion", "diffusion-families"])
 def fuzzed_server(request, data_dir, adapters, diffusion_adapters, tmp_path_factory):
-    server = start_server(request.param, data_dir, tmp_path_factory.mktemp(f"fuzz-{request.param}"), FUZZ_SERVER_ENV)
-    yield request.param, server
+    workdir = tmp_path_factory.mktemp(f"fuzz-{request.param}")
+    if request.param == "diffusion-families":  # SDXL, SD3 and Flux: their schedulers, guidance and sizes
+        server = _families_server(data_dir, workdir)
+    else:
+        server = start_server(request.param, data_dir, workdir, FUZZ_SERVER_ENV)
+    yield request.param.split("-")[0], server
     stop_server(server)
+
+
+def _families_server(data_dir, workdir):
+    from shared.builtin import ensure_builtin
+    from tests.conftest import TEST_SERVER_CONFIG
+    from tests.diffusion.test_families import ENTRIES
+    from tests.harness import spawn_service
+
+    for entry in ENTRIES:
+        ensure_builtin(entry["source"].removeprefix("builtin:"), data_dir / "models")
+    config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": ENTRIES}
+    return spawn_service("diffusion", workdir, config, FUZZ_SERVER_ENV, timeout=300)
 
 
 def test_no_request_gets_internal_or_hangs_and_the_server_stays_healthy(fuzzed_server):
