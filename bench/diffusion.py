@@ -1,99 +1,124 @@
-"""Diffusion serving benchmark, on the built-in tiny-sd, measured side by side in one run:
+"""Diffusion serving benchmark, on each built-in tiny family (SD, SDXL, SD3, Flux), measured side by side:
 
 (a) one request through gRPC vs the same pipeline call in process (median);
-(b) images/s of 4 concurrent requests vs the same 4 requests one at a time, both through the service.
+(b) images/s of 4 concurrent requests vs the same 4 requests one at a time, both through the service;
+(c) the ceiling for (b): the bare pipeline in process, one call of 4 prompts vs 4 calls of 1;
+(d) inpainting over text-to-image at the same size and steps, both through the service.
 """
 
 from __future__ import annotations
 
+import io
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import torch
+from PIL import Image
 
 from bench.report import Row
+from services.diffusion.pipelines import FamilyPipelines
 from shared.loaders import load_diffusion_pipeline
 from shared.settings import Settings
 from tests.harness import spawn_service
 
-MODEL = {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd"}
+MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]
+SIZE = 64
 STEPS = 20
-GUIDANCE = 7.5
 ROUNDS = 5
 PROMPTS = ["a lighthouse at dusk", "a bowl of ramen", "a fox in the snow", "a city street in the rain"]
 
 
-def _request(pb2, prompt: str, seed: int):
-    return pb2.GenerateImagesRequest(prompt=prompt, steps=STEPS, guidance_scale=GUIDANCE, seed=seed, scheduler="DDIM")
+def _entry(name: str) -> dict:
+    return {"name": name, "kind": "diffusion", "source": f"builtin:{name}", "dtype": "float32",
+            "diffusion": {"width": SIZE, "height": SIZE, "steps": STEPS}}  # fmt: skip
 
 
-def run(workdir: Path) -> list[Row]:
-    from diffusers import DDIMScheduler
+def _png(image: Image.Image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
 
-    from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 
-    config = {"data_dir": str(workdir), "models": [MODEL], "log_level": "WARNING"}
-    settings = Settings.model_validate(config)
-    pipe = load_diffusion_pipeline(settings.models[0], settings).pipeline
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    server = spawn_service("diffusion", workdir / "diffusion-server", config)
+class InProcess:
+    """The bare pipeline, called as the service calls it (family defaults, the checkpoint's scheduler)."""
 
-    def in_process(prompts: list[str], seeds: list[int]) -> float:
-        """Seconds for one call of the bare pipeline with these prompts."""
+    def __init__(self, settings: Settings, name: str):
+        entry = next(m for m in settings.models if m.name == name)
+        loaded = load_diffusion_pipeline(entry, settings)
+        self.pipe, self.family = loaded.pipeline, loaded.family
+        self._scheduler = (type(self.pipe.scheduler), dict(self.pipe.scheduler.config))
+        self._sequence_length = FamilyPipelines(self.pipe, self.family)._sequence_length
+
+    def __call__(self, prompts: list[str], seeds: list[int]) -> float:
+        scheduler_class, config = self._scheduler
+        self.pipe.scheduler = scheduler_class.from_config(config)
+        kwargs = dict(num_inference_steps=STEPS, guidance_scale=self.family.default_guidance, width=SIZE, height=SIZE)
+        if self._sequence_length:
+            kwargs["max_sequence_length"] = self._sequence_length
         start = time.perf_counter()
         with torch.inference_mode():
-            pipe(
-                prompts,
-                num_inference_steps=STEPS,
-                guidance_scale=GUIDANCE,
-                generator=[torch.Generator("cpu").manual_seed(seed) for seed in seeds],
-            )
+            self.pipe(prompts, generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], **kwargs)
         return time.perf_counter() - start
 
-    single: list[tuple[float, float]] = []
-    concurrent: list[tuple[float, float]] = []
-    ceiling: list[tuple[float, float]] = []
-    try:
-        with grpc.insecure_channel(server.address) as channel:
-            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
 
-            def call(i: int) -> None:
-                stub.GenerateImages(_request(diffusion_pb2, PROMPTS[i], seed=i))
+def _measure(stub, pb2, name: str, in_process: InProcess) -> list[Row]:
+    init = stub.GenerateImages(pb2.GenerateImagesRequest(model=name, prompt=PROMPTS[0], seed=99)).images[0].png
+    mask = Image.new("L", (SIZE, SIZE), 0)
+    mask.paste(255, (SIZE // 4, SIZE // 4, 3 * SIZE // 4, 3 * SIZE // 4))
 
-            call(0)  # warm-ups
-            in_process(PROMPTS[:1], [0])
-            for _ in range(ROUNDS):
-                for i in range(2):
-                    start = time.perf_counter()
-                    call(i)
-                    single.append((time.perf_counter() - start, in_process(PROMPTS[i : i + 1], [i])))
-                start = time.perf_counter()
-                for i in range(len(PROMPTS)):
-                    call(i)
-                one_at_a_time = len(PROMPTS) / (time.perf_counter() - start)
-                start = time.perf_counter()
-                with ThreadPoolExecutor(len(PROMPTS)) as pool:
-                    list(pool.map(call, range(len(PROMPTS))))
-                concurrent.append((len(PROMPTS) / (time.perf_counter() - start), one_at_a_time))
-                # the same pipeline called in process with all 4 prompts at once vs 4 single calls: what
-                # batching itself can gain on this machine, the ceiling for (b)
-                singles = sum(in_process([p], [i]) for i, p in enumerate(PROMPTS))
-                batched = in_process(PROMPTS, list(range(len(PROMPTS))))
-                ceiling.append((len(PROMPTS) / batched, len(PROMPTS) / singles))
-    finally:
-        server.stop()
-    name = MODEL["name"]
+    def call(i: int, **fields) -> float:
+        start = time.perf_counter()
+        stub.GenerateImages(pb2.GenerateImagesRequest(model=name, prompt=PROMPTS[i], seed=i, **fields))
+        return time.perf_counter() - start
+
+    call(0), in_process(PROMPTS[:1], [0]), call(0, init_image=init, mask_image=_png(mask))  # warm-ups
+    single, concurrent, ceiling, inpaint = [], [], [], []
+    for _ in range(ROUNDS):
+        for i in range(2):
+            single.append((call(i), in_process(PROMPTS[i : i + 1], [i])))
+        start = time.perf_counter()
+        for i in range(len(PROMPTS)):
+            call(i)
+        one_at_a_time = len(PROMPTS) / (time.perf_counter() - start)
+        start = time.perf_counter()
+        with ThreadPoolExecutor(len(PROMPTS)) as pool:
+            list(pool.map(call, range(len(PROMPTS))))
+        concurrent.append((len(PROMPTS) / (time.perf_counter() - start), one_at_a_time))
+        singles = sum(in_process([p], [i]) for i, p in enumerate(PROMPTS))
+        batched = in_process(PROMPTS, list(range(len(PROMPTS))))
+        ceiling.append((len(PROMPTS) / batched, len(PROMPTS) / singles))
+        inpaint.append((call(1, init_image=init, mask_image=_png(mask)), call(1)))
+    guidance = "distilled guidance" if in_process.family.distilled_guidance else "CFG"
     return [
-        Row.of_pairs(name, f"(a) one request ({STEPS} steps, CFG), s", single, ".3f", "same call in process"),
+        Row.of_pairs(name, f"(a) one request ({STEPS} steps, {guidance}), s", single, ".3f", "same call in process"),
         Row.of_pairs(name, "(b) images/s, 4 concurrent requests", concurrent, ".2f", "the 4 one at a time"),
         Row.of_pairs(name, "(c) images/s, in process: 1 call of 4 prompts", ceiling, ".2f", "4 calls of 1"),
+        Row.of_pairs(name, "(d) one inpainting request, s", inpaint, ".3f", "text-to-image, same size and steps"),
     ]
 
 
+def run(workdir: Path) -> list[Row]:
+    from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+
+    config = {"data_dir": str(workdir), "models": [_entry(m) for m in MODELS], "log_level": "WARNING"}
+    settings = Settings.model_validate(config)
+    server = spawn_service("diffusion", workdir / "diffusion-server", config)
+    rows: list[Row] = []
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = diffusion_pb2_grpc.DiffusionServiceStub(channel)
+            for name in MODELS:
+                rows += _measure(stub, diffusion_pb2, name, InProcess(settings, name))
+    finally:
+        server.stop()
+    return rows
+
+
 NOTE = (
-    f"Medians of {ROUNDS} rounds, each ratio the median of per-round ratios. (a) gRPC time over in-process"
-    " time, 1.00 = no overhead; (b) concurrent over one-at-a-time throughput, higher is better; (c) the"
-    " same for the bare pipeline in process: the most batching can give on this machine, the ceiling for (b)."
+    f"{SIZE}x{SIZE}, float32, each model's own scheduler and guidance. Medians of {ROUNDS} rounds, each ratio the"
+    " median of per-round ratios. (a) gRPC time over in-process time, 1.00 = no overhead; (b) concurrent over"
+    " one-at-a-time throughput, higher is better; (c) the same for the bare pipeline in process: the most batching"
+    " can give on this machine, the ceiling for (b); (d) inpainting time over text-to-image time."
 )

@@ -57,6 +57,7 @@ class ImageEvent:
 class ImageJob:
     request: ImageRequest
     on_event: Callable[[ImageEvent], None]
+    progress: bool = True  # False: only the final event (a unary call reads nothing else)
     cancelled: bool = False
     arrival: float = field(default_factory=time.perf_counter)
 
@@ -201,7 +202,7 @@ class DiffusionEngine:
         def on_step(pipeline, index: int, timestep, tensors: dict) -> dict:
             latents, row = tensors["latents"], 0
             for job in jobs:
-                if not job.cancelled:
+                if job.progress and not job.cancelled:
                     preview = b""
                     if job.request.preview:
                         preview = self.pipelines.preview_png(latents[row], spec.width, spec.height)

@@ -61,18 +61,18 @@ class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):
         self.host = host
         self._events = EventRelay()
 
-    async def _generate(self, request, context) -> AsyncIterator[ImageEvent]:
+    async def _generate(self, request, context, progress: bool = True) -> AsyncIterator[ImageEvent]:
         # decoding and resizing an init image and mask must not stall the event loop
         served = self.host.get(request.model)
         image_request = await asyncio.to_thread(served.resolve, spec_from_proto(request))
         events, sink = self._events.sink()
-        job = ImageJob(image_request, sink)
+        job = ImageJob(image_request, sink, progress)
         served.engine.submit(job)
         async for event in self._events.follow(events, job.cancel):
             yield event
 
     async def GenerateImages(self, request, context):
-        async for event in self._generate(request, context):
+        async for event in self._generate(request, context, progress=False):
             if event.final:
                 return _result(event)
 

@@ -26,6 +26,7 @@ from services.finetune.jobs import EVENT_TYPES, AdapterNameTaken, EventPage, Job
 from services.finetune.queue import dispatch
 from shared.adapters import AdapterInfo, AdapterStore, validate_adapter_name
 from shared.auth import Caller, current_caller
+from shared.diffusion_families import family_of_class
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from shared.locations import TRAINING_DEFAULTS_FILE, prepared_folder, read_json
 from shared.registry import ModelRegistry
@@ -59,7 +60,22 @@ def _llm_profile(folder) -> dict:
     return dict(architecture=architecture, context_length=context, has_chat_template=has_template, targets=targets)
 
 
+TRAINABLE_FAMILIES = ("sd",)
+
+
+class UntrainableBase(FailedPrecondition):
+    """A diffusion base of a family no recipe trains yet: not offered, and refused by name."""
+
+
 def _diffusion_profile(folder) -> dict:
+    pipeline_class = read_json(folder, "model_index.json").get("_class_name", "")
+    family = family_of_class(pipeline_class)
+    if family is None or family.name not in TRAINABLE_FAMILIES:
+        name = family.name if family else pipeline_class
+        raise UntrainableBase(
+            f"LoRA training takes {', '.join(TRAINABLE_FAMILIES)} bases for now; this one is {name} "
+            "(its adapters are served once trained elsewhere)"
+        )
     unet = read_json(folder / "unet", "config.json")
     vae = read_json(folder / "vae", "config.json")
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
@@ -85,6 +101,8 @@ class FineTuneAPI:
             try:
                 profile = self._profile(entry)
                 defaults = tuple(profile["targets"][0]) if "targets" in profile else tuple(hyperparams.UNET_TARGETS[0])
+            except UntrainableBase:
+                continue
             except Exception:  # not prepared yet: still listed, without architecture details
                 defaults = ()
             out.append(BaseModelInfo(entry.name, entry.kind, methods, defaults))

@@ -1,4 +1,4 @@
-"""The Images tab: text-to-image and image-to-image over `DiffusionService.GenerateImagesStream`.
+"""The Images tab: text-to-image, image-to-image and inpainting over `DiffusionService.GenerateImagesStream`.
 
 Live progress shows the service's latent preview; finished images go to a gallery as the PNG files the
 service made (so a download keeps their "parameters" chunk), each captioned with its seed and settings.
@@ -77,8 +77,21 @@ def caption(image: diffusion_pb2.Image, request: diffusion_pb2.GenerateImagesReq
     parts.append(request.scheduler or "default scheduler")
     if request.adapter:
         parts.append(f"adapter {request.adapter} ×{request.adapter_scale:g}")
-    if request.init_image:
+    if request.mask_image:
+        parts.append(f"inpaint strength {request.strength:g}")
+    elif request.init_image:
         parts.append(f"img2img strength {request.strength:g}")
+    return " · ".join(parts)
+
+
+def model_summary(info: diffusion_pb2.ModelInfo) -> str:
+    """One line on what the picked model is and takes, so the form's options can be read against it."""
+    if not info.family:  # not loaded yet
+        return ""
+    parts = [f"**{info.family}**", f"{info.guidance} guidance"]
+    parts.append("negative prompt" if info.negative_prompt else "no negative prompt")
+    parts.append(", ".join(info.modes))
+    parts.append(f"sizes in steps of {info.size_multiple} px")
     return " · ".join(parts)
 
 
@@ -128,14 +141,10 @@ def _pickers(clients: ServiceClients) -> tuple[Callable, Callable, Callable]:
     def refresh(current_model, current_adapter, current_scheduler):
         """The pickers as the services see them now, keeping the current picks where they still exist."""
         listed = call_or_warn(diffusion, "list_models", models, [])
-        schedulers = call_or_warn(
-            diffusion,
-            "list_schedulers",
-            lambda: clients.diffusion.ListSchedulers(diffusion_pb2.ListSchedulersRequest(), timeout=QUICK_CALL_S).names,
-            [],
-        )
         names = [m.name for m in listed]
         model = current_model if current_model in names else next((m.name for m in listed if m.is_default), None)
+        # each family takes its own schedulers (flow-matching ones for SD3 and Flux)
+        schedulers = next((list(m.schedulers) for m in listed if m.name == model), [])
         adapters = adapter_names(clients, finetune_pb2.JOB_KIND_DIFFUSION, model)
         adapter = current_adapter if current_adapter in adapters else NO_ADAPTER
         return (
@@ -160,13 +169,14 @@ def _pickers(clients: ServiceClients) -> tuple[Callable, Callable, Callable]:
         )
 
     def banner(model_name):
-        """The random-weights banner, shown while the picked model is a built-in test model (quiet when the
-        service is down: the pickers' refresh says so)."""
+        """The random-weights banner, shown while the picked model is a built-in test model, and what the model
+        takes (quiet when the service is down: the pickers' refresh says so)."""
         try:
             info = next((m for m in models() if m.name == model_name), None)
         except grpc.RpcError:
-            return gr.skip()
-        return gr.Markdown(BUILTIN_BANNER, visible=bool(info and info.source.startswith("builtin:")))
+            return gr.skip(), gr.skip()
+        shown = gr.Markdown(BUILTIN_BANNER, visible=bool(info and info.source.startswith("builtin:")))
+        return shown, model_summary(info) if info else ""
 
     return refresh, model_defaults, banner
 
@@ -185,5 +195,9 @@ def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_lim
     layout.model.input(refresh, pickers, pickers, **PRIVATE).then(model_defaults, [layout.model], layout.defaults,
                                                                   **PRIVATE)  # fmt: skip
     # however the model changes (page load, a pick, Fine-tune's "Make images with this adapter")
-    layout.model.change(banner, [layout.model], [layout.banner], show_progress="hidden", **PRIVATE)
+    layout.model.change(banner, [layout.model], [layout.banner, layout.model_info], show_progress="hidden", **PRIVATE)
+    # the mask is painted over the init image: the editor shows it as its background
+    layout.field("init_image").change(
+        lambda image: image, [layout.field("init_image")], [layout.field("mask")], show_progress="hidden", **PRIVATE
+    )
     return ImagesTab(pickers, refresh, layout.defaults, model_defaults)

@@ -13,6 +13,9 @@ from collections.abc import Callable
 from dataclasses import astuple, dataclass, fields
 from typing import Any
 
+import gradio as gr
+from PIL import Image, ImageChops
+
 from modelworks.diffusion.v1 import diffusion_pb2
 from services.gateway import validation
 
@@ -38,6 +41,8 @@ class ImageForm:
     adapter_scale: float | None = 1.0
     init_image: Any = None  # a PIL image: image-to-image from it
     strength: float | None = 0.75
+    mask: Any = None  # painted over the init image (the editor's value), or a PIL image (white repaints): inpainting
+    mask_blur: float | None = 0
 
     @classmethod
     def names(cls) -> list[str]:
@@ -71,10 +76,41 @@ class ImageForm:
             self.init_image.convert("RGB").save(buffer, format="PNG")
             request.init_image = buffer.getvalue()
             request.strength = validation.number_in_range(self.strength, 0, 1, "Strength")
+        mask = mask_png(self.mask, self.init_image)
+        if mask:
+            if self.init_image is None:
+                raise gr.Error("Inpainting needs an init image: upload one, then paint over it where to repaint.")
+            request.mask_image = mask
+            request.mask_blur = validation.whole_number(self.mask_blur, 0, 64, "Mask blur")
         if self.adapter not in (None, "", NO_ADAPTER):
             request.adapter = self.adapter
             request.adapter_scale = validation.number_in_range(self.adapter_scale, 0, 2, "Adapter scale")
         return request
+
+
+def mask_png(value: Any, init_image: Any) -> bytes:
+    """The inpainting mask as PNG bytes (white repaints), or b"" where nothing is masked. From the editor: where
+    any layer is painted, brought to the init image's size (the editor may show it scaled); from the API: a
+    PIL image, read by its luminance as the service reads it."""
+    if value is None:
+        return b""
+    if isinstance(value, dict):
+        layers = [layer for layer in value.get("layers") or [] if layer is not None]
+        if not layers:
+            return b""
+        painted = layers[0].convert("RGBA").getchannel("A")
+        for layer in layers[1:]:
+            painted = ImageChops.lighter(painted, layer.convert("RGBA").getchannel("A").resize(painted.size))
+        if painted.getbbox() is None:  # nothing painted
+            return b""
+        mask = painted.point(lambda alpha: 255 if alpha else 0)
+        if init_image is not None and mask.size != init_image.size:
+            mask = mask.resize(init_image.size, Image.NEAREST)
+    else:
+        mask = value.convert("L")
+    buffer = io.BytesIO()
+    mask.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def form_signature(fn: Callable) -> Callable:

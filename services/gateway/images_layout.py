@@ -25,6 +25,7 @@ class ImagesLayout:
     scheduler: gr.Dropdown
     refresh: gr.Button
     banner: gr.Markdown  # shown while the picked model has random weights
+    model_info: gr.Markdown  # the picked model's family and what it takes
     generate: gr.Button
     preview: gr.Image
     status: gr.Markdown
@@ -48,13 +49,10 @@ def build_images_layout() -> ImagesLayout:
             negative_prompt = gr.Textbox(label="Negative prompt", lines=1)
             model, scheduler, refresh = _pickers()
             banner = gr.Markdown(visible=False, elem_id="images-banner")
+            model_info = gr.Markdown(elem_id="images-model-info")
             sampling = _sampling_inputs()
             adapter, adapter_scale = _adapter_inputs()
-            with gr.Accordion("Image to image", open=False):
-                init_image = gr.Image(label="Init image (optional)", type="pil", sources=["upload", "clipboard"])
-                strength = gr.Slider(
-                    0, 1, value=DEFAULTS.strength, step=0.05, label="Strength", info="how far from the init image"
-                )
+            init_image, strength, mask, mask_blur = _init_image_inputs()
             generate = gr.Button("Generate", variant="primary", elem_id="images-generate")
         with gr.Column(scale=2):
             preview = gr.Image(label="Preview", interactive=False, height=256, elem_id="images-preview")
@@ -66,17 +64,19 @@ def build_images_layout() -> ImagesLayout:
     )  # fmt: skip
     by_name = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model, "scheduler": scheduler,
                "adapter": adapter, "adapter_scale": adapter_scale, "init_image": init_image, "strength": strength,
-               **sampling}  # fmt: skip
+               "mask": mask, "mask_blur": mask_blur, **sampling}  # fmt: skip
     form = [by_name[name] for name in ImageForm.names()]
     api_form = [_api_twin(name, component) for name, component in zip(ImageForm.names(), form, strict=True)]
-    return ImagesLayout(model, adapter, scheduler, refresh, banner, generate, preview, status, gallery, form, api_form)
+    return ImagesLayout(
+        model, adapter, scheduler, refresh, banner, model_info, generate, preview, status, gallery, form, api_form
+    )
 
 
 def _api_twin(name: str, component: gr.components.Component) -> gr.components.Component:
     """A hidden input for the API with the field's default (None where the model decides) and the form
     component's bounds, so an API caller gets the same checks and messages as the form."""
     default = getattr(DEFAULTS, name)
-    if isinstance(component, gr.Image):
+    if isinstance(component, gr.Image | gr.ImageEditor):  # the API sends a mask as an image: white repaints
         return gr.Image(label=name, type="pil", visible=False)
     if isinstance(component, gr.Slider | gr.Number):
         bounds = {"minimum": component.minimum, "maximum": component.maximum}
@@ -110,6 +110,28 @@ def _sampling_inputs() -> dict:
         num_images = gr.Slider(1, 8, value=DEFAULTS.num_images, step=1, label="Images")
     return {"steps": steps, "guidance": guidance, "width": width, "height": height, "seed": seed,
             "num_images": num_images}  # fmt: skip
+
+
+def _init_image_inputs() -> tuple:
+    with gr.Accordion("Image to image and inpainting", open=False):
+        init_image = gr.Image(label="Init image (optional)", type="pil", sources=["upload", "clipboard"])
+        strength = gr.Slider(
+            0, 1, value=DEFAULTS.strength, step=0.05, label="Strength", info="how far from the init image"
+        )
+        mask = gr.ImageEditor(
+            label="Inpainting: paint where to repaint (the init image shows here once uploaded)",
+            type="pil", sources=[], layers=False, transforms=[], elem_id="images-mask",
+            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed", default_size=16),
+        )  # fmt: skip
+        mask_blur = gr.Slider(
+            0,
+            64,
+            value=DEFAULTS.mask_blur,
+            step=1,
+            label="Mask blur",
+            info="pixels of soft edge; 0 keeps the rest exact",
+        )
+    return init_image, strength, mask, mask_blur
 
 
 def _adapter_inputs() -> tuple[gr.Dropdown, gr.Slider]:

@@ -411,3 +411,13 @@ def assert_healthy(server) -> None:
     with grpc.insecure_channel(server.address) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_diffusion_base_of_a_family_no_recipe_trains_is_refused_by_name(data_dir):
+    from services.finetune.api import UntrainableBase, _diffusion_profile
+    from shared.builtin import ensure_builtin
+
+    for name in ("tiny-sdxl", "tiny-flux"):
+        with pytest.raises(UntrainableBase, match=f"LoRA training takes sd bases for now; this one is {name[5:]}"):
+            _diffusion_profile(ensure_builtin(name, data_dir / "models"))
+    assert _diffusion_profile(ensure_builtin("tiny-sd", data_dir / "models"))["native_resolution"] == 64

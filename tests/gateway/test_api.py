@@ -6,6 +6,7 @@ import io
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -115,7 +116,7 @@ def images(client, prompt="a red square", seed=42, num_images=2, **overrides):
     form = {
         "negative_prompt": "", "model": "tiny-sd", "scheduler": "(model default)", "steps": 4, "guidance": 7.5,
         "width": 64, "height": 64, "seed": seed, "num_images": num_images, "adapter": "(base model)",
-        "adapter_scale": 1.0, "init_image": None, "strength": 0.75, **overrides,
+        "adapter_scale": 1.0, "init_image": None, "strength": 0.75, "mask": None, "mask_blur": 0, **overrides,
     }  # fmt: skip
     return client.predict(prompt, *form.values(), api_name="/generate_images")
 
@@ -137,6 +138,35 @@ def test_images_come_back_with_their_seeds_and_keep_their_png_metadata(client, d
             data = file.read()
         assert data == image.png, "the downloaded PNG differs from the service's"
         assert "Seed: " in Image.open(io.BytesIO(data)).info["parameters"]
+
+
+def test_inpainting_through_the_app_equals_the_service_and_keeps_the_unmasked_pixels(client, diffusion_stub, tmp_path):
+    from gradio_client import handle_file
+
+    init = np.stack([np.tile(np.linspace(0, 255, 64, dtype=np.uint8), (64, 1))] * 3, -1)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(init).save(tmp_path / "init.png")
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    *_, gallery = images(
+        client, num_images=1, init_image=handle_file(str(tmp_path / "init.png")),
+        mask=handle_file(str(tmp_path / "mask.png")), strength=1.0,
+    )  # fmt: skip
+    assert "inpaint strength 1" in gallery[0]["caption"]
+    path = gallery[0]["image"]["path"] if isinstance(gallery[0]["image"], dict) else gallery[0]["image"]
+    made = np.asarray(Image.open(path).convert("RGB"))
+    outside = mask == 0
+    assert np.array_equal(made[outside], init[outside]), "every pixel outside the mask is the init image's"
+    assert np.abs(made[~outside].astype(int) - init[~outside]).mean() > 5
+    direct = diffusion_stub.GenerateImages(
+        diffusion_pb2.GenerateImagesRequest(
+            model="tiny-sd", prompt="a red square", steps=4, guidance_scale=7.5, seed=42,
+            init_image=(tmp_path / "init.png").read_bytes(), mask_image=(tmp_path / "mask.png").read_bytes(),
+            strength=1.0,
+        ),
+        timeout=120,
+    )  # fmt: skip
+    assert np.array_equal(made, np.asarray(Image.open(io.BytesIO(direct.images[0].png)).convert("RGB")))
 
 
 @pytest.mark.parametrize(

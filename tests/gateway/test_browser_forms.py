@@ -37,6 +37,10 @@ def test_an_image_is_generated_into_the_gallery(page):
     # tiny-sd is built in with random weights, and the page says so
     wait_for(lambda: page.locator("#images-banner").is_visible(), 60, "the random-weights banner")
     assert "random weights" in page.locator("#images-banner").inner_text()
+    wait_for(lambda: "classifier-free guidance" in page.locator("#images-model-info").inner_text(), 60, "model info")
+    assert "sd · classifier-free guidance · negative prompt · text2img, img2img, inpaint" in (
+        page.locator("#images-model-info").inner_text()
+    )
     fill_text(page, "images-prompt", "a red square")
     page.locator("#images-generate").click()
     image = page.locator("#images-gallery img").first

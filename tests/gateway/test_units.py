@@ -196,3 +196,23 @@ def test_a_replayed_history_changes_nothing_in_the_job_view():
         view.apply(e)
     assert (view.plot(), view.log()) == (plot, log)
     assert 'data-points="2"' in plot and view.active and "step 2 of 10" in view.note()
+
+
+def test_the_painted_mask_is_white_where_any_layer_is_painted_at_the_init_images_size():
+    import io
+
+    from PIL import Image
+
+    from services.gateway.images_form import mask_png
+
+    init = Image.new("RGB", (64, 48))
+    layer = Image.new("RGBA", (128, 96), (0, 0, 0, 0))
+    layer.paste((255, 255, 255, 200), (64, 0, 128, 96))  # the right half, painted on an editor shown at 2x
+    value = {"background": init, "layers": [layer], "composite": None}
+    mask = Image.open(io.BytesIO(mask_png(value, init)))
+    assert mask.size == (64, 48) and mask.mode == "L"
+    assert mask.getpixel((10, 10)) == 0 and mask.getpixel((40, 10)) == 255
+    assert mask_png({"background": init, "layers": [Image.new("RGBA", (64, 48))], "composite": None}, init) == b""
+    assert mask_png(None, init) == b""
+    api = Image.new("L", (64, 48), 255)  # the API sends an image: white repaints
+    assert Image.open(io.BytesIO(mask_png(api, init))).getpixel((0, 0)) == 255
