@@ -1,8 +1,13 @@
-"""`modelworks adapters list|delete`: the LoRA adapters in the store, through the fine-tune service."""
+"""`modelworks adapters list|import|delete`: the LoRA adapters in the store, through the fine-tune service."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
 from modelworks.finetune.v1 import finetune_pb2
+from modelworks_cli.connection import CliError
+from modelworks_cli.datasets import CHUNK_BYTES
 from modelworks_cli.options import command_options
 from modelworks_cli.output import enum_name, print_json, print_table, timestamp
 
@@ -17,6 +22,14 @@ def register(commands) -> None:
     )
     listing.add_argument("--kind", choices=sorted(KINDS), help="only LLM or only diffusion adapters")
     listing.set_defaults(run=list_adapters)
+    imported = adapters.add_parser(
+        "import", parents=[command_options()],
+        help="import a diffusion LoRA file (.safetensors: diffusers, Kohya/A1111 as Civitai serves them, or Flux)",
+    )  # fmt: skip
+    imported.add_argument("path", type=Path)
+    imported.add_argument("--name", required=True, help="the name it is served by")
+    imported.add_argument("--base-model", required=True, help="the diffusion model it was made for")
+    imported.set_defaults(run=import_adapter)
     delete = adapters.add_parser(
         "delete", parents=[command_options()], help="delete an adapter (its owner's key or an admin key)"
     )
@@ -38,12 +51,30 @@ def list_adapters(args, clients) -> int:
                 enum_name(finetune_pb2.JobKind.Name(a.kind), "JOB_KIND_"),
                 a.base_model,
                 a.method,
-                a.job_id or "-",
+                a.job_id or (f"imported ({a.imported_format})" if a.imported_format else "-"),
                 timestamp(a.created_at),
             )
             for a in adapters
         ],
     )
+    return 0
+
+
+def import_messages(path: Path, name: str, base_model: str) -> Iterator[finetune_pb2.ImportAdapterRequest]:
+    yield finetune_pb2.ImportAdapterRequest(info=finetune_pb2.ImportAdapterInfo(name=name, base_model=base_model))
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            yield finetune_pb2.ImportAdapterRequest(chunk=chunk)
+
+
+def import_adapter(args, clients) -> int:
+    if not args.path.is_file():
+        raise CliError(f"no such file: {args.path}", 2)
+    adapter = clients.finetune.ImportAdapter(import_messages(args.path, args.name, args.base_model))
+    if args.json:
+        print_json(adapter)
+    else:
+        print(f"imported {adapter.name} ({adapter.imported_format} LoRA for {adapter.base_model})")
     return 0
 
 

@@ -45,6 +45,7 @@ class AdapterInfo:
     # How its base was held in training: "bnb-nf4" for QLoRA. It serves on the base model however that is
     # loaded; a base served unquantized gives slightly different outputs (docs/quantization.md).
     quantization: str = "none"
+    imported_format: str = ""  # an imported LoRA file's key format (kohya, ...); empty: trained here
 
 
 def validate_adapter_name(name: str) -> str:

@@ -221,6 +221,9 @@ class FinetuneSettings(_Section):
     worker_metrics_port: int = 9104
     queue: str = Field("finetune", description="the Celery queue jobs go to (one per pool of workers)")
     max_upload_bytes: int = Field(512 * 1024 * 1024, ge=1, description="largest dataset file an upload may send")
+    max_adapter_import_bytes: int = Field(
+        2 * 1024 * 1024 * 1024, ge=1, description="largest LoRA file ImportAdapter takes (Flux LoRAs reach 1-2 GB)"
+    )
     max_dataset_records: int = Field(1_000_000, ge=1)
     max_record_chars: int = Field(200_000, ge=1, description="longest JSONL line")
     max_zip_members: int = Field(100_000, ge=1)

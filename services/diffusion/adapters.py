@@ -1,9 +1,10 @@
 """Diffusion LoRA adapters: loaded by name on first use into the pipeline, kept in a bounded LRU.
 
-Adapters are in diffusers' LoRA format (`pytorch_lora_weights.safetensors`, as written by
-`StableDiffusionPipeline.save_lora_weights`) plus the store's `modelworks.json`. A LoRA whose keys
-match no layer loads without complaint in diffusers and changes nothing, so every load is checked to
-have injected layers. Runs on the engine thread only, between pipeline calls.
+Adapters are one `pytorch_lora_weights.safetensors` plus the store's `modelworks.json`: diffusers' LoRA format
+(as each family's pipeline `save_lora_weights` writes it, and as training here does), or a file imported from
+elsewhere in Kohya / A1111 keys or Flux's original names, which diffusers' loaders convert on load. A LoRA whose
+keys match no layer loads without complaint in diffusers and changes nothing, so every load is checked to have
+injected layers. Runs on the engine thread only, between pipeline calls.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class DiffusionAdapterCache:
             log.warning("adapter load failed", extra={"adapter": name, "error": repr(exc)})
             raise FailedPrecondition(
                 f"adapter {name!r} could not be loaded into {self._model_name!r}: its files are missing, "
-                "unreadable or not a diffusers LoRA for this model; save it again"
+                "unreadable or not a LoRA for this model's family; save or import it again"
             ) from exc
         if _injected_layers(self._pipeline, internal) == 0:
             self._discard(internal)

@@ -20,6 +20,7 @@ from typing import BinaryIO
 from celery import Celery
 
 from services.finetune import hyperparams, metrics
+from services.finetune.adapter_import import LORA_WEIGHTS, AdapterImport, lora_format, tensor_names
 from services.finetune.datasets import DatasetRecord, DatasetStore, DatasetUpload
 from services.finetune.hyperparams import Hyperparameters, TrainingData
 from services.finetune.jobs import EVENT_TYPES, AdapterNameTaken, EventPage, JobRecord, JobState, JobStore
@@ -320,6 +321,36 @@ class FineTuneAPI:
     def list_adapters(self, kind: str | None) -> list[AdapterInfo]:
         caller = current_caller()
         return [a for a in self.adapters.list() if (kind is None or a.kind == kind) and caller.sees_shared(a.owner)]
+
+    def begin_import(self, name: str, base_model: str) -> AdapterImport:
+        """Checked before a byte is sent: a free name and a diffusion base model this server serves."""
+        self._check_import_target(name, base_model)
+        return AdapterImport(self.settings.data_dir / "imports", self.settings.finetune.max_adapter_import_bytes)
+
+    def import_adapter(self, upload: AdapterImport, name: str, base_model: str) -> AdapterInfo:
+        """Check the whole file's keys, then save it into the store (the staging folder is gone either way)."""
+        upload.close()
+        key_format = lora_format(tensor_names(upload.path))
+        entry = self._check_import_target(name, base_model)
+        info = AdapterInfo(
+            name=name, kind="diffusion", base_model=entry.name, created_at=time.time(),
+            owner=current_caller().name, imported_format=key_format,
+        )  # fmt: skip
+        self.adapters.save(info, lambda folder: shutil.move(upload.path, folder / LORA_WEIGHTS))
+        log.info("adapter imported", extra={"adapter": name, "base_model": entry.name, "format": key_format})
+        return self.adapters.get(name)
+
+    def _check_import_target(self, name: str, base_model: str) -> ModelEntry:
+        validate_adapter_name(name)
+        if not base_model:
+            raise InvalidArgument("base_model is required: the diffusion model the LoRA was made for")
+        entry = next((e for e in self._diffusion.entries() if e.name == base_model), None)
+        if entry is None:
+            known = ", ".join(e.name for e in self._diffusion.entries())
+            raise NotFound(f"diffusion model {base_model!r} not found; LoRA files import for: {known}")
+        if (self.adapters.root / name).exists():
+            raise AlreadyExists(f"adapter {name!r} already exists; choose another name or delete it first")
+        return entry
 
     def delete_adapter(self, name: str) -> None:
         """The owner or an admin; an adapter with no owner (placed by an operator) only an admin."""

@@ -25,7 +25,6 @@ import secrets
 import shutil
 import stat
 import struct
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterator
@@ -33,6 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from services.finetune.staging import StagedUpload
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from shared.settings import FinetuneSettings
 
@@ -442,26 +442,12 @@ def _image_records(raw: bytes, root: str, members: dict, limits: FinetuneSetting
 # -- the store ----------------------------------------------------------------------------------------
 
 
-class DatasetUpload:
+class DatasetUpload(StagedUpload):
     """A streamed upload in a staging file: `write` chunks, then `DatasetStore.accept` validates it."""
 
-    def __init__(self, staging: Path, name: str, fmt: str, limit: int):
-        self.staging, self.name, self.format, self._limit = staging, name, fmt, limit
-        self.size = 0
-        self._file = (staging / FORMATS[fmt]).open("wb")
-
-    def write(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > self._limit:
-            raise ResourceExhausted(f"the upload is over the limit of {self._limit} bytes (finetune.max_upload_bytes)")
-        self._file.write(chunk)
-
-    def close(self) -> None:
-        self._file.close()
-
-    def discard(self) -> None:
-        self.close()
-        shutil.rmtree(self.staging, ignore_errors=True)
+    def __init__(self, root: Path, name: str, fmt: str, limit: int):
+        super().__init__(root, FORMATS[fmt], limit, "finetune.max_upload_bytes")
+        self.name, self.format = name, fmt
 
 
 class DatasetStore:
@@ -473,9 +459,7 @@ class DatasetStore:
         check_format(fmt)
         if not name.strip() or len(name) > MAX_NAME:
             raise InvalidArgument(f"a dataset needs a name of 1-{MAX_NAME} characters")
-        self.root.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=".upload-", dir=self.root))
-        return DatasetUpload(staging, name, fmt, self.limits.max_upload_bytes)
+        return DatasetUpload(self.root, name, fmt, self.limits.max_upload_bytes)
 
     def accept(
         self, upload: DatasetUpload, dataset_id: str | None = None, bundled: bool = False, owner: str = ""

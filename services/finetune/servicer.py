@@ -145,6 +145,7 @@ def adapter_to_proto(info: AdapterInfo) -> pb.Adapter:
         version=info.version,
         owner=info.owner,
         quantization=info.quantization,
+        imported_format=info.imported_format,
     )
 
 
@@ -186,6 +187,31 @@ def _every_rpc_redis_faults_unavailable(cls):
     return cls
 
 
+@contextlib.asynccontextmanager
+async def _staged(request_iterator, begin, message: str, info_fields: str):
+    """A client stream of `info` then chunks, written into the upload `begin(info)` makes: yields (upload, info)
+    once the stream ends; the staged file is removed unless the body moved it into place."""
+    upload, info = None, None
+    try:
+        async for part in request_iterator:
+            which = part.WhichOneof("data")
+            if upload is None:
+                if which != "info":
+                    raise InvalidArgument(f"the first {message} must carry `info` ({info_fields})")
+                info = part.info
+                upload = await asyncio.to_thread(begin, info)
+            elif which == "chunk":
+                upload.write(part.chunk)
+            else:
+                raise InvalidArgument(f"only the first {message} may carry `info`; send chunks after it")
+        if upload is None:
+            raise InvalidArgument(f"the stream was empty: send `info` ({info_fields}), then the file in chunks")
+        yield upload, info
+    finally:
+        if upload is not None:
+            upload.discard()
+
+
 @_every_rpc_redis_faults_unavailable
 class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
     def __init__(self, api: FineTuneAPI, watchers: EventFollower):
@@ -196,26 +222,19 @@ class FineTuneServicer(finetune_pb2_grpc.FineTuneServiceServicer):
         self._export_slots = asyncio.Semaphore(api.settings.finetune.max_concurrent_exports)
 
     async def UploadDataset(self, request_iterator, context):
-        upload = None
-        try:
-            async for message in request_iterator:
-                which = message.WhichOneof("data")
-                if upload is None:
-                    if which != "info":
-                        raise InvalidArgument("the first UploadDatasetRequest must carry `info` (name and format)")
-                    upload = await asyncio.to_thread(self.api.datasets.begin, message.info.name, message.info.format)
-                elif which == "chunk":
-                    upload.write(message.chunk)
-                else:
-                    raise InvalidArgument("only the first UploadDatasetRequest may carry `info`; send chunks after it")
-            if upload is None:
-                raise InvalidArgument("the upload was empty: send `info`, then the file in chunks")
-            record = await asyncio.to_thread(self.api.accept_upload, upload)
-            upload = None
-            return dataset_to_proto(record)
-        finally:
-            if upload is not None:
-                upload.discard()
+        def begin(info):
+            return self.api.datasets.begin(info.name, info.format)
+
+        async with _staged(request_iterator, begin, "UploadDatasetRequest", "name and format") as (upload, _):
+            return dataset_to_proto(await asyncio.to_thread(self.api.accept_upload, upload))
+
+    async def ImportAdapter(self, request_iterator, context):
+        def begin(info):
+            return self.api.begin_import(info.name, info.base_model)
+
+        async with _staged(request_iterator, begin, "ImportAdapterRequest", "name and base_model") as (upload, info):
+            adapter = await asyncio.to_thread(self.api.import_adapter, upload, info.name, info.base_model)
+            return adapter_to_proto(adapter)
 
     async def ListDatasets(self, request, context):
         records = await asyncio.to_thread(self.api.list_datasets)

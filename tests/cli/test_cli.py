@@ -229,3 +229,24 @@ def test_the_api_key_is_sent_as_the_services_expect(data_dir, tmp_path):
     finally:
         server.stop()
         redis.stop()
+
+
+def test_adapters_import_sends_a_lora_file_which_is_listed_and_served(all_targets, tmp_path, settings):
+    from safetensors.torch import save_file
+
+    from shared.loaders import load_diffusion_pipeline
+    from tests.diffusion.lora_files import ATTENTION, kohya_unet, random_lora
+
+    pipe = load_diffusion_pipeline(next(m for m in settings.models if m.kind == "diffusion"), settings).pipeline
+    path = tmp_path / "downloaded-style.safetensors"
+    save_file(kohya_unet(random_lora(pipe.unet, seed=51, target_modules=ATTENTION), alpha=8), str(path))
+    shown = ok(modelworks("adapters", "import", str(path), "--name", "cli-kohya", "--base-model", "tiny-sd",
+                          targets=all_targets))  # fmt: skip
+    assert "imported cli-kohya (kohya LoRA for tiny-sd)" in shown
+    assert "imported (kohya)" in ok(modelworks("adapters", "list", "--kind", "diffusion", targets=all_targets))
+    made = json.loads(ok(modelworks("--json", "image", "a fox", "--adapter", "cli-kohya", "--out",
+                                    str(tmp_path / "out"), "--steps", "2", targets=all_targets)))  # fmt: skip
+    assert len(made) == 1
+    again = modelworks("adapters", "import", str(path), "--name", "cli-kohya", "--base-model", "tiny-sd",
+                       targets=all_targets)  # fmt: skip
+    assert again.returncode == 2 and "already exists" in again.stderr

@@ -227,6 +227,30 @@ def test_an_adapter_changes_the_images_and_scale_zero_is_the_base(stub, family):
     assert np.array_equal(pixels(generate(stub, family, seed=11).png), base), "off again after the adapter"
 
 
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_kohya_lora_file_changes_the_images_as_its_peft_twin_does(stub, data_dir, family):
+    from shared.loaders import load_diffusion_pipeline
+    from shared.settings import Settings
+    from tests.diffusion import lora_files as lf
+
+    model = FAMILY_MODELS[family]
+    settings = Settings.model_validate({"data_dir": str(data_dir), "models": ENTRIES})
+    pipe = load_diffusion_pipeline(next(m for m in settings.models if m.name == model), settings).pipeline
+    if family == "flux":
+        state = lf.random_lora(pipe.transformer, seed=31, target_modules=lf.FLUX_DOUBLE_ATTENTION)
+        kohya = lf.kohya_flux(state, alpha=8, rank=4)
+    else:
+        state = lf.random_lora(pipe.unet, seed=31, target_modules=lf.ATTENTION)
+        kohya = lf.kohya_unet(state, alpha=8)
+    lf.save_peft_adapter(settings.adapters_dir, pipe, state, f"{model}-peft", model)
+    lf.save_file_adapter(settings.adapters_dir, kohya, f"{model}-kohya", model, "kohya")
+    base = pixels(generate(stub, family, seed=12).png)
+    peft_made = pixels(generate(stub, family, seed=12, adapter=f"{model}-peft").png)
+    kohya_made = pixels(generate(stub, family, seed=12, adapter=f"{model}-kohya", adapter_scale=1.0).png)
+    assert not np.array_equal(peft_made, base)
+    assert np.abs(kohya_made - peft_made).max() <= 1, "the Kohya keys convert to the same LoRA"
+
+
 def test_an_adapter_of_another_family_is_refused(stub):
     error = refusal(stub, "flux", adapter="tiny-sdxl-style")
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
