@@ -27,16 +27,17 @@ class Family:
     default_steps: int
     default_guidance: float
     max_sequence_length: int | None = None  # T5 tokens of the prompt; None: the family has no T5 encoder
+    controlnet: str | None = None  # the text-to-image pipeline with ControlNets; None: not served for this family
 
 
 FAMILIES: dict[str, Family] = {
     "sd": Family(
         "sd", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline",
-        "noise", False, True, 25, 7.5,
+        "noise", False, True, 25, 7.5, controlnet="StableDiffusionControlNetPipeline",
     ),
     "sdxl": Family(
         "sdxl", "StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline",
-        "noise", False, True, 30, 5.0,
+        "noise", False, True, 30, 5.0, controlnet="StableDiffusionXLControlNetPipeline",
     ),
     "sd3": Family(
         "sd3", "StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline",

@@ -69,7 +69,15 @@ def select_files(
         return _llm_files(files, trust_remote_code)
     if kind == "diffusion":
         return _diffusion_files(files, variant, trust_remote_code, model_index)
-    raise InvalidArgument(f"unknown model kind {kind!r}: expected llm, embedding or diffusion")
+    if kind == "controlnet":  # one diffusers model folder: its config and safetensors weights
+        weights = [f for f in files if re.fullmatch(r"diffusion_pytorch_model(\.fp16)?\.safetensors", f)]
+        if not weights:
+            raise InvalidArgument(
+                "the repository has no diffusion_pytorch_model.safetensors at its top: not a ControlNet"
+            )
+        plain = [w for w in weights if ".fp16." not in w]
+        return sorted(["config.json", (plain or weights)[0]])
+    raise InvalidArgument(f"unknown model kind {kind!r}: expected llm, embedding, diffusion or controlnet")
 
 
 def pick_variant(files: Iterable[str], dtype: str, model_index: dict[str, Any] | None = None) -> str | None:

@@ -146,6 +146,17 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     return LoadedDiffusionPipeline(entry, pipeline, device, choice.dtype, choice.reason, family)
 
 
+def load_controlnet(entry: ModelEntry, settings: Settings):
+    """A ControlNet model (diffusers' `ControlNetModel`) on its device, in its dtype."""
+    from diffusers import ControlNetModel
+
+    disable_progress_bars()
+    location, kwargs, device, choice = _placement(entry, settings)
+    kwargs.pop("trust_remote_code", None)
+    model = ControlNetModel.from_pretrained(location, dtype=choice.dtype, use_safetensors=True, **kwargs)
+    return model.to(device).eval()
+
+
 def _declared_family(entry: ModelEntry, location: str) -> Family | None:
     """The entry's family, checked against the checkpoint's `model_index.json` where it is on disk; with
     `auto`, the checkpoint's (None: a family of AutoPipeline's we do not describe, or not on disk yet)."""

@@ -20,7 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m shared.models", description=__doc__)
     parser.add_argument("command", choices=["prepare"])
     parser.add_argument("--only", nargs="*", help="model names (default: every configured model)")
-    parser.add_argument("--kind", choices=["llm", "embedding", "diffusion"], help="only models of this kind")
+    parser.add_argument(
+        "--kind", choices=["llm", "embedding", "diffusion", "controlnet"], help="only models of this kind"
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     failed = 0

@@ -30,7 +30,7 @@ ENV_PREFIX = "MODELWORKS_"
 CONFIG_ENV = "MODELWORKS_CONFIG"
 DEFAULT_CONFIG_PATH = Path("config/modelworks.yaml")
 
-ModelKind = Literal["llm", "diffusion", "embedding"]
+ModelKind = Literal["llm", "diffusion", "embedding", "controlnet"]
 DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -56,6 +56,12 @@ class DiffusionDefaults(_Section):
     max_sequence_length: int | None = Field(
         None, ge=1, le=512, description="T5 tokens of a prompt (SD3, Flux); unset: the family's (256 SD3, 512 Flux)"
     )
+
+
+class ControlNetOptions(_Section):
+    """A ControlNet model serves the diffusion models of one family, beside them in the diffusion service."""
+
+    base_family: Literal["sd", "sdxl"] = Field("sd", description="the family whose UNet it was trained beside")
 
 
 class EmbeddingDefaults(_Section):
@@ -93,6 +99,7 @@ class ModelEntry(_Section):
     )
     diffusion: DiffusionDefaults = DiffusionDefaults()
     embedding: EmbeddingDefaults = EmbeddingDefaults()
+    controlnet: ControlNetOptions = ControlNetOptions()
 
     @field_validator("name")
     @classmethod
@@ -107,7 +114,7 @@ class ModelEntry(_Section):
             raise ValueError("gguf_file names a file of an hf: repository; for a local file use source gguf:<path>")
         if (self.gguf_file or self.source.startswith("gguf:")) and self.kind != "llm":
             raise ValueError("GGUF checkpoints are LLMs: use kind llm")
-        if self.quantization != "none" and self.kind == "diffusion":
+        if self.quantization != "none" and self.kind in ("diffusion", "controlnet"):
             raise ValueError("quantization applies to llm and embedding models; diffusion models load unquantized")
         return self
 

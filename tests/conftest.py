@@ -29,6 +29,9 @@ TEST_MODELS = [
         "diffusion": {"steps": 4},
     },
     {"name": "tiny-embed", "kind": "embedding", "source": "builtin:tiny-embed", "dtype": "float32"},
+    {"name": "tiny-controlnet-sd", "kind": "controlnet", "source": "builtin:tiny-controlnet-sd", "dtype": "float32"},
+    # the same weights under a second name: two ControlNets to compose
+    {"name": "tiny-controlnet-sd-b", "kind": "controlnet", "source": "builtin:tiny-controlnet-sd", "dtype": "float32"},
 ]
 
 
@@ -41,6 +44,7 @@ def data_dir(tmp_path_factory) -> Path:
     ensure_builtin("tiny-llm", path / "models")
     ensure_builtin("tiny-sd", path / "models")
     ensure_builtin("tiny-embed", path / "models")
+    ensure_builtin("tiny-controlnet-sd", path / "models")
     return path
 
 

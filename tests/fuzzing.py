@@ -204,7 +204,8 @@ LLM_LIKELY = {
 }
 EMBED_LIKELY = {"model": ["", "tiny-embed", "tiny-llm"], "inputs": ["hello", "def f(x):", "é日本🎉"]}
 DIFFUSION_LIKELY = {
-    "model": ["", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"],
+    "model": ["", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-controlnet-sd", "tiny-controlnet-sdxl"],
+    "preprocess": ["", "canny"],
     "adapter": ["", "", "style-a"],
     "scheduler": [
         "",

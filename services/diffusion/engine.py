@@ -175,7 +175,7 @@ class DiffusionEngine:
             if spec.scheduler
             else self._own_scheduler.from_config(self._scheduler_config)
         )
-        prompts, negatives, generators, init_images, masks = [], [], [], [], []
+        prompts, negatives, generators, init_images, masks, controls = [], [], [], [], [], []
         for job in jobs:
             for seed in job.request.seeds:
                 prompts.append(job.request.prompt)
@@ -183,8 +183,9 @@ class DiffusionEngine:
                 generators.append(torch.Generator("cpu").manual_seed(seed))
                 init_images.append(job.request.init_image)
                 masks.append(job.request.mask)
+                controls.append(job.request.control)
         metrics.BATCH_IMAGES.labels(self.model_name).observe(len(prompts))
-        kwargs = self.pipelines.call_kwargs(mode, spec, prompts, negatives, init_images, masks)
+        kwargs = self.pipelines.call_kwargs(mode, spec, prompts, negatives, init_images, masks, controls)
         kwargs |= dict(
             generator=generators,
             callback_on_step_end=self._progress(jobs),
@@ -250,6 +251,7 @@ class DiffusionEngine:
             "mask": spec.mask is not None,
             "mask_blur": spec.mask_blur,
             "family": self.pipelines.family.name,
+            "control": [{"model": c.model, "scale": c.scale, "start": c.start, "end": c.end} for c in spec.control],
         }
 
     def _fail(self, jobs: list[ImageJob], error: ServiceError) -> None:

@@ -12,7 +12,7 @@ from services.diffusion.schedulers import check_scheduler, name_of
 from shared.adapters import AdapterStore
 from shared.devices import dtype_name
 from shared.hosting import ModelHost
-from shared.loaders import LoadedDiffusionPipeline, load_diffusion_pipeline
+from shared.loaders import LoadedDiffusionPipeline, load_controlnet, load_diffusion_pipeline
 from shared.settings import DiffusionSettings, ModelEntry, Settings
 
 
@@ -41,7 +41,9 @@ class ServedPipeline:
         self.engine.shutdown()
 
 
-def model_defaults(loaded: LoadedDiffusionPipeline, pipelines: FamilyPipelines) -> ModelDefaults:
+def model_defaults(
+    loaded: LoadedDiffusionPipeline, pipelines: FamilyPipelines, controlnets: dict[str, str] | None = None
+) -> ModelDefaults:
     pipe, configured, family = loaded.pipeline, loaded.entry.diffusion, loaded.family
     denoiser = denoiser_of(pipe)
     override = check_scheduler(configured.scheduler, family) if configured.scheduler else None
@@ -59,6 +61,7 @@ def model_defaults(loaded: LoadedDiffusionPipeline, pipelines: FamilyPipelines) 
         family=family,
         size_multiple=max(8, pipe.vae_scale_factor * _patch_size(family, denoiser)),
         modes=pipelines.modes,
+        controlnets=controlnets or {},
     )
 
 
@@ -95,15 +98,36 @@ def apply_gpu_options(pipe, settings: Settings) -> None:
             pipe.transformer = torch.compile(pipe.transformer)
 
 
+class ControlNets:
+    """The configured ControlNet models, each loaded once, when the first model of its family loads."""
+
+    def __init__(self, settings: Settings):
+        self._settings = settings
+        self._entries = {e.name: e for e in settings.models if e.kind == "controlnet"}
+        self._loaded: dict[str, object] = {}
+
+    @property
+    def families(self) -> dict[str, str]:
+        return {name: entry.controlnet.base_family for name, entry in self._entries.items()}
+
+    def for_family(self, family: str) -> dict[str, object]:
+        for name, entry in self._entries.items():
+            if entry.controlnet.base_family == family and name not in self._loaded:
+                self._loaded[name] = load_controlnet(entry, self._settings)
+        return {name: self._loaded[name] for name, base in self.families.items() if base == family}
+
+
 def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
     store = AdapterStore(settings.adapters_dir)
     options = settings.diffusion
+    controlnets = ControlNets(settings)
 
     def load(entry: ModelEntry) -> ServedPipeline:
         loaded = load_diffusion_pipeline(entry, settings)
         apply_gpu_options(loaded.pipeline, settings)
         adapters = DiffusionAdapterCache(loaded.pipeline, store, options.adapter_cache_size, entry.name, entry.source)
-        pipelines = FamilyPipelines(loaded.pipeline, loaded.family, entry.diffusion.max_sequence_length)
+        fitting = controlnets.for_family(loaded.family.name) if loaded.family.controlnet else {}
+        pipelines = FamilyPipelines(loaded.pipeline, loaded.family, entry.diffusion.max_sequence_length, fitting)
         engine = DiffusionEngine(
             pipelines,
             model_name=entry.name,
@@ -112,7 +136,7 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
             max_waiting=options.max_waiting_requests,
             batch_window_s=options.batch_window_ms / 1000,
         )
-        defaults = model_defaults(loaded, pipelines)
+        defaults = model_defaults(loaded, pipelines, controlnets.families)
         placement = (str(loaded.device), dtype_name(loaded.dtype), loaded.dtype_reason)
         return ServedPipeline(entry, defaults, options, engine, adapters, *placement)
 

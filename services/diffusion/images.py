@@ -18,7 +18,7 @@ _LATENT_RGB = torch.tensor(
 )
 
 
-def _decode(data: bytes, field: str) -> Image.Image:
+def decode_image(data: bytes, field: str) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ("PNG", "JPEG", "MPO"):  # MPO: multi-picture JPEGs from phone cameras
@@ -32,13 +32,13 @@ def _decode(data: bytes, field: str) -> Image.Image:
 
 
 def decode_init_image(data: bytes) -> Image.Image:
-    return _decode(data, "init_image").convert("RGB")
+    return decode_image(data, "init_image").convert("RGB")
 
 
 def decode_mask(data: bytes) -> Image.Image:
     """A grayscale mask, white = repaint. OpenAI's images.edit marks the area to edit by transparency instead,
     so a mask with any transparency is read by its alpha (transparent = repaint); any other by its luminance."""
-    image = _decode(data, "mask_image")
+    image = decode_image(data, "mask_image")
     if image.has_transparency_data:
         alpha = image.convert("RGBA").getchannel("A")
         if alpha.getextrema()[0] < 255:
@@ -82,6 +82,11 @@ def a1111_parameters(p: dict) -> str:
         fields.append(f"Lora: {p['adapter']}:{p['adapter_scale']:g}")
     if p.get("strength") is not None:
         fields.append(f"Denoising strength: {p['strength']:g}")
+    for i, control in enumerate(p.get("control") or []):  # as A1111's ControlNet extension writes them
+        fields.append(
+            f'ControlNet {i}: "Model: {control["model"]}, Weight: {control["scale"]:g}, '
+            f'Guidance Start: {control["start"]:g}, Guidance End: {control["end"]:g}"'
+        )
     if p.get("mask"):
         fields.append(f"Mask blur: {p.get('mask_blur', 0)}")  # A1111's field; its presence says it was inpainted
     lines.append(", ".join(fields))

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from services.diffusion.control import Control, ControlSpec, resolve_controls
 from services.diffusion.images import decode_init_image, decode_mask, fit_mask
 from services.diffusion.schedulers import check_scheduler, check_steps
 from shared.adapters import validate_adapter_name
@@ -40,6 +41,7 @@ class ImageSpec:
     preview: bool = False
     mask_image: bytes = b""
     mask_blur: int = 0
+    control: tuple[ControlSpec, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,11 @@ class ModelDefaults:
     family: Family = FAMILIES["sd"]
     size_multiple: int = 8  # pixels per latent patch side: sizes must be a multiple of it
     modes: frozenset[str] = frozenset({"text2img", "img2img", "inpaint"})  # the pipelines this model has
+    controlnets: dict[str, str] = field(default_factory=dict)  # every configured ControlNet -> its base family
+
+    @property
+    def fitting_controlnets(self) -> list[str]:
+        return [name for name, family in self.controlnets.items() if family == self.family.name]
 
 
 @dataclass(frozen=True)
@@ -77,6 +84,7 @@ class ImageRequest:
     strength: float | None
     preview: bool
     mask_blur: int = 0  # the paste-back's soft edge, in pixels
+    control: tuple[Control, ...] = ()
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call (prompts and seeds may differ)."""
@@ -92,6 +100,7 @@ class ImageRequest:
             self.mask is not None,  # inpainting runs its own pipeline
             self.strength,
             self.mask_blur,
+            tuple(control.key() for control in self.control),  # the same ControlNets at the same weights
         )
 
 
@@ -124,6 +133,8 @@ def _check_mode(spec: ImageSpec, defaults: ModelDefaults) -> None:
         raise FailedPrecondition(
             f"this {defaults.family.name} model has no {mode} pipeline; it serves {', '.join(sorted(defaults.modes))}"
         )
+    if spec.control and mode != "text2img":
+        raise FailedPrecondition("control applies to text-to-image; send it without init_image and mask_image")
     if spec.negative_prompt and not defaults.family.negative_prompt:
         raise InvalidArgument(
             f"{defaults.family.name} models take no negative_prompt (their guidance is distilled); leave it empty"
@@ -227,4 +238,5 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         strength=strength,
         preview=spec.preview,
         mask_blur=spec.mask_blur,
+        control=resolve_controls(spec.control, defaults.controlnets, defaults.family.name, (width, height)),
     )

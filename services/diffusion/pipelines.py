@@ -3,6 +3,7 @@ the loaded components, and the keyword arguments each takes for a batch of reque
 
 from __future__ import annotations
 
+import collections
 import inspect
 import logging
 from typing import Any
@@ -32,9 +33,16 @@ def _derive(pipeline, family: Family, mode: str):
     return derived
 
 
+CONTROL_PIPELINES_KEPT = 8  # ControlNet pipelines for distinct sets of ControlNets (each shares every weight)
+
+
 class FamilyPipelines:
-    def __init__(self, pipeline, family: Family, max_sequence_length: int | None = None):
+    def __init__(
+        self, pipeline, family: Family, max_sequence_length: int | None = None, controlnets: dict | None = None
+    ):
         self.family = family
+        self.controlnets = controlnets or {}  # name -> ControlNetModel, of this family
+        self._control: collections.OrderedDict[tuple[str, ...], Any] = collections.OrderedDict()
         self.by_mode = {"text2img": pipeline}
         for mode in ("img2img", "inpaint"):
             if (derived := _derive(pipeline, family, mode)) is not None:
@@ -51,13 +59,34 @@ class FamilyPipelines:
         return frozenset(self.by_mode)
 
     def for_request(self, spec) -> tuple[str, Any]:
+        if spec.control:
+            return "control", self._control_pipeline(tuple(control.model for control in spec.control))
         mode = "inpaint" if spec.mask is not None else "img2img" if spec.init_image is not None else "text2img"
         return mode, self.by_mode[mode]
 
-    def call_kwargs(self, mode: str, spec, prompts: list, negatives: list, init_images: list, masks: list) -> dict:
+    def _control_pipeline(self, names: tuple[str, ...]):
+        """The family's ControlNet pipeline over the loaded components with these ControlNets (one, or several
+        composed by diffusers' MultiControlNetModel), kept for the next request that names the same ones."""
+        if names in self._control:
+            self._control.move_to_end(names)
+            return self._control[names]
+        import diffusers
+
+        models = [self.controlnets[name] for name in names]
+        controlnet = models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
+        pipe = getattr(diffusers, self.family.controlnet).from_pipe(self.text2img, controlnet=controlnet)
+        pipe.set_progress_bar_config(disable=True)
+        self._control[names] = pipe
+        while len(self._control) > CONTROL_PIPELINES_KEPT:
+            self._control.popitem(last=False)
+        return pipe
+
+    def call_kwargs(
+        self, mode: str, spec, prompts: list, negatives: list, init_images: list, masks: list, controls: list
+    ) -> dict:
         """What this family's pipeline takes for a batch: size where it takes one (SD's image-to-image keeps its
         init image's size, already brought to the request's), T5 length, images, masks and strength."""
-        takes = self._takes[mode]
+        takes = self._takes.get(mode) or self._takes["text2img"]
         kwargs: dict[str, Any] = dict(
             prompt=prompts, num_inference_steps=spec.steps, guidance_scale=spec.guidance_scale, output_type="pil"
         )
@@ -67,11 +96,27 @@ class FamilyPipelines:
             kwargs |= dict(width=spec.width, height=spec.height)
         if self._sequence_length and "max_sequence_length" in takes:
             kwargs["max_sequence_length"] = self._sequence_length
-        if mode != "text2img":
+        if mode in ("img2img", "inpaint"):
             kwargs |= dict(image=init_images, strength=spec.strength)
         if mode == "inpaint":
             kwargs["mask_image"] = masks
+        if mode == "control":
+            kwargs |= self._control_kwargs(spec.control, controls)
         return kwargs
+
+    @staticmethod
+    def _control_kwargs(first: tuple, controls: list[tuple]) -> dict:
+        """Each ControlNet's images (one per image of the batch), weight and span; `controls` holds each batch
+        image's request's control inputs, `first` the batch's (they share everything but the images)."""
+        single = len(first) == 1
+        # one ControlNet: an image per batch image; several: per batch image, one per ControlNet
+        images = [row[0].image for row in controls] if single else [[c.image for c in row] for row in controls]
+        return dict(
+            image=images,
+            controlnet_conditioning_scale=first[0].scale if single else [c.scale for c in first],
+            control_guidance_start=[c.start for c in first],
+            control_guidance_end=[c.end for c in first],
+        )
 
     def preview_png(self, latents: torch.Tensor, width: int, height: int) -> bytes:
         """One image's latents as a small RGB preview; packed latents (Flux's 2x2 patches as tokens) are

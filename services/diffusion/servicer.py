@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import AsyncIterator
 
 from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
+from services.diffusion.control import ControlSpec
 from services.diffusion.engine import ImageEvent, ImageJob
 from services.diffusion.host import ServedPipeline
 from services.diffusion.params import ImageSpec, ModelDefaults
@@ -39,7 +40,14 @@ def spec_from_proto(request: diffusion_pb2.GenerateImagesRequest) -> ImageSpec:
         preview=request.preview,
         mask_image=request.mask_image,
         mask_blur=request.mask_blur,
-    )
+        control=tuple(
+            ControlSpec(
+                model=c.model, image=c.image, scale=_optional(c, "scale"), start=_optional(c, "start"),
+                end=_optional(c, "end"), preprocess=c.preprocess,
+            )
+            for c in request.control
+        ),
+    )  # fmt: skip
 
 
 def _result(event: ImageEvent) -> diffusion_pb2.GenerateImagesResponse:
@@ -54,6 +62,7 @@ def _describe_family(info: diffusion_pb2.ModelInfo, defaults: ModelDefaults) -> 
     info.schedulers.extend(scheduler_names(family))
     info.modes.extend(mode for mode in MODES if mode in defaults.modes)
     info.guidance = "distilled" if family.distilled_guidance else "classifier-free"
+    info.controlnets.extend(defaults.fitting_controlnets)
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):

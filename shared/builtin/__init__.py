@@ -25,6 +25,8 @@ _BUILDERS = {
     "tiny-sdxl": "shared.builtin.tiny_sdxl",
     "tiny-sd3": "shared.builtin.tiny_sd3",
     "tiny-flux": "shared.builtin.tiny_flux",
+    "tiny-controlnet-sd": "shared.builtin.tiny_controlnet",
+    "tiny-controlnet-sdxl": "shared.builtin.tiny_controlnet",
     "tiny-embed": "shared.builtin.tiny_embed",
 }
 

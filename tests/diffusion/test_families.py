@@ -28,6 +28,10 @@ ENTRIES = [
     for name in FAMILY_MODELS.values()
 ]
 ENTRIES[2]["diffusion"] |= {"width": 64, "height": 64}  # Flux's own default is 128 latents a side (1024 pixels)
+ENTRIES.append(
+    {"name": "tiny-controlnet-sdxl", "kind": "controlnet", "source": "builtin:tiny-controlnet-sdxl",
+     "dtype": "float32", "controlnet": {"base_family": "sdxl"}}
+)  # fmt: skip
 FLOW = ["Euler", "Euler a", "Euler Karras", "Euler Exponential", "Euler Beta"]
 SCHEDULERS = {
     "sdxl": ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "PNDM", "LMS", "Heun", "LCM"],
@@ -79,6 +83,7 @@ def family_server(data_dir, tmp_path_factory):
     for model in FAMILY_MODELS.values():
         ensure_builtin(model, data_dir / "models")
         make_family_adapter(data_dir, model, f"{model}-style", seed=7)
+    ensure_builtin("tiny-controlnet-sdxl", data_dir / "models")
     config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": ENTRIES}
     server = spawn_service("diffusion", tmp_path_factory.mktemp("family-server"), config, timeout=300)
     yield server
@@ -249,6 +254,21 @@ def test_a_kohya_lora_file_changes_the_images_as_its_peft_twin_does(stub, data_d
     kohya_made = pixels(generate(stub, family, seed=12, adapter=f"{model}-kohya", adapter_scale=1.0).png)
     assert not np.array_equal(peft_made, base)
     assert np.abs(kohya_made - peft_made).max() <= 1, "the Kohya keys convert to the same LoRA"
+
+
+def test_a_controlnet_steers_sdxl_and_is_offered_to_sdxl_only(stub):
+    from tests.diffusion.test_controlnet import control_map
+
+    models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
+    assert list(models["tiny-sdxl"].controlnets) == ["tiny-controlnet-sdxl"]
+    assert not models["tiny-flux"].controlnets and not models["tiny-sd3"].controlnets
+    plain = pixels(generate(stub, "sdxl", seed=6).png)
+    control = pb.ControlInput(model="tiny-controlnet-sdxl", image=control_map())
+    steered = pixels(generate(stub, "sdxl", seed=6, control=[control]).png)
+    assert not np.array_equal(plain, steered)
+    error = refusal(stub, "flux", control=[control])
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "a ControlNet for sdxl models, not flux" in error.details()
 
 
 def test_an_adapter_of_another_family_is_refused(stub):

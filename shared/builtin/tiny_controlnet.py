@@ -1,0 +1,32 @@
+"""Built-in ControlNets for tiny-sd and tiny-sdxl: each a copy of its base's UNet encoder (`from_unet`, as
+ControlNet training starts), with its zero convolutions given small random weights so that a control image
+visibly steers the random-weight base. Saved in diffusers format, loaded by `ControlNetModel.from_pretrained`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from shared.builtin import ensure_builtin
+
+BUILD_VERSION = 1
+BASES = {"tiny-controlnet-sd": "tiny-sd", "tiny-controlnet-sdxl": "tiny-sdxl"}
+SEED = 4325
+ZERO_CONV_STD = 0.05
+
+
+def build(name: str, out_dir: Path) -> None:
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    models_dir = out_dir.parent.parent  # out_dir is a staging folder in <models_dir>/builtin
+    base = ensure_builtin(BASES[name], models_dir)
+    unet = UNet2DConditionModel.from_pretrained(base / "unet", use_safetensors=True)
+    # one stride-2 stage in the image's embedding: the tiny VAE has 2x2 pixels a latent (SD's have 8x8, and three)
+    controlnet = ControlNetModel.from_unet(unet, conditioning_channels=3, conditioning_embedding_out_channels=(16, 32))
+    torch.manual_seed(SEED)
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+        for conv in [*zero_convs, controlnet.controlnet_cond_embedding.conv_out]:
+            conv.weight.normal_(0, ZERO_CONV_STD)
+    controlnet.save_pretrained(out_dir, safe_serialization=True)
