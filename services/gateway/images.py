@@ -27,7 +27,7 @@ from services.gateway.adapters import adapter_names
 from services.gateway.chat_request import BUILTIN_BANNER
 from services.gateway.clients import QUICK_CALL_S, ServiceClients
 from services.gateway.errors import call_or_warn, user_errors
-from services.gateway.images_form import MODEL_SCHEDULER, NO_ADAPTER, ImageForm, form_signature
+from services.gateway.images_form import MODEL_SCHEDULER, NO_ADAPTER, NO_CONTROLNET, ImageForm, form_signature
 from services.gateway.images_layout import ImagesLayout, build_images_layout
 from services.gateway.streams import follow
 
@@ -37,8 +37,8 @@ PRIVATE = {"api_visibility": "private"}
 
 @dataclass
 class ImagesTab:
-    pickers: list  # model, adapter, scheduler
-    refresh_pickers: Callable  # (model, adapter, scheduler) -> updates of `pickers`
+    pickers: list  # model, adapter, scheduler, ControlNet
+    refresh_pickers: Callable  # (model, adapter, scheduler, ControlNet) -> updates of `pickers`
     defaults: list  # steps, guidance, width, height
     model_defaults: Callable  # (model) -> updates of `defaults`
 
@@ -77,6 +77,8 @@ def caption(image: diffusion_pb2.Image, request: diffusion_pb2.GenerateImagesReq
     parts.append(request.scheduler or "default scheduler")
     if request.adapter:
         parts.append(f"adapter {request.adapter} ×{request.adapter_scale:g}")
+    for control in request.control:
+        parts.append(f"ControlNet {control.model} ×{control.scale:g}")
     if request.mask_image:
         parts.append(f"inpaint strength {request.strength:g}")
     elif request.init_image:
@@ -138,13 +140,15 @@ def _pickers(clients: ServiceClients) -> tuple[Callable, Callable, Callable]:
     def models() -> list:
         return clients.diffusion.ListModels(diffusion_pb2.ListModelsRequest(), timeout=QUICK_CALL_S).models
 
-    def refresh(current_model, current_adapter, current_scheduler):
+    def refresh(current_model, current_adapter, current_scheduler, current_controlnet=NO_CONTROLNET):
         """The pickers as the services see them now, keeping the current picks where they still exist."""
         listed = call_or_warn(diffusion, "list_models", models, [])
         names = [m.name for m in listed]
         model = current_model if current_model in names else next((m.name for m in listed if m.is_default), None)
         # each family takes its own schedulers (flow-matching ones for SD3 and Flux)
-        schedulers = next((list(m.schedulers) for m in listed if m.name == model), [])
+        info = next((m for m in listed if m.name == model), None)
+        schedulers = list(info.schedulers) if info else []
+        controlnets = list(info.controlnets) if info else []
         adapters = adapter_names(clients, finetune_pb2.JOB_KIND_DIFFUSION, model)
         adapter = current_adapter if current_adapter in adapters else NO_ADAPTER
         return (
@@ -153,6 +157,10 @@ def _pickers(clients: ServiceClients) -> tuple[Callable, Callable, Callable]:
             gr.Dropdown(
                 choices=[MODEL_SCHEDULER, *schedulers],
                 value=current_scheduler if current_scheduler in schedulers else MODEL_SCHEDULER,
+            ),
+            gr.Dropdown(
+                choices=[NO_CONTROLNET, *controlnets],
+                value=current_controlnet if current_controlnet in controlnets else NO_CONTROLNET,
             ),
         )
 
@@ -190,7 +198,7 @@ def build_images_tab(clients: ServiceClients, files: ImageFiles, concurrency_lim
     layout.generate.click(generate, [*layout.form, gallery_items], [*shown, gallery_items], **images, **PRIVATE)
     gr.Button(visible=False).click(api_generate, layout.api_form, shown, api_name="generate_images", **images)
     refresh, model_defaults, banner = _pickers(clients)
-    pickers = [layout.model, layout.adapter, layout.scheduler]
+    pickers = [layout.model, layout.adapter, layout.scheduler, layout.field("controlnet")]
     layout.refresh.click(refresh, pickers, pickers, **PRIVATE)
     layout.model.input(refresh, pickers, pickers, **PRIVATE).then(model_defaults, [layout.model], layout.defaults,
                                                                   **PRIVATE)  # fmt: skip

@@ -20,6 +20,7 @@ from modelworks.diffusion.v1 import diffusion_pb2
 from services.gateway import validation
 
 NO_ADAPTER = "(base model)"
+NO_CONTROLNET = "(none)"
 MODEL_SCHEDULER = "(model default)"
 
 
@@ -43,6 +44,12 @@ class ImageForm:
     strength: float | None = 0.75
     mask: Any = None  # painted over the init image (the editor's value), or a PIL image (white repaints): inpainting
     mask_blur: float | None = 0
+    controlnet: str | None = NO_CONTROLNET  # one ControlNet from the form (the gRPC API composes several)
+    control_image: Any = None  # a PIL image: the control map, or a photo with control_preprocess "canny"
+    control_preprocess: str | None = "none"
+    control_scale: float | None = 1.0
+    control_start: float | None = 0.0
+    control_end: float | None = 1.0
 
     @classmethod
     def names(cls) -> list[str]:
@@ -82,10 +89,28 @@ class ImageForm:
                 raise gr.Error("Inpainting needs an init image: upload one, then paint over it where to repaint.")
             request.mask_image = mask
             request.mask_blur = validation.whole_number(self.mask_blur, 0, 64, "Mask blur")
+        if self.controlnet not in (None, "", NO_CONTROLNET):
+            request.control.append(self._control())
         if self.adapter not in (None, "", NO_ADAPTER):
             request.adapter = self.adapter
             request.adapter_scale = validation.number_in_range(self.adapter_scale, 0, 2, "Adapter scale")
         return request
+
+    def _control(self) -> diffusion_pb2.ControlInput:
+        if self.control_image is None:
+            raise gr.Error(
+                f"ControlNet {self.controlnet} needs a control image: upload an edge map, or a photo with canny."
+            )
+        buffer = io.BytesIO()
+        self.control_image.convert("RGB").save(buffer, format="PNG")
+        return diffusion_pb2.ControlInput(
+            model=self.controlnet,
+            image=buffer.getvalue(),
+            preprocess="canny" if self.control_preprocess == "canny" else "",
+            scale=validation.number_in_range(self.control_scale, 0, 2, "ControlNet weight"),
+            start=validation.number_in_range(self.control_start, 0, 1, "ControlNet start"),
+            end=validation.number_in_range(self.control_end, 0, 1, "ControlNet end"),
+        )
 
 
 def mask_png(value: Any, init_image: Any) -> bytes:

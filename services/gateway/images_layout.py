@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from services.gateway.images_form import MODEL_SCHEDULER, NO_ADAPTER, ImageForm
+from services.gateway.images_form import MODEL_SCHEDULER, NO_ADAPTER, NO_CONTROLNET, ImageForm
 
 DEFAULTS = ImageForm()
 # where the sliders start until the picked model's own defaults arrive (page load fills them)
@@ -53,6 +53,7 @@ def build_images_layout() -> ImagesLayout:
             sampling = _sampling_inputs()
             adapter, adapter_scale = _adapter_inputs()
             init_image, strength, mask, mask_blur = _init_image_inputs()
+            control = _control_inputs()
             generate = gr.Button("Generate", variant="primary", elem_id="images-generate")
         with gr.Column(scale=2):
             preview = gr.Image(label="Preview", interactive=False, height=256, elem_id="images-preview")
@@ -64,7 +65,7 @@ def build_images_layout() -> ImagesLayout:
     )  # fmt: skip
     by_name = {"prompt": prompt, "negative_prompt": negative_prompt, "model": model, "scheduler": scheduler,
                "adapter": adapter, "adapter_scale": adapter_scale, "init_image": init_image, "strength": strength,
-               "mask": mask, "mask_blur": mask_blur, **sampling}  # fmt: skip
+               "mask": mask, "mask_blur": mask_blur, **control, **sampling}  # fmt: skip
     form = [by_name[name] for name in ImageForm.names()]
     api_form = [_api_twin(name, component) for name, component in zip(ImageForm.names(), form, strict=True)]
     return ImagesLayout(
@@ -78,6 +79,8 @@ def _api_twin(name: str, component: gr.components.Component) -> gr.components.Co
     default = getattr(DEFAULTS, name)
     if isinstance(component, gr.Image | gr.ImageEditor):  # the API sends a mask as an image: white repaints
         return gr.Image(label=name, type="pil", visible=False)
+    if isinstance(component, gr.Radio):
+        return gr.Textbox(label=name, value=default, visible=False)
     if isinstance(component, gr.Slider | gr.Number):
         bounds = {"minimum": component.minimum, "maximum": component.maximum}
         precision = getattr(component, "precision", None)
@@ -132,6 +135,22 @@ def _init_image_inputs() -> tuple:
             info="pixels of soft edge; 0 keeps the rest exact",
         )
     return init_image, strength, mask, mask_blur
+
+
+def _control_inputs() -> dict:
+    with gr.Accordion("ControlNet", open=False):
+        controlnet = gr.Dropdown(
+            label="ControlNet", choices=[NO_CONTROLNET], value=DEFAULTS.controlnet, allow_custom_value=True,
+            elem_id="images-controlnet", info="the picked model's ControlNets",
+        )  # fmt: skip
+        image = gr.Image(label="Control image", type="pil", sources=["upload", "clipboard"])
+        preprocess = gr.Radio(["none", "canny"], value="none", label="Preprocess", info="canny: send a photo")
+        with gr.Row():
+            scale = gr.Slider(0, 2, value=DEFAULTS.control_scale, step=0.05, label="Weight")
+            start = gr.Slider(0, 1, value=DEFAULTS.control_start, step=0.05, label="Start")
+            end = gr.Slider(0, 1, value=DEFAULTS.control_end, step=0.05, label="End")
+    return {"controlnet": controlnet, "control_image": image, "control_preprocess": preprocess,
+            "control_scale": scale, "control_start": start, "control_end": end}  # fmt: skip
 
 
 def _adapter_inputs() -> tuple[gr.Dropdown, gr.Slider]:

@@ -116,7 +116,9 @@ def images(client, prompt="a red square", seed=42, num_images=2, **overrides):
     form = {
         "negative_prompt": "", "model": "tiny-sd", "scheduler": "(model default)", "steps": 4, "guidance": 7.5,
         "width": 64, "height": 64, "seed": seed, "num_images": num_images, "adapter": "(base model)",
-        "adapter_scale": 1.0, "init_image": None, "strength": 0.75, "mask": None, "mask_blur": 0, **overrides,
+        "adapter_scale": 1.0, "init_image": None, "strength": 0.75, "mask": None, "mask_blur": 0,
+        "controlnet": "(none)", "control_image": None, "control_preprocess": "none", "control_scale": 1.0,
+        "control_start": 0.0, "control_end": 1.0, **overrides,
     }  # fmt: skip
     return client.predict(prompt, *form.values(), api_name="/generate_images")
 
@@ -169,6 +171,32 @@ def test_inpainting_through_the_app_equals_the_service_and_keeps_the_unmasked_pi
     assert np.array_equal(made, np.asarray(Image.open(io.BytesIO(direct.images[0].png)).convert("RGB")))
 
 
+def test_a_controlnet_through_the_app_equals_the_service(client, diffusion_stub, tmp_path):
+    from gradio_client import handle_file
+
+    edges = np.zeros((64, 64, 3), np.uint8)
+    edges[16, 16:48] = edges[47, 16:48] = 255
+    Image.fromarray(edges).save(tmp_path / "edges.png")
+    *_, gallery = images(
+        client, num_images=1, controlnet="tiny-controlnet-sd", control_image=handle_file(str(tmp_path / "edges.png")),
+        control_scale=0.8,
+    )  # fmt: skip
+    assert "ControlNet tiny-controlnet-sd ×0.8" in gallery[0]["caption"]
+    path = gallery[0]["image"]["path"] if isinstance(gallery[0]["image"], dict) else gallery[0]["image"]
+    control = diffusion_pb2.ControlInput(
+        model="tiny-controlnet-sd", image=(tmp_path / "edges.png").read_bytes(), scale=0.8, start=0, end=1
+    )
+    direct = diffusion_stub.GenerateImages(
+        diffusion_pb2.GenerateImagesRequest(
+            model="tiny-sd", prompt="a red square", steps=4, guidance_scale=7.5, width=64, height=64, seed=42,
+            control=[control],
+        ),
+        timeout=120,
+    )  # fmt: skip
+    with open(path, "rb") as file:
+        assert file.read() == direct.images[0].png
+
+
 @pytest.mark.parametrize(
     ("overrides", "prompt", "expected"),
     [
@@ -177,6 +205,7 @@ def test_inpainting_through_the_app_equals_the_service_and_keeps_the_unmasked_pi
         ({"steps": 0}, "x", "less than minimum value 1"),
         ({"seed": 2**64}, "x", "Seed must be -1 (draw one) or a whole number"),
         ({"scheduler": "no-such-scheduler"}, "x", "no-such-scheduler"),
+        ({"controlnet": "tiny-controlnet-sd"}, "x", "needs a control image"),
     ],
 )
 def test_bad_image_input_gets_a_readable_message(client, overrides, prompt, expected):
