@@ -64,7 +64,10 @@ def family_of_class(class_name: str) -> Family | None:
 OTHER_DEFAULT_STEPS, OTHER_DEFAULT_GUIDANCE = 30, 4.0  # set a model entry's own for such a checkpoint
 
 
-def other_family(class_name: str) -> Family:
+def other_family(class_name: str, negative_prompt: bool) -> Family:
     """A family diffusers' AutoPipeline knows and we do not describe: served with its checkpoint's scheduler, and
-    image-to-image or inpainting where AutoPipeline has a pipeline for it."""
-    return Family(class_name, class_name, None, None, "own", False, True, OTHER_DEFAULT_STEPS, OTHER_DEFAULT_GUIDANCE)
+    image-to-image or inpainting where AutoPipeline has a pipeline for it; a negative prompt where its pipeline
+    takes one."""
+    return Family(
+        class_name, class_name, None, None, "own", False, negative_prompt, OTHER_DEFAULT_STEPS, OTHER_DEFAULT_GUIDANCE
+    )

@@ -6,6 +6,7 @@ Heavy libraries are imported inside the functions, so importing this module load
 from __future__ import annotations
 
 import glob
+import inspect
 import json
 import logging
 import sys
@@ -142,18 +143,25 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
     if device.type != "cpu":
         pipeline.to(device)
     pipeline.set_progress_bar_config(disable=True)
-    family = family or family_of_class(type(pipeline).__name__) or other_family(type(pipeline).__name__)
+    class_name = type(pipeline).__name__
+    takes_negative = "negative_prompt" in inspect.signature(pipeline.__call__).parameters
+    family = family or family_of_class(class_name) or other_family(class_name, takes_negative)
     return LoadedDiffusionPipeline(entry, pipeline, device, choice.dtype, choice.reason, family)
 
 
 def load_controlnet(entry: ModelEntry, settings: Settings):
-    """A ControlNet model (diffusers' `ControlNetModel`) on its device, in its dtype."""
+    """A ControlNet model (diffusers' `ControlNetModel`) in its entry's dtype; the diffusion host moves it to each
+    model's device and dtype it serves."""
     from diffusers import ControlNetModel
 
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     kwargs.pop("trust_remote_code", None)
-    model = ControlNetModel.from_pretrained(location, dtype=choice.dtype, use_safetensors=True, **kwargs)
+    folder = Path(location)  # prepare downloads the fp16 weights alone where the repository has no others
+    fp16_only = folder.is_dir() and not (folder / "diffusion_pytorch_model.safetensors").exists()
+    model = ControlNetModel.from_pretrained(
+        location, dtype=choice.dtype, use_safetensors=True, variant="fp16" if fp16_only else None, **kwargs
+    )
     return model.to(device).eval()
 
 

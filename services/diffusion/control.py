@@ -41,30 +41,36 @@ class Control:
         return (self.model, self.scale, self.start, self.end)
 
 
-def resolve_controls(
-    specs: tuple[ControlSpec, ...], controlnets: dict[str, str], family: str, size: tuple[int, int]
-) -> tuple[Control, ...]:
-    """Check each input against the ControlNets configured (name -> family) and this model's family."""
+def resolve_controls(specs: tuple[ControlSpec, ...], defaults, size: tuple[int, int]) -> tuple[Control, ...]:
+    """Check each input against the ControlNets configured and those that fit this model (`ModelDefaults`)."""
     if len(specs) > MAX_CONTROLS:
         raise InvalidArgument(f"{len(specs)} control inputs were sent; at most {MAX_CONTROLS} apply at once")
     names = [spec.model for spec in specs]
     if len(set(names)) < len(names):
         raise InvalidArgument("each ControlNet may appear once in control; send one image per ControlNet")
-    return tuple(_resolve(i, spec, controlnets, family, size) for i, spec in enumerate(specs))
+    return tuple(_resolve(i, spec, defaults, size) for i, spec in enumerate(specs))
 
 
-def _resolve(index: int, spec: ControlSpec, controlnets: dict[str, str], family: str, size) -> Control:
-    field = f"control[{index}]"
-    if spec.model not in controlnets:
-        fitting = [name for name, base in controlnets.items() if base == family]
+def _check_model(field: str, name: str, defaults) -> None:
+    family, usable = defaults.family.name, defaults.usable_controlnets
+    if name not in defaults.controlnets:
         raise NotFound(
-            f"{field}.model {spec.model!r} is not a configured ControlNet; this model takes: "
-            f"{', '.join(fitting) or 'none'}"
+            f"{field}.model {name!r} is not a configured ControlNet; this model takes: {', '.join(usable) or 'none'}"
         )
-    if controlnets[spec.model] != family:
+    if defaults.controlnets[name] != family:
         raise FailedPrecondition(
-            f"{field}.model {spec.model!r} is a ControlNet for {controlnets[spec.model]} models, not {family}"
+            f"{field}.model {name!r} is a ControlNet for {defaults.controlnets[name]} models, not {family}"
         )
+    if name not in usable:
+        raise FailedPrecondition(
+            f"{field}.model {name!r} does not fit this model's UNet (another architecture of {family}); "
+            f"this model takes: {', '.join(usable) or 'none'}"
+        )
+
+
+def _resolve(index: int, spec: ControlSpec, defaults, size) -> Control:
+    field = f"control[{index}]"
+    _check_model(field, spec.model, defaults)
     scale = 1.0 if spec.scale is None else spec.scale
     start = 0.0 if spec.start is None else spec.start
     end = 1.0 if spec.end is None else spec.end

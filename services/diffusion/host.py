@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from services.diffusion.adapters import DiffusionAdapterCache
@@ -14,6 +15,8 @@ from shared.devices import dtype_name
 from shared.hosting import ModelHost
 from shared.loaders import LoadedDiffusionPipeline, load_controlnet, load_diffusion_pipeline
 from shared.settings import DiffusionSettings, ModelEntry, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -42,7 +45,10 @@ class ServedPipeline:
 
 
 def model_defaults(
-    loaded: LoadedDiffusionPipeline, pipelines: FamilyPipelines, controlnets: dict[str, str] | None = None
+    loaded: LoadedDiffusionPipeline,
+    pipelines: FamilyPipelines,
+    controlnets: dict[str, str] | None = None,
+    usable_controlnets: tuple[str, ...] = (),
 ) -> ModelDefaults:
     pipe, configured, family = loaded.pipeline, loaded.entry.diffusion, loaded.family
     denoiser = denoiser_of(pipe)
@@ -56,12 +62,13 @@ def model_defaults(
         scheduler=override or name_of(pipe.scheduler),
         scheduler_override=override,
         train_timesteps=pipe.scheduler.config.get("num_train_timesteps", 1000),
-        # SD's inpainting UNet also takes the mask and the masked image
-        inpainting_only=family.name == "sd" and denoiser.config.in_channels == 9,
+        # an SD or SDXL inpainting UNet also takes the mask and the masked image
+        inpainting_only=family.name in ("sd", "sdxl") and denoiser.config.in_channels == 9,
         family=family,
         size_multiple=max(8, pipe.vae_scale_factor * _patch_size(family, denoiser)),
         modes=pipelines.modes,
         controlnets=controlnets or {},
+        usable_controlnets=usable_controlnets,
     )
 
 
@@ -99,22 +106,38 @@ def apply_gpu_options(pipe, settings: Settings) -> None:
 
 
 class ControlNets:
-    """The configured ControlNet models, each loaded once, when the first model of its family loads."""
+    """The configured ControlNet models, loaded when the first model of their family loads, one copy per device
+    and dtype of the models they serve (a ControlNet runs in its model's)."""
 
     def __init__(self, settings: Settings):
         self._settings = settings
         self._entries = {e.name: e for e in settings.models if e.kind == "controlnet"}
-        self._loaded: dict[str, object] = {}
+        self._loaded: dict[tuple[str, str, str], object] = {}
 
     @property
     def families(self) -> dict[str, str]:
         return {name: entry.controlnet.base_family for name, entry in self._entries.items()}
 
-    def for_family(self, family: str) -> dict[str, object]:
+    def fitting(self, family: str, denoiser, device, dtype) -> dict[str, object]:
+        """The ControlNets of `family` whose encoder matches `denoiser` (a SD 1.5 ControlNet does not fit SD 2.x:
+        another cross-attention width), each on the model's device in its dtype."""
+        out = {}
         for name, entry in self._entries.items():
-            if entry.controlnet.base_family == family and name not in self._loaded:
-                self._loaded[name] = load_controlnet(entry, self._settings)
-        return {name: self._loaded[name] for name, base in self.families.items() if base == family}
+            if entry.controlnet.base_family != family:
+                continue
+            key = (name, str(device), str(dtype))
+            if key not in self._loaded:
+                self._loaded[key] = load_controlnet(entry, self._settings).to(device=device, dtype=dtype)
+            if _fits(self._loaded[key], denoiser):
+                out[name] = self._loaded[key]
+            else:
+                log.warning("ControlNet does not fit the model's UNet", extra={"controlnet": name, "family": family})
+        return out
+
+
+def _fits(controlnet, unet) -> bool:
+    keys = ("cross_attention_dim", "block_out_channels", "addition_embed_type")
+    return all(controlnet.config.get(k) == unet.config.get(k) for k in keys)
 
 
 def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
@@ -126,7 +149,10 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
         loaded = load_diffusion_pipeline(entry, settings)
         apply_gpu_options(loaded.pipeline, settings)
         adapters = DiffusionAdapterCache(loaded.pipeline, store, options.adapter_cache_size, entry.name, entry.source)
-        fitting = controlnets.for_family(loaded.family.name) if loaded.family.controlnet else {}
+        fitting = {}
+        if loaded.family.controlnet:
+            denoiser = denoiser_of(loaded.pipeline)
+            fitting = controlnets.fitting(loaded.family.name, denoiser, loaded.device, loaded.dtype)
         pipelines = FamilyPipelines(loaded.pipeline, loaded.family, entry.diffusion.max_sequence_length, fitting)
         engine = DiffusionEngine(
             pipelines,
@@ -136,7 +162,7 @@ def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:
             max_waiting=options.max_waiting_requests,
             batch_window_s=options.batch_window_ms / 1000,
         )
-        defaults = model_defaults(loaded, pipelines, controlnets.families)
+        defaults = model_defaults(loaded, pipelines, controlnets.families, tuple(fitting))
         placement = (str(loaded.device), dtype_name(loaded.dtype), loaded.dtype_reason)
         return ServedPipeline(entry, defaults, options, engine, adapters, *placement)
 

@@ -58,10 +58,7 @@ class ModelDefaults:
     size_multiple: int = 8  # pixels per latent patch side: sizes must be a multiple of it
     modes: frozenset[str] = frozenset({"text2img", "img2img", "inpaint"})  # the pipelines this model has
     controlnets: dict[str, str] = field(default_factory=dict)  # every configured ControlNet -> its base family
-
-    @property
-    def fitting_controlnets(self) -> list[str]:
-        return [name for name, family in self.controlnets.items() if family == self.family.name]
+    usable_controlnets: tuple[str, ...] = ()  # those of its family whose encoder matches this model's UNet
 
 
 @dataclass(frozen=True)
@@ -100,6 +97,7 @@ class ImageRequest:
             self.mask is not None,  # inpainting runs its own pipeline
             self.strength,
             self.mask_blur,
+            bool(self.negative_prompt),  # SDXL encodes "no negative prompt" as zeros, an empty one as CLIP's ""
             tuple(control.key() for control in self.control),  # the same ControlNets at the same weights
         )
 
@@ -238,5 +236,5 @@ def resolve_request(spec: ImageSpec, defaults: ModelDefaults, limits: DiffusionS
         strength=strength,
         preview=spec.preview,
         mask_blur=spec.mask_blur,
-        control=resolve_controls(spec.control, defaults.controlnets, defaults.family.name, (width, height)),
+        control=resolve_controls(spec.control, defaults, (width, height)),
     )

@@ -39,12 +39,21 @@ NOISE_SCHEDULERS: dict[str, Callable[[dict], Any]] = {
 }
 
 _FLOW_EULER = "FlowMatchEulerDiscreteScheduler"
+_FLOW_FLAGS = ("stochastic_sampling", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def _flow_euler(flag: str | None = None) -> Callable[[dict], Any]:
+    """Flow-matching Euler with at most `flag` on: every other flag off, whatever the checkpoint's config says
+    (two sigma schedules at once are refused by diffusers, and "Euler" must be plain Euler)."""
+    return _factory(_FLOW_EULER, **{name: name == flag for name in _FLOW_FLAGS})
+
+
 FLOW_SCHEDULERS: dict[str, Callable[[dict], Any]] = {
-    "Euler": _factory(_FLOW_EULER),
-    "Euler a": _factory(_FLOW_EULER, stochastic_sampling=True),  # fresh noise each step, as ancestral samplers
-    "Euler Karras": _factory(_FLOW_EULER, use_karras_sigmas=True),
-    "Euler Exponential": _factory(_FLOW_EULER, use_exponential_sigmas=True),
-    "Euler Beta": _factory(_FLOW_EULER, use_beta_sigmas=True),
+    "Euler": _flow_euler(),
+    "Euler a": _flow_euler("stochastic_sampling"),  # fresh noise each step, as ancestral samplers
+    "Euler Karras": _flow_euler("use_karras_sigmas"),
+    "Euler Exponential": _flow_euler("use_exponential_sigmas"),
+    "Euler Beta": _flow_euler("use_beta_sigmas"),
     "Heun": _factory("FlowMatchHeunDiscreteScheduler"),
 }
 # Flux hands the scheduler its own sigmas and resolution shift, which Heun cannot take

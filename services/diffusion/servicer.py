@@ -62,7 +62,7 @@ def _describe_family(info: diffusion_pb2.ModelInfo, defaults: ModelDefaults) -> 
     info.schedulers.extend(scheduler_names(family))
     info.modes.extend(mode for mode in MODES if mode in defaults.modes)
     info.guidance = "distilled" if family.distilled_guidance else "classifier-free"
-    info.controlnets.extend(defaults.fitting_controlnets)
+    info.controlnets.extend(defaults.usable_controlnets)
 
 
 class DiffusionServicer(diffusion_pb2_grpc.DiffusionServiceServicer):

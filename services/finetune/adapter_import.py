@@ -61,7 +61,8 @@ def tensor_names(path: Path) -> list[str]:
         if name == "__metadata__":
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2 and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+        valid = isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int for o in offsets)
+        if not (valid and 0 <= offsets[0] <= offsets[1] <= data_bytes):
             raise InvalidArgument(
                 f"tensor {name!r} lies outside the file: it is truncated or damaged; download it again"
             )

@@ -201,7 +201,7 @@ async def _staged(request_iterator, begin, message: str, info_fields: str):
                 info = part.info
                 upload = await asyncio.to_thread(begin, info)
             elif which == "chunk":
-                upload.write(part.chunk)
+                await asyncio.to_thread(upload.write, part.chunk)  # disk writes stay off the event loop
             else:
                 raise InvalidArgument(f"only the first {message} may carry `info`; send chunks after it")
         if upload is None:

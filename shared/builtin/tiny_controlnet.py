@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from shared.builtin import ensure_builtin
+from shared.builtin import ensure_builtin, tiny_sd, tiny_sdxl
 
-BUILD_VERSION = 1
+BUILD_VERSION = f"1-sd{tiny_sd.BUILD_VERSION}-sdxl{tiny_sdxl.BUILD_VERSION}"  # rebuilt with either base
 BASES = {"tiny-controlnet-sd": "tiny-sd", "tiny-controlnet-sdxl": "tiny-sdxl"}
 SEED = 4325
 ZERO_CONV_STD = 0.05

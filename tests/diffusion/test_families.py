@@ -328,3 +328,43 @@ def test_bad_input_gets_a_clear_status(stub, case):
     family, fields, code, message = BAD[case]
     error = refusal(stub, family, **fields)
     assert error.code() == code and message in error.details(), error.details()
+
+
+def test_a_flow_scheduler_sets_its_own_sigma_schedule_whatever_the_checkpoint_set():
+    from services.diffusion.schedulers import build_scheduler
+    from shared.diffusion_families import FAMILIES
+
+    config = {"num_train_timesteps": 1000, "shift": 3.0, "use_beta_sigmas": True}  # a checkpoint's own choice
+    plain = build_scheduler("Euler", FAMILIES["sd3"], config)
+    assert not plain.config.use_beta_sigmas and not plain.config.stochastic_sampling
+    karras = build_scheduler("Euler Karras", FAMILIES["sd3"], config)  # two schedules at once would be refused
+    assert karras.config.use_karras_sigmas and not karras.config.use_beta_sigmas
+
+
+def test_requests_with_and_without_a_negative_prompt_never_share_a_batch():
+    from dataclasses import replace
+
+    from tests.diffusion.test_engine import image_request
+
+    plain = image_request("a fox", 1)
+    assert plain.batch_key() != replace(plain, negative_prompt="blurry").batch_key()
+    assert replace(plain, negative_prompt="a").batch_key() == replace(plain, negative_prompt="b").batch_key()
+
+
+def test_a_controlnet_of_another_architecture_is_not_offered(data_dir):
+    import torch
+
+    from services.diffusion.host import ControlNets
+    from shared.builtin import ensure_builtin
+    from shared.loaders import load_diffusion_pipeline
+    from shared.settings import Settings
+
+    ensure_builtin("tiny-controlnet-sdxl", data_dir / "models")
+    wrong = {"name": "mislabelled", "kind": "controlnet", "source": "builtin:tiny-controlnet-sdxl", "dtype": "float32"}
+    right = {"name": "right", "kind": "controlnet", "source": "builtin:tiny-controlnet-sd", "dtype": "float32"}
+    sd = {"name": "tiny-sd", "kind": "diffusion", "source": "builtin:tiny-sd", "dtype": "float32"}
+    settings = Settings.model_validate({"data_dir": str(data_dir), "models": [sd, wrong, right]})
+    unet = load_diffusion_pipeline(settings.models[0], settings).pipeline.unet
+    fitting = ControlNets(settings).fitting("sd", unet, torch.device("cpu"), torch.float64)
+    assert list(fitting) == ["right"], "an SDXL ControlNet labelled sd does not fit SD's UNet"
+    assert fitting["right"].dtype == torch.float64, "it runs in the dtype of the model it serves"

@@ -141,3 +141,11 @@ def test_an_import_over_the_limit_stops_at_the_limit(tmp_path):
         upload.write(b"x")
     upload.discard()
     assert not upload.staging.exists()
+
+
+def test_a_header_with_offsets_that_are_not_numbers_is_refused(tmp_path):
+    path = tmp_path / "odd.safetensors"
+    header = json.dumps({"lora_unet_x.lora_down.weight": {"dtype": "F32", "shape": [1], "data_offsets": ["a", "b"]}})
+    path.write_bytes(struct.pack("<Q", len(header)) + header.encode() + b"\0" * 4)
+    with pytest.raises(InvalidArgument, match="truncated or damaged"):
+        tensor_names(path)
