@@ -84,9 +84,10 @@ def page(browser, gateway, request):
     from tests.harness import wait_for
 
     page = open_page(browser, gateway.address)
-    # the pickers are filled from the services once the page has loaded
+    # the pickers are filled from the services once the page has loaded (its load events queue behind whatever the
+    # shared gateway still runs for earlier pages: generous on a busy machine)
     page.locator("#chat-model input").wait_for()
-    wait_for(lambda: page.locator("#chat-model input").input_value() == "tiny-llm", 120, "the model picker to fill")
+    wait_for(lambda: page.locator("#chat-model input").input_value() == "tiny-llm", 300, "the model picker to fill")
     yield page
     report = getattr(request.node, "report_call", None)
     if report is not None and report.failed:
