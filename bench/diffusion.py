@@ -18,7 +18,6 @@ import torch
 from PIL import Image
 
 from bench.report import Row
-from services.diffusion.pipelines import FamilyPipelines
 from shared.loaders import load_diffusion_pipeline
 from shared.settings import Settings
 from tests.harness import spawn_service
@@ -49,7 +48,7 @@ class InProcess:
         loaded = load_diffusion_pipeline(entry, settings)
         self.pipe, self.family = loaded.pipeline, loaded.family
         self._scheduler = (type(self.pipe.scheduler), dict(self.pipe.scheduler.config))
-        self._sequence_length = FamilyPipelines(self.pipe, self.family)._sequence_length
+        self._sequence_length = entry.diffusion.max_sequence_length or self.family.max_sequence_length
 
     def __call__(self, prompts: list[str], seeds: list[int]) -> float:
         scheduler_class, config = self._scheduler

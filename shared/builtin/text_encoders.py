@@ -8,19 +8,53 @@ saved and loaded by `from_pretrained` like a checkpoint's.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
 from shared.builtin.corpus import stdlib_corpus
-from shared.builtin.tiny_sd import train_clip_tokenizer
+from shared.locations import TRAINING_DEFAULTS_FILE
 
 T5_VOCAB_SIZE = 1024
 T5_CORPUS_FILES = 20  # Unigram training is slow: a tenth of the BPE tokenizers' corpus is plenty for 1k pieces
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # T5's order: pad 0, eos 1, unk 2
 
 
-def clip_tokenizer():
-    return train_clip_tokenizer()
+VOCAB_SIZE = 2048
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+# CLIP's own normalizer and pre-tokenizer (as transformers' CLIPTokenizer builds them)
+CLIP_SPLIT = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+
+
+def train_clip_tokenizer():
+    """A CLIP tokenizer whose vocab covers every byte (with and without `</w>`), so nothing is unknown."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = Tokenizer(models.BPE(unk_token=EOS, end_of_word_suffix="</w>"))
+    tokenizer.normalizer = normalizers.Sequence(
+        [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(CLIP_SPLIT), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
+    )
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=[BOS, EOS],
+        end_of_word_suffix="</w>",
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(stdlib_corpus(), trainer=trainer)
+    model = json.loads(tokenizer.to_str())["model"]
+    vocab: dict[str, int] = dict(model["vocab"])
+    for char in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        for token in (char, char + "</w>"):
+            vocab.setdefault(token, len(vocab))
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
 def clip_text_encoder(tokenizer, hidden_size: int = 32, projection_dim: int | None = None):
@@ -95,3 +129,9 @@ def tiny_vae(latent_channels: int, shift_factor: float | None = None, scaling_fa
         use_quant_conv=shift_factor is None,
         use_post_quant_conv=shift_factor is None,
     )
+
+
+def save_builtin_pipeline(pipe, out_dir: Path, training_defaults: dict) -> None:
+    """A built-in pipeline in diffusers format, with the fine-tuning defaults that suit its random weights."""
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(training_defaults))

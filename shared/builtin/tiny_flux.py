@@ -7,13 +7,18 @@ black-forest-labs/FLUX.1-dev. 64x64 images by default (set in its model entry: F
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shared.builtin.text_encoders import clip_text_encoder, clip_tokenizer, t5_encoder, t5_tokenizer, tiny_vae
-from shared.locations import TRAINING_DEFAULTS_FILE
+from shared.builtin.text_encoders import (
+    clip_text_encoder,
+    save_builtin_pipeline,
+    t5_encoder,
+    t5_tokenizer,
+    tiny_vae,
+    train_clip_tokenizer,
+)
 
 BUILD_VERSION = 1
 TRAINING_DEFAULTS = {"learning_rate": 1e-3}
@@ -24,7 +29,7 @@ LATENT_CHANNELS = 4
 def build(name: str, out_dir: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
-    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    tokenizer, tokenizer_2 = train_clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = FluxTransformer2DModel(
         patch_size=1,
@@ -50,5 +55,4 @@ def build(name: str, out_dir: Path) -> None:
         text_encoder_2=t5_encoder(tokenizer_2),
         tokenizer_2=tokenizer_2,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(TRAINING_DEFAULTS))
+    save_builtin_pipeline(pipe, out_dir, TRAINING_DEFAULTS)

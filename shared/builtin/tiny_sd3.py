@@ -7,13 +7,18 @@ saved in diffusers format and loaded by `from_pretrained` like stabilityai/stabl
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shared.builtin.text_encoders import clip_text_encoder, clip_tokenizer, t5_encoder, t5_tokenizer, tiny_vae
-from shared.locations import TRAINING_DEFAULTS_FILE
+from shared.builtin.text_encoders import (
+    clip_text_encoder,
+    save_builtin_pipeline,
+    t5_encoder,
+    t5_tokenizer,
+    tiny_vae,
+    train_clip_tokenizer,
+)
 
 BUILD_VERSION = 1
 TRAINING_DEFAULTS = {"learning_rate": 1e-3}
@@ -24,7 +29,7 @@ T5_DIM = 64  # the joint attention width: both CLIPs' hidden states (2 x 32) are
 def build(name: str, out_dir: Path) -> None:
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
-    tokenizer, tokenizer_3 = clip_tokenizer(), t5_tokenizer()
+    tokenizer, tokenizer_3 = train_clip_tokenizer(), t5_tokenizer()
     torch.manual_seed(SEED)
     transformer = SD3Transformer2DModel(
         sample_size=32,
@@ -49,5 +54,4 @@ def build(name: str, out_dir: Path) -> None:
         text_encoder_3=t5_encoder(tokenizer_3, d_model=T5_DIM),
         tokenizer_3=tokenizer_3,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(TRAINING_DEFAULTS))
+    save_builtin_pipeline(pipe, out_dir, TRAINING_DEFAULTS)

@@ -7,13 +7,11 @@ stabilityai/stable-diffusion-xl-base-1.0. 64x64 images by default.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from shared.builtin.text_encoders import clip_text_encoder, clip_tokenizer, tiny_vae
-from shared.locations import TRAINING_DEFAULTS_FILE
+from shared.builtin.text_encoders import clip_text_encoder, save_builtin_pipeline, tiny_vae, train_clip_tokenizer
 
 BUILD_VERSION = 1
 TRAINING_DEFAULTS = {"learning_rate": 1e-3}
@@ -24,7 +22,7 @@ TIME_EMBED_DIM = 8
 def build(name: str, out_dir: Path) -> None:
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    tokenizer = clip_tokenizer()
+    tokenizer = train_clip_tokenizer()
     torch.manual_seed(SEED)
     text_encoder = clip_text_encoder(tokenizer)
     text_encoder_2 = clip_text_encoder(tokenizer, projection_dim=32)
@@ -61,5 +59,4 @@ def build(name: str, out_dir: Path) -> None:
         unet=unet,
         scheduler=scheduler,
     )
-    pipe.save_pretrained(out_dir, safe_serialization=True)
-    (out_dir / TRAINING_DEFAULTS_FILE).write_text(json.dumps(TRAINING_DEFAULTS))
+    save_builtin_pipeline(pipe, out_dir, TRAINING_DEFAULTS)

@@ -15,12 +15,9 @@ import pytest
 import torch
 from PIL import Image
 
-from services.diffusion.adapters import DiffusionAdapterCache
-from services.diffusion.engine import DiffusionEngine, ImageJob
-from services.diffusion.pipelines import FamilyPipelines
-from shared.adapters import AdapterStore
+from services.diffusion.engine import ImageJob
 from shared.loaders import load_diffusion_pipeline
-from tests.diffusion.test_engine import Events, image_request
+from tests.diffusion.test_engine import Events, image_request, make_engine
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = [
@@ -38,20 +35,11 @@ def test_half_precision_engine_batch_with_lora_matches_each_seed_alone(settings,
     entry = next(m for m in settings.models if m.kind == "diffusion").model_copy(
         update={"device": device, "dtype": dtype}
     )
-    loaded = load_diffusion_pipeline(entry, settings)
-    pipe = loaded.pipeline
+    pipe = load_diffusion_pipeline(entry, settings).pipeline
     for component in (pipe.unet, pipe.vae, pipe.text_encoder):  # what the weights are, not what was asked
         assert component.dtype in (torch.bfloat16, torch.float16), component.dtype
         assert component.device.type == device
-    adapters = DiffusionAdapterCache(pipe, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
-    engine = DiffusionEngine(
-        FamilyPipelines(pipe, loaded.family),
-        model_name="tiny-sd",
-        adapters=adapters,
-        max_batch_images=8,
-        max_waiting=16,
-        batch_window_s=0.005,
-    )
+    engine = make_engine(pipe, settings, max_waiting=16)
 
     prompts = ["a cat", "a dog", "a boat", "a tree"]
     together = [Events() for _ in prompts]
@@ -87,17 +75,8 @@ def test_half_precision_inpainting_keeps_the_init_image_where_the_mask_is_black(
     entry = next(m for m in settings.models if m.kind == "diffusion").model_copy(
         update={"device": device, "dtype": dtype}
     )
-    loaded = load_diffusion_pipeline(entry, settings)
-    pipe = loaded.pipeline
-    adapters = DiffusionAdapterCache(pipe, AdapterStore(settings.adapters_dir), 2, "tiny-sd", "builtin:tiny-sd")
-    engine = DiffusionEngine(
-        FamilyPipelines(pipe, loaded.family),
-        model_name="tiny-sd",
-        adapters=adapters,
-        max_batch_images=8,
-        max_waiting=16,
-        batch_window_s=0.005,
-    )
+    pipe = load_diffusion_pipeline(entry, settings).pipeline
+    engine = make_engine(pipe, settings, max_waiting=16)
     jobs = [(inpaint_request("a cat", 1, gradient(), "left"), "left", Events())]
     jobs.append((inpaint_request("a dog", 2, gradient(True), "right"), "right", Events()))
     for request, _, events in jobs:
