@@ -23,6 +23,7 @@ from bench import (
     realmodel,
     robustness,
     structured,
+    training_data,
 )
 from bench.report import print_table
 from shared.allocator import keep_freed_memory_for_reuse
@@ -36,6 +37,7 @@ BENCHMARKS = {
     "structured": ("Structured output, logprobs and embeddings", structured),
     "diffusion": ("Diffusion service", diffusion),
     "finetune": ("Fine-tuning service", finetune),
+    "training_data": ("The training data path: DataLoader workers against the training thread", training_data),
     "gateway": ("The web app (gateway) over the LLM service", gateway),
     "openai": ("The OpenAI-compatible HTTP API over gRPC and against vLLM", openai_api),
     "robustness": ("Robustness: fuzzing and load", robustness),

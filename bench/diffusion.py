@@ -3,7 +3,8 @@
 (a) one request through gRPC vs the same pipeline call in process (median);
 (b) images/s of 4 concurrent requests vs the same 4 requests one at a time, both through the service;
 (c) the ceiling for (b): the bare pipeline in process, one call of 4 prompts vs 4 calls of 1;
-(d) inpainting over text-to-image at the same size and steps, both through the service.
+(d) inpainting over text-to-image at the same size and steps, both through the service;
+(e) SD, SDXL and Flux: a request with one ControlNet over text-to-image at the same size and steps.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODELS = ["tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux"]
 SIZE = 64
 STEPS = 20
 ROUNDS = 5
+CONTROLNETS = {model: model.replace("tiny-", "tiny-controlnet-") for model in ("tiny-sd", "tiny-sdxl", "tiny-flux")}
 PROMPTS = ["a lighthouse at dusk", "a bowl of ramen", "a fox in the snow", "a city street in the rain"]
 
 
@@ -73,7 +75,10 @@ def _measure(stub, pb2, name: str, in_process: InProcess) -> list[Row]:
         return time.perf_counter() - start
 
     call(0), in_process(PROMPTS[:1], [0]), call(0, init_image=init, mask_image=_png(mask))  # warm-ups
-    single, concurrent, ceiling, inpaint = [], [], [], []
+    control = [pb2.ControlInput(model=CONTROLNETS[name], image=init)] if name in CONTROLNETS else None
+    if control:
+        call(0, control=control)
+    single, concurrent, ceiling, inpaint, controlled = [], [], [], [], []
     for _ in range(ROUNDS):
         for i in range(2):
             single.append((call(i), in_process(PROMPTS[i : i + 1], [i])))
@@ -89,19 +94,33 @@ def _measure(stub, pb2, name: str, in_process: InProcess) -> list[Row]:
         batched = in_process(PROMPTS, list(range(len(PROMPTS))))
         ceiling.append((len(PROMPTS) / batched, len(PROMPTS) / singles))
         inpaint.append((call(1, init_image=init, mask_image=_png(mask)), call(1)))
+        if control:
+            controlled.append((call(1, control=control), call(1)))
     guidance = "distilled guidance" if in_process.family.distilled_guidance else "CFG"
-    return [
+    rows = [
         Row.of_pairs(name, f"(a) one request ({STEPS} steps, {guidance}), s", single, ".3f", "same call in process"),
         Row.of_pairs(name, "(b) images/s, 4 concurrent requests", concurrent, ".2f", "the 4 one at a time"),
         Row.of_pairs(name, "(c) images/s, in process: 1 call of 4 prompts", ceiling, ".2f", "4 calls of 1"),
         Row.of_pairs(name, "(d) one inpainting request, s", inpaint, ".3f", "text-to-image, same size and steps"),
     ]
+    if controlled:
+        rows.append(Row.of_pairs(name, "(e) one request with a ControlNet, s", controlled, ".3f", "text-to-image"))
+    return rows
 
 
 def run(workdir: Path) -> list[Row]:
     from modelworks.diffusion.v1 import diffusion_pb2, diffusion_pb2_grpc
 
-    config = {"data_dir": str(workdir), "models": [_entry(m) for m in MODELS], "log_level": "WARNING"}
+    controlnets = [
+        {"name": "tiny-controlnet-sd", "kind": "controlnet", "source": "builtin:tiny-controlnet-sd",
+         "dtype": "float32"},
+        {"name": "tiny-controlnet-sdxl", "kind": "controlnet", "source": "builtin:tiny-controlnet-sdxl",
+         "dtype": "float32", "controlnet": {"base_family": "sdxl"}},
+        {"name": "tiny-controlnet-flux", "kind": "controlnet", "source": "builtin:tiny-controlnet-flux",
+         "dtype": "float32", "controlnet": {"base_family": "flux"}},
+    ]  # fmt: skip
+    models = [_entry(m) for m in MODELS] + controlnets
+    config = {"data_dir": str(workdir), "models": models, "log_level": "WARNING"}
     settings = Settings.model_validate(config)
     server = spawn_service("diffusion", workdir / "diffusion-server", config)
     rows: list[Row] = []
@@ -119,5 +138,6 @@ NOTE = (
     f"{SIZE}x{SIZE}, float32, each model's own scheduler and guidance. Medians of {ROUNDS} rounds, each ratio the"
     " median of per-round ratios. (a) gRPC time over in-process time, 1.00 = no overhead; (b) concurrent over"
     " one-at-a-time throughput, higher is better; (c) the same for the bare pipeline in process: the most batching"
-    " can give on this machine, the ceiling for (b); (d) inpainting time over text-to-image time."
+    " can give on this machine, the ceiling for (b); (d) inpainting time over text-to-image time; (e) the same for"
+    " one ControlNet (scale 1, the init image as its control image)."
 )

@@ -136,7 +136,9 @@ def _train(config: dict, hyperparameters: dict, job_dir: str, queue) -> None:
     recipe.setup()
     recipe.train()
     recipe.model.train()
-    activations = activations_kept(recipe.model, lambda: recipe.loss_sum(recipe.model, recipe.train_examples[:4])[0])
+    activations = activations_kept(
+        recipe.model, lambda: recipe.loss_sum(recipe.model, recipe.batch_of(recipe.split.train[:4]))[0]
+    )
     memory = step_memory(recipe.model, recipe.trainer.optimizer, activations)
     queue.put((memory, *quantized_linears(recipe.model.get_base_model())))
 

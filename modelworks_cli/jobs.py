@@ -21,9 +21,14 @@ HYPERPARAMETERS = {
     "max_seq_length": (count, "TOKENS"),
     "resolution": (count, "PIXELS"),
     "validation_fraction": (float, "FRACTION"),
+    "test_fraction": (float, "FRACTION"),
     "seed": (seed_number, "SEED"),
     "quantization": (str, "none|bnb-nf4|bnb-int8"),
     "optimizer": (str, "adamw|adamw_8bit|paged_adamw_8bit"),
+    "class_prompt": (str, "PROMPT"),
+    "num_class_images": (count, "N"),
+    "prior_loss_weight": (float, "WEIGHT"),
+    "guidance_scale": (float, "SCALE"),
 }
 
 
@@ -41,6 +46,9 @@ def register(commands) -> None:
     create.add_argument("--target-modules", default="", help="comma-separated module names LoRA adapts")
     create.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations: less memory, slower steps"
+    )
+    create.add_argument(
+        "--square-crop", action="store_true", help="diffusion: one square crop instead of aspect-ratio buckets"
     )
     create.add_argument("--watch", action="store_true", help="follow it with a progress bar until it ends")
     create.set_defaults(run=create_job)
@@ -65,6 +73,8 @@ def job_request(args) -> finetune_pb2.CreateJobRequest:
     hyperparameters = finetune_pb2.Hyperparameters(
         target_modules=modules, gradient_checkpointing=args.gradient_checkpointing
     )
+    if args.square_crop:
+        hyperparameters.aspect_buckets = False
     for name in HYPERPARAMETERS:
         if getattr(args, name) is not None:
             setattr(hyperparameters, name, getattr(args, name))
@@ -118,6 +128,9 @@ def show_job(args, clients) -> int:
     print(f"dataset: {job.dataset_id}  kind: {enum_name(finetune_pb2.JobKind.Name(job.kind), 'JOB_KIND_')}")
     if job.val_loss:
         print(f"val loss: {job.val_loss:.4g}")
+    if job.test_loss:
+        perplexity = f" (perplexity {job.test_perplexity:.4g})" if job.test_perplexity else ""
+        print(f"test loss: {job.test_loss:.4g}{perplexity}")
     if job.eta_seconds and job.state == finetune_pb2.JOB_STATE_RUNNING:
         print(f"eta: {job.eta_seconds:.0f} s")
     if job.error:

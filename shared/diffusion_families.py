@@ -45,7 +45,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "flux": Family(
         "flux", "FluxPipeline", "FluxImg2ImgPipeline", "FluxInpaintPipeline",
-        "flow", True, False, 28, 3.5, max_sequence_length=512,
+        "flow", True, False, 28, 3.5, max_sequence_length=512, controlnet="FluxControlNetPipeline",
     ),
 }  # fmt: skip
 

@@ -21,7 +21,7 @@ from shared.devices import DTypeChoice, choose_dtype, dtype_name, resolve_device
 from shared.diffusion_families import FAMILIES, Family, family_of_class, other_family
 from shared.errors import FailedPrecondition
 from shared.locations import prepared_folder, pretrained_location
-from shared.quantization import quantization_config, weight_bytes
+from shared.quantization import fit_cpu_kernels, quantization_config, weight_bytes
 from shared.registry import ModelSource, parse_source
 from shared.settings import ModelEntry, Settings
 
@@ -96,6 +96,8 @@ def from_pretrained_on(
     model = auto_class.from_pretrained(location, dtype=dtype, use_safetensors=True, **kwargs)
     if config is None:
         model.to(device)
+    elif device.type == "cpu":
+        fit_cpu_kernels(model)
     return model
 
 
@@ -128,7 +130,7 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
 
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
-    family = _declared_family(entry, location)
+    family = declared_family(entry, location)
     # a family we do not describe (or a checkpoint not on disk yet): diffusers' AutoPipeline picks the class
     pipeline_class = diffusers.AutoPipelineForText2Image if family is None else getattr(diffusers, family.text2img)
     if family is not None and family.name == "sd":  # SD 1.x checkpoints carry a safety checker: never loaded
@@ -150,22 +152,23 @@ def load_diffusion_pipeline(entry: ModelEntry, settings: Settings) -> LoadedDiff
 
 
 def load_controlnet(entry: ModelEntry, settings: Settings):
-    """A ControlNet model (diffusers' `ControlNetModel`) in its entry's dtype; the diffusion host moves it to each
-    model's device and dtype it serves."""
-    from diffusers import ControlNetModel
+    """A ControlNet model (diffusers' `ControlNetModel`, or `FluxControlNetModel` for Flux) in its entry's dtype;
+    the diffusion host moves it to each model's device and dtype it serves."""
+    from diffusers import ControlNetModel, FluxControlNetModel
 
     disable_progress_bars()
     location, kwargs, device, choice = _placement(entry, settings)
     kwargs.pop("trust_remote_code", None)
     folder = Path(location)  # prepare downloads the fp16 weights alone where the repository has no others
     fp16_only = folder.is_dir() and not (folder / "diffusion_pytorch_model.safetensors").exists()
-    model = ControlNetModel.from_pretrained(
+    model_class = FluxControlNetModel if entry.controlnet.base_family == "flux" else ControlNetModel
+    model = model_class.from_pretrained(
         location, dtype=choice.dtype, use_safetensors=True, variant="fp16" if fp16_only else None, **kwargs
     )
     return model.to(device).eval()
 
 
-def _declared_family(entry: ModelEntry, location: str) -> Family | None:
+def declared_family(entry: ModelEntry, location: str) -> Family | None:
     """The entry's family, checked against the checkpoint's `model_index.json` where it is on disk; with
     `auto`, the checkpoint's (None: a family of AutoPipeline's we do not describe, or not on disk yet)."""
     index = Path(location) / "model_index.json"

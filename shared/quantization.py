@@ -83,6 +83,18 @@ def _require_bitsandbytes(name: str) -> None:
         ) from None
 
 
+def fit_cpu_kernels(model: nn.Module) -> None:
+    """NF4 layers keep bitsandbytes' generic CPU path (dequantize, then matmul in the compute dtype).
+
+    On CPUs with AVX-512 BF16, bitsandbytes would repack each layer on its first inference call for a
+    kernel that computes in bfloat16 whatever the compute dtype, and takes only layers with output features
+    a multiple of 32 and input features a multiple of the block size (others fail an assert): serving would
+    then differ from what training (which never takes that path) computed, and some models would not load."""
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+
+
 def is_quantized_linear(module: nn.Module) -> bool:
     """A linear layer whose weight is not a plain float tensor (bitsandbytes or FP8 packed)."""
     from torch import nn

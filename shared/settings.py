@@ -61,7 +61,9 @@ class DiffusionDefaults(_Section):
 class ControlNetOptions(_Section):
     """A ControlNet model serves the diffusion models of one family, beside them in the diffusion service."""
 
-    base_family: Literal["sd", "sdxl"] = Field("sd", description="the family whose UNet it was trained beside")
+    base_family: Literal["sd", "sdxl", "flux"] = Field(
+        "sd", description="the family whose UNet (Flux: transformer) it was trained beside"
+    )
 
 
 class EmbeddingDefaults(_Section):
@@ -245,6 +247,13 @@ class FinetuneSettings(_Section):
         7 * 24 * 3600, ge=1, description="Celery's redelivery bound; longer than any job (leases recover crashes)"
     )
     max_bad_steps: int = Field(10, ge=1, description="NaN/Inf-loss steps skipped before a job fails")
+    dataloader_workers: int | None = Field(
+        None,
+        ge=0,
+        le=64,
+        description="processes per training rank that decode and batch the data; 0: the training process; "
+        "unset: up to 4 per GPU rank (the CPU is free while the GPU trains), 0 when training on the CPU",
+    )
     max_attempts: int = Field(
         5, ge=1, description="times a job may start (resumes after a lost worker count) before it is failed"
     )

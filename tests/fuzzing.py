@@ -204,7 +204,16 @@ LLM_LIKELY = {
 }
 EMBED_LIKELY = {"model": ["", "tiny-embed", "tiny-llm"], "inputs": ["hello", "def f(x):", "é日本🎉"]}
 DIFFUSION_LIKELY = {
-    "model": ["", "tiny-sd", "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-controlnet-sd", "tiny-controlnet-sdxl"],
+    "model": [
+        "",
+        "tiny-sd",
+        "tiny-sdxl",
+        "tiny-sd3",
+        "tiny-flux",
+        "tiny-controlnet-sd",
+        "tiny-controlnet-sdxl",
+        "tiny-controlnet-flux",
+    ],
     "preprocess": ["", "canny"],
     "adapter": ["", "", "style-a"],
     "scheduler": [

@@ -135,9 +135,13 @@ class ControlNets:
         return out
 
 
-def _fits(controlnet, unet) -> bool:
-    keys = ("cross_attention_dim", "block_out_channels", "addition_embed_type")
-    return all(controlnet.config.get(k) == unet.config.get(k) for k in keys)
+def _fits(controlnet, denoiser) -> bool:
+    if "joint_attention_dim" in denoiser.config:  # Flux: the blocks' width and the text and latent inputs
+        keys = ("in_channels", "joint_attention_dim", "pooled_projection_dim", "num_attention_heads")
+        keys += ("attention_head_dim",)
+    else:
+        keys = ("cross_attention_dim", "block_out_channels", "addition_embed_type")
+    return all(controlnet.config.get(k) == denoiser.config.get(k) for k in keys)
 
 
 def diffusion_host(settings: Settings) -> ModelHost[ServedPipeline]:

@@ -73,7 +73,8 @@ class FamilyPipelines:
         import diffusers
 
         models = [self.controlnets[name] for name in names]
-        controlnet = models[0] if len(models) == 1 else diffusers.MultiControlNetModel(models)
+        multi = diffusers.FluxMultiControlNetModel if self.family.name == "flux" else diffusers.MultiControlNetModel
+        controlnet = models[0] if len(models) == 1 else multi(models)
         pipe = getattr(diffusers, self.family.controlnet).from_pipe(self.text2img, controlnet=controlnet)
         pipe.set_progress_bar_config(disable=True)
         self._control[names] = pipe
@@ -101,18 +102,24 @@ class FamilyPipelines:
         if mode == "inpaint":
             kwargs["mask_image"] = masks
         if mode == "control":
-            kwargs |= self._control_kwargs(spec.control, controls)
+            kwargs |= self._control_kwargs(spec.control, controls, self.family.name == "flux")
         return kwargs
 
     @staticmethod
-    def _control_kwargs(first: tuple, controls: list[tuple]) -> dict:
-        """Each ControlNet's images (one per image of the batch), weight and span; `controls` holds each batch
-        image's request's control inputs, `first` the batch's (they share everything but the images)."""
+    def _control_kwargs(first: tuple, controls: list[tuple], flux: bool) -> dict:
+        """Each ControlNet's images, weight and span; `controls` holds each batch image's request's control
+        inputs, `first` the batch's (they share everything but the images). One ControlNet takes an image per
+        batch image; several take, per batch image, one per ControlNet (SD, SDXL) or, per ControlNet, one per
+        batch image (Flux)."""
         single = len(first) == 1
-        # one ControlNet: an image per batch image; several: per batch image, one per ControlNet
-        images = [row[0].image for row in controls] if single else [[c.image for c in row] for row in controls]
+        if single:
+            images = [row[0].image for row in controls]
+        elif flux:
+            images = [[row[k].image for row in controls] for k in range(len(first))]
+        else:
+            images = [[c.image for c in row] for row in controls]
         return dict(
-            image=images,
+            **{"control_image" if flux else "image": images},
             controlnet_conditioning_scale=first[0].scale if single else [c.scale for c in first],
             control_guidance_start=[c.start for c in first],
             control_guidance_end=[c.end for c in first],

@@ -61,26 +61,36 @@ def _llm_profile(folder) -> dict:
     return dict(architecture=architecture, context_length=context, has_chat_template=has_template, targets=targets)
 
 
-TRAINABLE_FAMILIES = ("sd",)
+TRAINABLE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 
 
 class UntrainableBase(FailedPrecondition):
     """A diffusion base of a family no recipe trains yet: not offered, and refused by name."""
 
 
-def _diffusion_profile(folder) -> dict:
+def _diffusion_profile(folder, entry: ModelEntry | None = None) -> dict:
     pipeline_class = read_json(folder, "model_index.json").get("_class_name", "")
     family = family_of_class(pipeline_class)
     if family is None or family.name not in TRAINABLE_FAMILIES:
         name = family.name if family else pipeline_class
         raise UntrainableBase(
-            f"LoRA training takes {', '.join(TRAINABLE_FAMILIES)} bases for now; this one is {name} "
+            f"LoRA training takes {', '.join(TRAINABLE_FAMILIES)} bases; this one is {name} "
             "(its adapters are served once trained elsewhere)"
         )
-    unet = read_json(folder / "unet", "config.json")
     vae = read_json(folder / "vae", "config.json")
     scale = 2 ** (len(vae.get("block_out_channels", [0, 0, 0, 0])) - 1)
-    return dict(architecture="unet", native_resolution=int(unet.get("sample_size", 64)) * scale)
+    denoiser = read_json(folder / ("unet" if (folder / "unet").is_dir() else "transformer"), "config.json")
+    native = int(denoiser.get("sample_size", 128)) * scale  # Flux's transformer has none: 1024 px
+    defaults = entry.diffusion if entry is not None else None
+    if defaults is not None and defaults.width and defaults.height:  # the size this server serves it at
+        native = min(defaults.width, defaults.height)
+    return dict(
+        architecture="unet" if family.name in ("sd", "sdxl") else "transformer",
+        native_resolution=native,
+        family=family.name,
+        targets=hyperparams.UNET_TARGETS if family.name in ("sd", "sdxl") else hyperparams.TRANSFORMER_TARGETS,
+        guidance_embeds=bool(denoiser.get("guidance_embeds", False)),
+    )
 
 
 class FineTuneAPI:
@@ -127,7 +137,7 @@ class FineTuneAPI:
 
     def _profile(self, entry: ModelEntry) -> dict:
         folder = prepared_folder(entry, self.settings)
-        profile = _llm_profile(folder) if entry.kind == "llm" else _diffusion_profile(folder)
+        profile = _llm_profile(folder) if entry.kind == "llm" else _diffusion_profile(folder, entry)
         return profile | {"model_defaults": read_json(folder, TRAINING_DEFAULTS_FILE)}
 
     def _cuda_workers(self) -> bool | None:

@@ -39,6 +39,14 @@ UNET_TARGETS = (
     ["to_q", "to_k", "to_v", "to_out.0"],
     ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
 )
+# SD3's and Flux's transformers: joint attention (image and text streams) and the feed-forwards beside it.
+TRANSFORMER_TARGETS = (
+    ["to_q", "to_k", "to_v", "to_out.0"],
+    [
+        *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+        *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"),
+    ],
+)
 # Output heads and embeddings: a LoRA there is vocabulary-sized (llm.allow_embedding_lora_targets).
 EMBEDDING_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings")
 MAX_LORA_RANK = 1024  # any job; LLM jobs are bounded by llm.max_lora_rank too
@@ -62,6 +70,8 @@ DEFAULTS: dict = {
     "validation_fraction": 0.1,
     "validation_min_records": 20,  # fewer records: no validation split by default
     "seed": 42,
+    "num_class_images": 50,
+    "flux_guidance": 3.5,  # as diffusers' DreamBooth Flux script trains FLUX.1-dev
 }
 
 
@@ -96,6 +106,12 @@ class Hyperparameters:
     quantization: str = ""  # the frozen base's: none, bnb-nf4 (QLoRA), bnb-int8
     gradient_checkpointing: bool = False
     optimizer: str = ""
+    test_fraction: float = 0.0  # held out from training and validation; evaluated once, at the end
+    aspect_buckets: bool | None = None  # diffusion: None is on
+    class_prompt: str = ""  # diffusion: DreamBooth prior preservation
+    num_class_images: int = 0
+    prior_loss_weight: float = 0.0
+    guidance_scale: float = 0.0  # Flux bases with a guidance embedding
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -119,6 +135,8 @@ class TrainingData:
     architecture: str  # config.json model_type, or "unet"
     context_length: int = 0  # LLM
     native_resolution: int = 0  # diffusion
+    family: str = ""  # diffusion: sd, sdxl, sd3 or flux
+    guidance_embeds: bool = False  # diffusion: a Flux transformer that takes the guidance as an input
     has_chat_template: bool = False
     record_type: str = ""
     validation_records: int = 0  # a validation dataset's records; 0: none (validation_fraction splits the data)
@@ -160,6 +178,7 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
     quantization, optimizer = _memory_choices(hp, data)
     target_modules = _target_modules(hp, method, data)
     max_seq_length, resolution = _input_size(hp, method, data)
+    diffusion_options = _diffusion_options(hp, data)
     validation_fraction, train_records = _validation_split(hp, data)
     batch_size, accumulation = _batching(hp, data)
     suggested = {**data.model_defaults, **data.model_defaults.get(method, {})}
@@ -198,6 +217,7 @@ def resolve(hp: Hyperparameters, data: TrainingData) -> tuple[Hyperparameters, i
         save_steps=hp.save_steps or max(1, min(100, total_steps // 4)),
         num_virtual_tokens=_virtual_tokens(hp, method),
         eval_steps=hp.eval_steps or max(1, steps_per_epoch),
+        **diffusion_options,
     )
     return resolved, total_steps
 
@@ -240,8 +260,6 @@ def _check_bounds(hp: Hyperparameters, data: TrainingData) -> None:
     _in_range("max_grad_norm", hp.max_grad_norm, 0.0, 1e4)
     if hp.validation_fraction is not None:
         _in_range("validation_fraction", hp.validation_fraction, 0.0, 0.5)
-    if data.kind == "llm" and (hp.random_crop or hp.random_flip):
-        raise InvalidArgument("hyperparameters.random_crop and random_flip apply to diffusion jobs only")
 
 
 def _choices(hp: Hyperparameters, data: TrainingData) -> tuple[str, str]:
@@ -351,14 +369,66 @@ def _validation_split(hp: Hyperparameters, data: TrainingData) -> tuple[float, i
             f"hyperparameters.validation_fraction {fraction:g} of {data.num_records} records leaves no "
             "validation record; raise it or upload more data"
         )
-    train_records = data.num_records - validation_records
+    test_records = _test_records(hp, data)
+    train_records = data.num_records - validation_records - test_records
     if train_records < 1:
-        raise InvalidArgument("the dataset leaves no training record after the validation split")
+        raise InvalidArgument("the dataset leaves no training record after the validation and test splits")
     if hp.early_stopping_patience and not validation_records:
         raise InvalidArgument(
             "hyperparameters.early_stopping_patience needs validation: a validation_fraction or a validation dataset"
         )
     return fraction, train_records
+
+
+MAX_CLASS_IMAGES = 1000
+DIFFUSION_ONLY = ("random_crop", "random_flip", "aspect_buckets", "class_prompt", "num_class_images")
+
+
+def _diffusion_options(hp: Hyperparameters, data: TrainingData) -> dict:
+    """Aspect buckets, DreamBooth prior preservation and Flux's trained guidance, resolved (diffusion jobs)."""
+    if data.kind != "diffusion":
+        given = [name for name in DIFFUSION_ONLY if getattr(hp, name) not in (None, False, "", 0)]
+        given += [name for name in ("prior_loss_weight", "guidance_scale") if getattr(hp, name)]
+        if given:
+            raise InvalidArgument(f"hyperparameters.{', '.join(given)} apply to diffusion jobs only")
+        return {}
+    if len(hp.class_prompt) > 2000:
+        raise InvalidArgument(f"hyperparameters.class_prompt is {len(hp.class_prompt)} characters; the limit is 2000")
+    _at_most("num_class_images", hp.num_class_images, MAX_CLASS_IMAGES)
+    if not hp.class_prompt and (hp.num_class_images or hp.prior_loss_weight):
+        raise InvalidArgument(
+            "hyperparameters.num_class_images and prior_loss_weight are for prior preservation: set class_prompt"
+        )
+    if hp.prior_loss_weight:
+        _in_range("prior_loss_weight", hp.prior_loss_weight, 1e-3, 100.0)
+    if hp.guidance_scale:
+        if not data.guidance_embeds:
+            raise InvalidArgument(
+                "hyperparameters.guidance_scale applies to Flux bases with a guidance embedding (FLUX.1-dev); "
+                f"this base is {data.family or 'not one'}"
+            )
+        _in_range("guidance_scale", hp.guidance_scale, 0.0, 100.0)
+    prior = bool(hp.class_prompt)
+    return {
+        "aspect_buckets": True if hp.aspect_buckets is None else hp.aspect_buckets,
+        "num_class_images": (hp.num_class_images or DEFAULTS["num_class_images"]) if prior else 0,
+        "prior_loss_weight": (hp.prior_loss_weight or 1.0) if prior else 0.0,
+        "guidance_scale": (hp.guidance_scale or DEFAULTS["flux_guidance"]) if data.guidance_embeds else 0.0,
+    }
+
+
+def _test_records(hp: Hyperparameters, data: TrainingData) -> int:
+    """How many records `test_fraction` holds out (none unless asked)."""
+    if not hp.test_fraction:
+        return 0
+    _in_range("test_fraction", hp.test_fraction, 0.0, 0.5)
+    test_records = math.floor(data.num_records * hp.test_fraction)
+    if test_records < 1:
+        raise InvalidArgument(
+            f"hyperparameters.test_fraction {hp.test_fraction:g} of {data.num_records} records leaves no test "
+            "record; raise it or upload more data"
+        )
+    return test_records
 
 
 def _batching(hp: Hyperparameters, data: TrainingData) -> tuple[int, int]:

@@ -93,6 +93,8 @@ class JobRecord:
     dispatched_attempt: int = 0  # the attempt whose Celery message was sent
     owner: str = ""  # the name of the API key that created it (shared.auth.Caller.name)
     validation_dataset_id: str = ""  # "": validates on a split of the training dataset (and older records)
+    test_loss: float = 0.0  # SUCCEEDED with a test_fraction: the held-out records' loss
+    test_perplexity: float = 0.0  # LLM jobs: exp(test_loss)
 
     def to_hash(self) -> dict[str, str]:
         data = asdict(self)
@@ -137,6 +139,8 @@ class JobEvent:
     eta_seconds: float = 0.0
     message: str = ""
     time: float = field(default_factory=time.time)
+    test_loss: float = 0.0
+    test_perplexity: float = 0.0
     id: str = ""  # the stream position, set when read
 
     def to_fields(self) -> dict[str, str]:
@@ -599,6 +603,8 @@ class JobStore:
             total_steps=int(fields_.get("total_steps", 0)),
             train_loss=float(fields_.get("train_loss", 0.0)),
             val_loss=float(fields_.get("val_loss", 0.0)),
+            test_loss=float(fields_.get("test_loss", 0.0)),
+            test_perplexity=float(fields_.get("test_perplexity", 0.0)),
             message=message,
             time=now,
         )

@@ -9,6 +9,7 @@ another worker took the job over after this one's lease lapsed).
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import shutil
 import threading
@@ -294,11 +295,13 @@ def _attempt(job_id: str, attempt: int, token: str, lease: LeaseKeeper, context:
             method=job.hyperparameters.get("method", "lora"),
             quantization=job.hyperparameters.get("quantization") or "none",
             job_id=job.id,
-            metrics=_metrics_of(result),
+            metrics=_metrics_of(result, job.kind),
             owner=job.owner,
         )
         adapters.save(info, lambda folder: _copy_into(adapter_dir, folder))
         note = " (stopped early)" if result.stopped_early else ""
+        if result.test_loss is not None:
+            note += f"; test loss {result.test_loss:.4f}"
         return _succeed(context, job, token, info.metrics, f"adapter {job.adapter_name!r} is ready{note}")
     except TrainingStopped as stopped:
         if hooks is not None and stopped.reason is not StopReason.LEASE_LOST:
@@ -334,7 +337,7 @@ def _published_by(adapters: AdapterStore, job: JobRecord) -> bool:
 
 def _succeed(context: WorkerContext, job: JobRecord, token: str, values: dict, message: str) -> str:
     fields = {"step": int(values.get("steps", job.total_steps)), "train_loss": values.get("train_loss", 0.0)}
-    fields |= {"eta_seconds": 0} | ({"val_loss": values["val_loss"]} if "val_loss" in values else {})
+    fields |= {"eta_seconds": 0} | {k: values[k] for k in ("val_loss", "test_loss", "test_perplexity") if k in values}
     _finish(context, job, token, JobState.SUCCEEDED, fields, message)
     return "succeeded"
 
@@ -393,10 +396,16 @@ def _describe(exc: Exception) -> str:
     return f"training failed with an internal error ({type(exc).__name__}); the worker's log has the details"
 
 
-def _metrics_of(result) -> dict[str, float]:
+def _metrics_of(result, kind: str) -> dict[str, float]:
+    """The adapter's metrics: the final training loss, the best validation loss, and the test split's loss
+    (an LLM's also as perplexity per label token)."""
     values = {"train_loss": result.train_loss, "steps": float(result.steps)}
     if result.best_val_loss is not None:
         values["val_loss"] = result.best_val_loss
+    if result.test_loss is not None:
+        values["test_loss"] = result.test_loss
+        if kind == "llm":
+            values["test_perplexity"] = math.exp(min(result.test_loss, 700.0))
     return values
 
 

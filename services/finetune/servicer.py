@@ -52,7 +52,7 @@ def read_chunk_bytes(max_message_bytes: int) -> int:
 def hyperparameters_from_proto(message: pb.Hyperparameters) -> Hyperparameters:
     values = {}
     for field in Hyperparameters.__dataclass_fields__:
-        if field in ("seed", "validation_fraction"):  # optional: unset is the default, 0 means 0
+        if field in ("seed", "validation_fraction", "aspect_buckets"):  # optional: unset is the default, 0 means 0
             values[field] = getattr(message, field) if message.HasField(field) else None
         elif field == "target_modules":
             values[field] = tuple(message.target_modules)
@@ -85,6 +85,8 @@ def job_to_proto(job: JobRecord) -> pb.Job:
         total_steps=job.total_steps,
         train_loss=job.train_loss,
         val_loss=job.val_loss,
+        test_loss=job.test_loss,
+        test_perplexity=job.test_perplexity,
         error=job.error,
         created_at=job.created_at,
         started_at=job.started_at,
@@ -109,6 +111,8 @@ def event_to_proto(job_id: str, event: JobEvent) -> pb.JobEvent:
         total_steps=event.total_steps,
         train_loss=event.train_loss,
         val_loss=event.val_loss,
+        test_loss=event.test_loss,
+        test_perplexity=event.test_perplexity,
         message=event.message,
         time=event.time,
         type=event.type,

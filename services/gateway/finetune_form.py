@@ -118,6 +118,18 @@ class JobForm:
     optimizer: str | None = _choice(
         "Optimizer", ["adamw", "adamw_8bit", "paged_adamw_8bit"], "adamw", "8-bit: a quarter of the state; paged: CUDA"
     )
+    test_fraction: float | None = _amount("Test fraction", 0.5, "0: none; held out, scored once at the end")
+    aspect_buckets: bool | None = field(  # sent only when unticked: on is the service's default
+        default=True,
+        metadata={SETTING: Setting(gr.Checkbox, {"label": "Aspect-ratio buckets (diffusion)", "value": True},
+                                   lambda on: None if on else False)},
+    )  # fmt: skip
+    class_prompt: str | None = _text(
+        "Class prompt (diffusion, DreamBooth prior preservation)", lambda v: (v or "").strip(), "none: off"
+    )
+    num_class_images: float | None = _count("Class images", 1000, "0: 50 with a class prompt")
+    prior_loss_weight: float | None = _amount("Prior loss weight", 100, "0: 1.0")
+    guidance_scale: float | None = _amount("Guidance trained at (FLUX.1-dev bases)", 100, "0: 3.5")
 
     @classmethod
     def names(cls) -> list[str]:

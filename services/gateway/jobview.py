@@ -19,7 +19,8 @@ from services.gateway.lossplot import loss_svg
 
 LOG_LINES = 200
 KIND_NAMES = {pb.JOB_KIND_LLM: "LLM", pb.JOB_KIND_DIFFUSION: "Diffusion"}
-JOB_COLUMNS = ["id", "adapter", "kind", "base model", "state", "step", "train loss", "val loss", "ETA", "created"]
+JOB_COLUMNS = ["id", "adapter", "kind", "base model", "state", "step", "train loss", "val loss", "test loss", "ETA",
+               "created"]  # fmt: skip
 
 
 def state_name(state: int) -> str:
@@ -37,6 +38,7 @@ def jobs_table(jobs) -> pd.DataFrame:
             f"{job.step}/{job.total_steps}" if job.total_steps else "",
             f"{job.train_loss:.4f}" if job.step else "",
             f"{job.val_loss:.4f}" if job.val_loss else "",
+            f"{job.test_loss:.4f}" if job.test_loss else "",
             f"{job.eta_seconds:.0f} s" if job.state == pb.JOB_STATE_RUNNING and job.eta_seconds else "",
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.created_at)),
         ]

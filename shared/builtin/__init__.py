@@ -27,6 +27,7 @@ _BUILDERS = {
     "tiny-flux": "shared.builtin.tiny_flux",
     "tiny-controlnet-sd": "shared.builtin.tiny_controlnet",
     "tiny-controlnet-sdxl": "shared.builtin.tiny_controlnet",
+    "tiny-controlnet-flux": "shared.builtin.tiny_controlnet",
     "tiny-embed": "shared.builtin.tiny_embed",
 }
 

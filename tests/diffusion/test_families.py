@@ -28,10 +28,12 @@ ENTRIES = [
     for name in FAMILY_MODELS.values()
 ]
 ENTRIES[2]["diffusion"] |= {"width": 64, "height": 64}  # Flux's own default is 128 latents a side (1024 pixels)
-ENTRIES.append(
+ENTRIES += [
     {"name": "tiny-controlnet-sdxl", "kind": "controlnet", "source": "builtin:tiny-controlnet-sdxl",
-     "dtype": "float32", "controlnet": {"base_family": "sdxl"}}
-)  # fmt: skip
+     "dtype": "float32", "controlnet": {"base_family": "sdxl"}},
+    *({"name": name, "kind": "controlnet", "source": "builtin:tiny-controlnet-flux", "dtype": "float32",
+       "controlnet": {"base_family": "flux"}} for name in ("tiny-controlnet-flux", "tiny-controlnet-flux-b")),
+]  # fmt: skip
 FLOW = ["Euler", "Euler a", "Euler Karras", "Euler Exponential", "Euler Beta"]
 SCHEDULERS = {
     "sdxl": ["DDIM", "Euler", "Euler a", "DPM++ 2M", "DPM++ 2M Karras", "UniPC", "PNDM", "LMS", "Heun", "LCM"],
@@ -84,6 +86,7 @@ def family_server(data_dir, tmp_path_factory):
         ensure_builtin(model, data_dir / "models")
         make_family_adapter(data_dir, model, f"{model}-style", seed=7)
     ensure_builtin("tiny-controlnet-sdxl", data_dir / "models")
+    ensure_builtin("tiny-controlnet-flux", data_dir / "models")
     config = {**TEST_SERVER_CONFIG, "data_dir": str(data_dir), "models": ENTRIES}
     server = spawn_service("diffusion", tmp_path_factory.mktemp("family-server"), config, timeout=300)
     yield server
@@ -261,7 +264,8 @@ def test_a_controlnet_steers_sdxl_and_is_offered_to_sdxl_only(stub):
 
     models = {m.name: m for m in stub.ListModels(pb.ListModelsRequest()).models}
     assert list(models["tiny-sdxl"].controlnets) == ["tiny-controlnet-sdxl"]
-    assert not models["tiny-flux"].controlnets and not models["tiny-sd3"].controlnets
+    assert list(models["tiny-flux"].controlnets) == ["tiny-controlnet-flux", "tiny-controlnet-flux-b"]
+    assert not models["tiny-sd3"].controlnets, "diffusers' SD3 ControlNet pipeline is not served yet"
     plain = pixels(generate(stub, "sdxl", seed=6).png)
     control = pb.ControlInput(model="tiny-controlnet-sdxl", image=control_map())
     steered = pixels(generate(stub, "sdxl", seed=6, control=[control]).png)
@@ -269,6 +273,23 @@ def test_a_controlnet_steers_sdxl_and_is_offered_to_sdxl_only(stub):
     error = refusal(stub, "flux", control=[control])
     assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "a ControlNet for sdxl models, not flux" in error.details()
+
+
+def test_flux_controlnets_steer_compose_and_batch_like_single_images(stub):
+    from tests.diffusion.test_controlnet import control_map
+
+    square = pb.ControlInput(model="tiny-controlnet-flux", image=control_map())
+    stripes = pb.ControlInput(model="tiny-controlnet-flux-b", image=control_map("stripes"))
+    plain = pixels(generate(stub, "flux", seed=6).png)
+    steered = pixels(generate(stub, "flux", seed=6, control=[square]).png)
+    assert not np.array_equal(plain, steered)
+    assert np.array_equal(pixels(generate(stub, "flux", seed=6, control=[square]).png), steered), "reproduces"
+    both = pixels(generate(stub, "flux", seed=6, control=[square, stripes]).png)
+    assert not np.array_equal(both, steered) and not np.array_equal(both, plain)
+    batch = stub.GenerateImages(request("flux", seed=6, num_images=2, control=[square, stripes])).images
+    for image in batch:
+        alone = generate(stub, "flux", seed=image.seed, control=[square, stripes])
+        assert np.abs(pixels(alone.png) - pixels(image.png)).max() <= 2
 
 
 def test_an_adapter_of_another_family_is_refused(stub):

@@ -413,11 +413,22 @@ def assert_healthy(server) -> None:
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_diffusion_base_of_a_family_no_recipe_trains_is_refused_by_name(data_dir):
+def test_every_must_have_family_is_trainable_and_another_is_refused_by_name(data_dir, tmp_path):
     from services.finetune.api import UntrainableBase, _diffusion_profile
     from shared.builtin import ensure_builtin
 
-    for name in ("tiny-sdxl", "tiny-flux"):
-        with pytest.raises(UntrainableBase, match=f"LoRA training takes sd bases for now; this one is {name[5:]}"):
-            _diffusion_profile(ensure_builtin(name, data_dir / "models"))
+    expected = {
+        "tiny-sd": ("sd", "unet", False),
+        "tiny-sdxl": ("sdxl", "unet", False),
+        "tiny-sd3": ("sd3", "transformer", False),
+        "tiny-flux": ("flux", "transformer", True),
+    }
+    for name, (family, architecture, guidance) in expected.items():
+        profile = _diffusion_profile(ensure_builtin(name, data_dir / "models"))
+        described = (profile["family"], profile["architecture"], profile["guidance_embeds"])
+        assert described == (family, architecture, guidance)
+        assert "to_q" in profile["targets"][0]
     assert _diffusion_profile(ensure_builtin("tiny-sd", data_dir / "models"))["native_resolution"] == 64
+    (tmp_path / "model_index.json").write_text('{"_class_name": "QwenImagePipeline"}')
+    with pytest.raises(UntrainableBase, match="LoRA training takes sd, sdxl, sd3, flux bases; this one is QwenImage"):
+        _diffusion_profile(tmp_path)

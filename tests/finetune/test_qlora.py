@@ -37,7 +37,9 @@ def trained_recipe(settings, spec):
 
 def saved_activation_bytes(recipe) -> int:
     recipe.model.train()
-    return activations_kept(recipe.model, lambda: recipe.loss_sum(recipe.model, recipe.train_examples[:4])[0])
+    return activations_kept(
+        recipe.model, lambda: recipe.loss_sum(recipe.model, recipe.batch_of(recipe.split.train[:4]))[0]
+    )
 
 
 def test_gradient_checkpointing_gives_the_same_losses_while_keeping_fewer_activations(settings, dataset, tmp_path):

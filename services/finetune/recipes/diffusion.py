@@ -1,64 +1,95 @@
-"""Diffusion adapters: a LoRA (or DoRA, rsLoRA) on a Stable Diffusion UNet, from an imagefolder zip.
+"""Diffusion adapters: a LoRA (or DoRA, rsLoRA) on the denoiser of an SD, SDXL, SD3 or Flux base, from an
+imagefolder zip.
 
-The standard text-to-image LoRA objective (as in diffusers' `train_text_to_image_lora.py`): encode the
-image to latents with the frozen VAE, add noise at a random timestep, and train the UNet (through its
-adapter) to predict what the scheduler's `prediction_type` asks for — the noise (`epsilon`) or the
-velocity (`v_prediction`). Images are decoded per batch from the zip (memory bounded by the batch, not
-the dataset), resized so the short side is `resolution`, then center-cropped (or randomly cropped),
-optionally flipped. Validation uses fixed noise and timesteps, so its loss is comparable from one
-evaluation to the next.
+The frozen VAE encodes each image to latents; the denoiser (through its adapter) learns its family's
+objective (`denoisers`): DDPM noise or velocity prediction for SD and SDXL, flow matching for SD3 and
+Flux. Images are decoded, resized to their aspect bucket, cropped and flipped in the DataLoader's
+workers (`images`). With a `class_prompt`, DreamBooth prior preservation: the base model first draws
+`num_class_images` images of the class, and each step also trains on them (weighted by
+`prior_loss_weight`), so the adapter learns the subject without forgetting the class. Validation and
+test use fixed noise and timesteps, so their losses are comparable from one evaluation to the next.
 """
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from services.finetune.datasets import metadata_member, read_imagefolder_zip
-from services.finetune.training.loop import TrainingResult
+from services.finetune.recipes.denoisers import FlowMatching, NoisePrediction, encode_captions
+from services.finetune.recipes.images import ClassImages, ImageArchive, ImageBatches, bucket_sizes, nearest_bucket
+from services.finetune.training.checkpoint import CLASS_IMAGES
+from services.finetune.training.data import DataPipeline
+from services.finetune.training.loop import TrainingResult, TrainingStopped
 from services.finetune.training.recipe import RecipeContext, split_records
+from shared.diffusion_families import FAMILIES
+from shared.loaders import declared_family
 from shared.locations import pretrained_location
 
 VALIDATION_SEED = 1234
+CLASS_IMAGE_SEED = 4321
 
 
 class DiffusionRecipe:
     def __init__(self, context: RecipeContext):
         self.context = context
         self.hp = context.hyperparameters
-        self.archive: zipfile.ZipFile | None = None  # the dataset, open while training: images are read per batch
+        self.archive: ImageArchive | None = None
 
     def setup(self) -> None:
-        from diffusers import DDPMScheduler, StableDiffusionPipeline
+        ctx, hp = self.context, self.hp
+        pipe = self._pipeline()
+        self.pipe_class = type(pipe)
+        if self.family.samplers == "noise":
+            self.objective = NoisePrediction(pipe, self.family.name)
+        else:
+            self.objective = FlowMatching(pipe, self.family.name, hp.guidance_scale)
+        self.vae = pipe.vae
+        self.denoiser = pipe.unet if self.family.name in ("sd", "sdxl") else pipe.transformer
+        for module in pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.requires_grad_(False)
+                module.to(ctx.device)
+        self.class_images = self._class_images(pipe) if hp.class_prompt else None  # before the adapter exists
+        self._add_adapter()
+        records = read_imagefolder_zip(ctx.dataset_path, ctx.settings.finetune).records
+        with zipfile.ZipFile(ctx.dataset_path) as archive:
+            _, image_root = metadata_member(archive.namelist())
+        self.archive = ImageArchive(ctx.dataset_path, image_root)
+        buckets = self._buckets(pipe)
+        for record in records:
+            size = self.archive.size_of(record["file_name"])
+            record["bucket"] = buckets[nearest_bucket(*size, buckets)] if len(buckets) > 1 else buckets[0]
+        captions = sorted({r["text"] for r in records} | ({hp.class_prompt} if hp.class_prompt else set()))
+        self.captions = encode_captions(pipe, self.family.name, captions, ctx.device, self._sequence_length())
+        self.split = split_records(records, hp.validation_fraction, hp.seed, hp.test_fraction)
+        if self.class_images is not None:
+            for k, record in enumerate(self.split.train):
+                record["class_file"] = self.class_images.names[k % len(self.class_images.names)]
+        del pipe
+
+    def _pipeline(self):
+        import diffusers
+
+        ctx = self.context
+        location, kwargs = pretrained_location(ctx.base_model, ctx.settings)
+        self.family = declared_family(ctx.base_model, location) or FAMILIES["sd"]
+        if self.family.name == "sd":
+            kwargs = {**kwargs, "safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+        pipe = getattr(diffusers, self.family.text2img).from_pretrained(
+            location, dtype=ctx.base_dtype(), use_safetensors=True, **kwargs
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _add_adapter(self) -> None:
         from peft import LoraConfig
 
-        ctx, hp = self.context, self.hp
-        location, kwargs = pretrained_location(ctx.base_model, ctx.settings)
-        pipe = StableDiffusionPipeline.from_pretrained(
-            location,
-            dtype=ctx.base_dtype(),
-            use_safetensors=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            **kwargs,
-        )
-        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-        self.prediction_type = self.noise_scheduler.config.prediction_type
-        if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"the scheduler's prediction_type {self.prediction_type!r} is not supported")
-        self.vae, self.text_encoder, self.tokenizer = pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.unet = pipe.unet
-        for module in (self.vae, self.text_encoder, self.unet):
-            module.requires_grad_(False)
-            module.to(ctx.device)
-        seed = hp.seed
-        torch.manual_seed(seed)  # the adapter's initial weights
-        self.unet.add_adapter(
+        hp = self.hp
+        torch.manual_seed(hp.seed)  # the adapter's initial weights
+        self.denoiser.add_adapter(
             LoraConfig(
                 r=hp.lora_r,
                 lora_alpha=hp.lora_alpha,
@@ -69,107 +100,90 @@ class DiffusionRecipe:
                 use_rslora=hp.method == "rslora",
             )
         )
-        for parameter in self.unet.parameters():
+        for parameter in self.denoiser.parameters():
             if parameter.requires_grad:
                 parameter.data = parameter.data.float()  # trainable weights stay float32 under autocast
-        records = read_imagefolder_zip(ctx.dataset_path, ctx.settings.finetune).records
-        self.archive = zipfile.ZipFile(ctx.dataset_path)
-        _, self.image_root = metadata_member(self.archive.namelist())
-        self.captions = self._encode_captions(sorted({r["text"] for r in records}))
-        self.train_records, self.val_records = split_records(records, hp.validation_fraction, seed)
 
-    def _load_image(self, file_name: str) -> torch.Tensor:
-        """One image, resized so its short side is `resolution`, as a (3, H, W) uint8 tensor."""
-        from PIL import Image
-
+    def _buckets(self, pipe) -> list[tuple[int, int]]:
         resolution = self.hp.resolution
-        with Image.open(io.BytesIO(self.archive.read(self.image_root + file_name))) as image:
-            image = image.convert("RGB")
-            scale = resolution / min(image.size)
-            size = (max(resolution, round(image.width * scale)), max(resolution, round(image.height * scale)))
-            image = image.resize(size, Image.Resampling.BICUBIC)
-            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-            return pixels.view(image.height, image.width, 3).permute(2, 0, 1)
+        if not self.hp.aspect_buckets:
+            return [(resolution, resolution)]
+        patch = 2 if self.family.name == "flux" else int(getattr(self.denoiser.config, "patch_size", None) or 1)
+        multiple = max(8, pipe.vae_scale_factor * patch)
+        return bucket_sizes(resolution, max(multiple, 64 if resolution >= 512 else multiple))
 
-    def _pixels(self, records: list[dict], generator: torch.Generator | None) -> torch.Tensor:
-        """The batch's crops in [-1, 1], (B, 3, resolution, resolution); decoded now, so only the batch is held."""
-        crops = torch.stack([self._crop(self._load_image(r["file_name"]), generator) for r in records])
-        return crops.float() / 127.5 - 1.0
+    def _sequence_length(self) -> int:
+        """T5 tokens per caption (SD3, Flux): what serving encodes prompts to, so training matches it."""
+        configured = self.context.base_model.diffusion.max_sequence_length
+        return configured or self.family.max_sequence_length or 77
 
-    @torch.no_grad()
-    def _encode_captions(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The frozen text encoder's hidden states, once per distinct caption."""
-        encoded = {}
-        for caption in captions:
-            ids = self.tokenizer(
-                caption,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.context.device)
-            encoded[caption] = self.text_encoder(ids, return_dict=False)[0][0]
-        return encoded
+    def _class_images(self, pipe) -> ClassImages:
+        hp, hooks = self.hp, self.context.hooks
+        images = ClassImages(self.context.job_dir / CLASS_IMAGES, hp.num_class_images, hp.class_prompt)
 
-    def _crop(self, image: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        size = self.hp.resolution
-        _, height, width = image.shape
-        if self.hp.random_crop:
-            top = int(torch.randint(0, height - size + 1, (1,), generator=generator))
-            left = int(torch.randint(0, width - size + 1, (1,), generator=generator))
-        else:
-            top, left = (height - size) // 2, (width - size) // 2
-        image = image[:, top : top + size, left : left + size]
-        if self.hp.random_flip and float(torch.rand((), generator=generator)) < 0.5:
-            image = image.flip(-1)
-        return image
+        def stop() -> None:  # a cancel or a shutdown is heard between images
+            reason = hooks.stop_requested() if hooks is not None else None
+            if reason is not None:
+                raise TrainingStopped(reason, 0)
 
-    def count_items(self, records: list[dict]) -> int:
-        return len(records)
+        if not images.complete():
+            images.generate(pipe, hp.resolution, self.family, CLASS_IMAGE_SEED + hp.seed, stop)
+        return images
 
-    def loss_sum(self, unet, records: list[dict]) -> tuple[torch.Tensor, int]:
-        """Summed per-image MSE between the UNet's prediction and the scheduler's target."""
-        device = self.context.device
-        generator = None if unet.training else torch.Generator().manual_seed(VALIDATION_SEED)
-        pixels = self._pixels(records, generator).to(device)
-        hidden = torch.stack([self.captions[r["text"]] for r in records])
+    def pipeline(self) -> DataPipeline:
+        images = ImageBatches(self.archive, self.hp.random_crop, self.hp.random_flip, self.class_images)
+        return DataPipeline(images.prepare, images.collate)
+
+    @staticmethod
+    def count_items(batch: dict) -> int:
+        return len(batch["texts"])
+
+    def loss_sum(self, denoiser, batch: dict) -> tuple[torch.Tensor, int]:
+        """Summed per-image loss of the family's objective (plus the weighted prior loss, with class images)."""
+        generator = None if denoiser.training else torch.Generator().manual_seed(VALIDATION_SEED)
+        losses = self._losses(denoiser, batch["pixels"], batch["texts"], batch["time_ids"], generator)
+        total = losses.sum()
+        if "class_pixels" in batch and denoiser.training:
+            prior = self._losses(denoiser, batch["class_pixels"], batch["class_texts"], batch["time_ids"], generator)
+            total = total + self.hp.prior_loss_weight * prior.sum()
+        return total, len(batch["texts"])
+
+    def _losses(self, denoiser, pixels, texts, time_ids, generator) -> torch.Tensor:
         with torch.no_grad():
             latents = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.sample(generator=generator)
-            latents = latents.float() * self.vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=generator).to(device)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        timesteps = torch.randint(0, steps, (len(records),), generator=generator).to(device)
-        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        if self.prediction_type == "epsilon":
-            target = noise
-        else:
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        prediction = unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
-        per_image = F.mse_loss(prediction.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-        return per_image.sum(), len(records)
+            latents = (latents.float() - self.objective.shift) * self.objective.scaling
+        conditioning = [self.captions[text] for text in texts]
+        return self.objective.per_image_loss(denoiser, latents, conditioning, time_ids, generator)
 
     def train(self) -> TrainingResult:
+        buckets = sorted({record["bucket"] for record in self.split.train})
+        groups = [buckets.index(record["bucket"]) for record in self.split.train]
         self.trainer = self.context.trainer(
-            self.unet, self.train_records, self.val_records, self.loss_sum, self.count_items
+            self.denoiser, self.pipeline(), self.split, self.loss_sum, self.count_items, groups=groups
         )
         return self.trainer.run()
 
     def save(self, out_dir: Path) -> None:
-        from diffusers import StableDiffusionPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))
-        StableDiffusionPipeline.save_lora_weights(
-            out_dir,
-            unet_lora_layers=layers,
-            unet_lora_adapter_metadata=self.unet.peft_config["default"].to_dict(),  # alpha, DoRA, rsLoRA
-            safe_serialization=True,
-        )
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        metadata = self.denoiser.peft_config["default"].to_dict()  # alpha, DoRA, rsLoRA
+        if self.family.name in ("sd", "sdxl"):
+            self.pipe_class.save_lora_weights(
+                out_dir, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata, safe_serialization=True
+            )
+        else:
+            self.pipe_class.save_lora_weights(
+                out_dir,
+                transformer_lora_layers=layers,
+                transformer_lora_adapter_metadata=metadata,
+                safe_serialization=True,
+            )
 
     def cleanup(self) -> None:
         if self.archive is not None:
             self.archive.close()
-        self.unet = self.vae = self.text_encoder = self.trainer = None
+        self.denoiser = self.vae = self.trainer = self.captions = None
         if self.context.device.type == "cuda":
             torch.cuda.empty_cache()

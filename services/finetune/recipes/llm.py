@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from services.finetune.datasets import read_jsonl
+from services.finetune.training.data import DataPipeline
 from services.finetune.training.errors import TrainingInputError
 from services.finetune.training.loop import TrainingResult
-from services.finetune.training.recipe import RecipeContext, split_records
+from services.finetune.training.recipe import RecipeContext, Split, split_records
 from shared.loaders import from_pretrained_on
 from shared.locations import pretrained_location
 
@@ -43,6 +44,29 @@ class Example:
     def label_tokens(self) -> int:
         """Positions whose next token carries loss (labels are shifted by one in the loss)."""
         return sum(1 for label in self.labels[1:] if label != IGNORE)
+
+
+@dataclass(frozen=True)
+class TokenBatches:
+    """Tokenized examples as right-padded batches (in the DataLoader's workers)."""
+
+    pad_id: int
+
+    def prepare(self, example: Example, seed: int) -> Example:
+        return example  # tokenized up front: the records with nothing to learn are dropped before training
+
+    def collate(self, examples: list[Example]) -> dict:
+        length = max(len(e.input_ids) for e in examples)
+        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for row, example in enumerate(examples):
+            n = len(example.input_ids)
+            input_ids[row, :n] = torch.tensor(example.input_ids)
+            labels[row, :n] = torch.tensor(example.labels)
+            mask[row, :n] = 1
+        items = sum(e.label_tokens for e in examples)
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "items": items}
 
 
 def _ids(encoded) -> list[int]:
@@ -189,10 +213,11 @@ class LLMRecipe:
         examples = self._examples(*read_jsonl(ctx.dataset_path))
         seed = hp.seed
         if ctx.validation_dataset_path is None:
-            self.train_examples, self.val_examples = split_records(examples, hp.validation_fraction, seed)
-        else:  # a dataset of its own validates: every training record trains
-            self.train_examples = examples
-            self.val_examples = self._examples(*read_jsonl(ctx.validation_dataset_path), "validation dataset")
+            self.split = split_records(examples, hp.validation_fraction, seed, hp.test_fraction)
+        else:  # a dataset of its own validates: every training record trains, but for a test split
+            split = split_records(examples, 0.0, seed, hp.test_fraction)
+            validation = self._examples(*read_jsonl(ctx.validation_dataset_path), "validation dataset")
+            self.split = Split(split.train, validation, split.test)
         if hp.method == "p_tuning":
             config = PromptEncoderConfig(
                 task_type="CAUSAL_LM",
@@ -252,23 +277,22 @@ class LLMRecipe:
             )
         return examples
 
-    def count_items(self, examples: list[Example]) -> int:
-        return sum(e.label_tokens for e in examples)
+    def batch_of(self, examples: list[Example]) -> dict:
+        """A training batch of `examples` on the training device (for measurements outside the loop)."""
+        batch = TokenBatches(self.pad_id).collate(examples)
+        return {k: v.to(self.context.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
-    def loss_sum(self, model, examples: list[Example]) -> tuple[torch.Tensor, int]:
+    @staticmethod
+    def count_items(batch: dict) -> int:
+        return batch["items"]
+
+    @staticmethod
+    def loss_sum(model, batch: dict) -> tuple[torch.Tensor, int]:
         """Summed next-token cross-entropy over label tokens; right-padded batch."""
-        length = max(len(e.input_ids) for e in examples)
-        device = self.context.device
-        input_ids = torch.full((len(examples), length), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for row, example in enumerate(examples):
-            n = len(example.input_ids)
-            input_ids[row, :n] = torch.tensor(example.input_ids)
-            labels[row, :n] = torch.tensor(example.labels)
-            mask[row, :n] = 1
-        input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
-        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, -length:]  # p-tuning prepends tokens
+        labels = batch["labels"]
+        length = labels.shape[1]
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = logits[:, -length:]  # p-tuning prepends tokens
         loss = F.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
             labels[:, 1:].reshape(-1),
@@ -278,8 +302,9 @@ class LLMRecipe:
         return loss, int((labels[:, 1:] != IGNORE).sum())
 
     def train(self) -> TrainingResult:
+        data = TokenBatches(self.pad_id)
         self.trainer = self.context.trainer(
-            self.model, self.train_examples, self.val_examples, self.loss_sum, self.count_items
+            self.model, DataPipeline(data.prepare, data.collate), self.split, self.loss_sum, self.count_items
         )
         return self.trainer.run()
 

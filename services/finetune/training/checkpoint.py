@@ -35,6 +35,7 @@ from safetensors.torch import load_file, save_file
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+CLASS_IMAGES = "class-images"  # DreamBooth prior preservation's, drawn once per job (a resume reuses them)
 LATEST = "latest"
 STEP_PREFIX = "step-"  # a checkpoint folder: step-<k>
 LEGACY_ATTEMPT = 0  # checkpoints an older release wrote into the job's folder (attempts start at 1)
@@ -108,8 +109,10 @@ def attempt_folder(job_dir: Path, attempt: int) -> Path:
 
 
 def remove_all(job_dir: Path) -> None:
-    """Every attempt's checkpoints (the job has ended; its logs and TensorBoard events stay)."""
+    """Every attempt's checkpoints and the class images they train with (the job has ended; its logs and
+    TensorBoard events stay)."""
     shutil.rmtree(job_dir / CHECKPOINTS, ignore_errors=True)
+    shutil.rmtree(job_dir / CLASS_IMAGES, ignore_errors=True)
     _remove_legacy(job_dir)
 
 

@@ -1,9 +1,10 @@
 """The training loop every recipe runs: accumulation, mixed precision, clipping, LR schedule, NaN skips,
 validation with early stopping, checkpoints and resume, profiling, DDP, and progress to the hooks.
 
-A recipe supplies the model (its trainable parameters already marked), the train and validation records,
-`loss_sum(model, records) -> (sum of per-item losses, items)` and `count_items(records)`; items are
-the tokens that carry loss for an LLM, images for diffusion. Each optimizer step's loss is that sum over
+A recipe supplies the model (its trainable parameters already marked), the train, validation and test
+records, the `DataPipeline` that makes batches of them (in DataLoader workers, see `training.data`),
+`loss_sum(model, batch) -> (sum of per-item losses, items)` and `count_items(batch)`; items are the
+tokens that carry loss for an LLM, images for diffusion. Each optimizer step's loss is that sum over
 every micro-batch of the step on every rank, divided by the global item count, so accumulation and DDP
 give the same gradients as one big batch.
 """
@@ -26,12 +27,13 @@ import torch.distributed as dist
 from services.finetune.training import checkpoint
 from services.finetune.training.batches import StepBatches
 from services.finetune.training.checkpoint import LoopState
+from services.finetune.training.data import DataPipeline, evaluation_batches, training_batches
 from services.finetune.training.optimizers import make_optimizer
 
 log = logging.getLogger(__name__)
 
-LossFn = Callable[[torch.nn.Module, list[Any]], tuple[torch.Tensor, int]]
-CountFn = Callable[[list[Any]], int]  # items (tokens, images) in records, without running the model
+LossFn = Callable[[torch.nn.Module, Any], tuple[torch.Tensor, int]]  # (model, batch) -> (loss sum, items)
+CountFn = Callable[[Any], int]  # items (tokens, images) in a batch, without running the model
 
 
 class StopReason(StrEnum):
@@ -100,6 +102,7 @@ class LoopConfig:
     max_bad_steps: int
     weight_decay: float = 0.0
     optimizer: str = "adamw"  # adamw | adamw_8bit | paged_adamw_8bit
+    dataloader_workers: int = 0  # processes that prepare batches; 0: this one
 
 
 @dataclass
@@ -113,6 +116,7 @@ class TrainingResult:
     resumed_from_step: int
     seconds: float
     losses: list[float]  # the training loss of each step this run took (skipped steps left out)
+    test_loss: float | None = None  # on the held-out test records, with the final (best validated) weights
 
 
 def lr_lambda(config: LoopConfig) -> Callable[[int], float]:
@@ -153,12 +157,24 @@ def _sum_across_ranks(*values: float, device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def _to_device(batch: Any, device: torch.device) -> Any:
+    """A batch's tensors on the training device (pinned ones copied asynchronously)."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(value, device) for value in batch)
+    return batch
+
+
 class Trainer:
     """One training run of a recipe's model; `run()` trains (resuming if a checkpoint exists)."""
 
     def __init__(
         self,
         model: torch.nn.Module,
+        data: DataPipeline,
         train_records: Sequence[Any],
         val_records: Sequence[Any],
         loss_sum: LossFn,
@@ -168,6 +184,8 @@ class Trainer:
         hooks: TrainingHooks | None,
         device: torch.device,
         attempt: int = 1,
+        test_records: Sequence[Any] = (),
+        train_groups: Sequence[int] | None = None,  # each training record's group (aspect bucket)
     ):
         self.rank, self.world_size = _world()
         self.model = model
@@ -178,7 +196,8 @@ class Trainer:
             if self.world_size > 1
             else model
         )
-        self.train_records, self.val_records = train_records, val_records
+        self.data = data
+        self.train_records, self.val_records, self.test_records = train_records, val_records, test_records
         self.loss_sum, self.count_items = loss_sum, count_items
         self.config = config
         self.job_dir, self.attempt = job_dir, attempt
@@ -192,11 +211,18 @@ class Trainer:
         use_scaler = config.mixed_precision == "fp16" and device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
         self.batches = StepBatches(
-            len(train_records), config.batch_size, config.accumulation, config.seed, self.rank, self.world_size
+            len(train_records),
+            config.batch_size,
+            config.accumulation,
+            config.seed,
+            self.rank,
+            self.world_size,
+            groups=train_groups,
         )
         self.state = LoopState()
         self.best: dict[str, torch.Tensor] | None = None
         self.history: list[float] = []  # train losses, for tests and the final report
+        self._train_batches = None  # the DataLoader's iterator over this run's micro-batches
 
     # -- the run ------------------------------------------------------------------------------------
 
@@ -205,6 +231,22 @@ class Trainer:
         resumed_from = self._resume()
         if self.hooks:
             self.hooks.started(resumed_from, self.config.total_steps)
+        self._train_batches = training_batches(
+            self.train_records,
+            self.data,
+            self.batches,
+            resumed_from,
+            self.config.total_steps,
+            self.config.seed,
+            self.config.dataloader_workers,
+            self.device,
+        )
+        try:
+            return self._train(started, resumed_from)
+        finally:
+            self._train_batches = None  # its workers stop with it
+
+    def _train(self, started: float, resumed_from: int) -> TrainingResult:
         stopped_early = False
         profiler = self._profiler(resumed_from)
         window_start, window_items = time.perf_counter(), 0.0
@@ -250,6 +292,8 @@ class Trainer:
             profiler.stop()
         if self.best is not None:  # end on the best validated weights
             checkpoint.load_trainable(self.model, self.best)
+        self._train_batches = None
+        test_loss = self.evaluate(self.test_records) if self.test_records else None
         return TrainingResult(
             steps=self.state.step,
             train_loss=self.state.last_train_loss,
@@ -260,25 +304,27 @@ class Trainer:
             resumed_from_step=resumed_from,
             seconds=time.perf_counter() - started,
             losses=list(self.history),
+            test_loss=test_loss,
         )
 
     def _optimizer_step(self) -> tuple[float | None, float]:
         """One optimizer step over `accumulation` micro-batches; returns (mean loss or None if skipped, items)."""
         self.model.train()
-        micro = [[self.train_records[i] for i in m] for m in self.batches.micro_batches(self.state.step)]
+        micro = [next(self._train_batches) for _ in range(self.batches.micro_batches_per_step)]
+        micro = [_to_device(batch, self.device) for batch in micro]
         losses = []
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the global item count first: it normalizes every micro-batch's loss
-            local_items = sum(self.count_items(records) for records in micro)
+            local_items = sum(self.count_items(batch) for batch in micro)
         (global_items,) = _sum_across_ranks(float(local_items), device=self.device)
         global_items = max(global_items, 1.0)
         bad = False
-        for i, records in enumerate(micro):
+        for i, batch in enumerate(micro):
             last = i == len(micro) - 1
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
             with sync:
                 with _autocast(self.device, self.config.mixed_precision):
-                    loss_sum, _ = self.loss_sum(self.ddp_model, records)
+                    loss_sum, _ = self.loss_sum(self.ddp_model, batch)
                 loss = loss_sum.float() / global_items * self.world_size  # DDP averages over ranks
                 bad = bad or not bool(torch.isfinite(loss))
                 # backward even when bad: every rank must join DDP's gradient all-reduce; the step is dropped
@@ -320,16 +366,19 @@ class Trainer:
         return None
 
     @torch.no_grad()
-    def evaluate(self) -> float:
-        """Mean validation loss per item, over every rank's share of the validation records."""
+    def evaluate(self, records: Sequence[Any] | None = None) -> float:
+        """Mean loss per item over every rank's share of `records` (the validation records by default)."""
+        records = self.val_records if records is None else records
         self.model.eval()
         total, items = 0.0, 0
         size = max(1, self.config.batch_size // self.world_size)
-        mine = list(range(self.rank, len(self.val_records), self.world_size))
-        for start in range(0, len(mine), size):
-            records = [self.val_records[i] for i in mine[start : start + size]]
+        mine = list(range(self.rank, len(records), self.world_size))
+        batches = evaluation_batches(
+            records, self.data, mine, size, self.config.seed, self.config.dataloader_workers, self.device
+        )
+        for batch in batches:
             with _autocast(self.device, self.config.mixed_precision):
-                loss_sum, n = self.loss_sum(self.model, records)
+                loss_sum, n = self.loss_sum(self.model, _to_device(batch, self.device))
             total += float(loss_sum.float())
             items += n
         total, items = _sum_across_ranks(total, float(items), device=self.device)

@@ -7,13 +7,14 @@ imported on use): nothing in the library imports a recipe.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 import torch
 
 from services.finetune.hyperparams import Hyperparameters
+from services.finetune.training.data import DataPipeline, dataloader_workers
 from services.finetune.training.loop import (
     AUTOCAST_DTYPES,
     CountFn,
@@ -64,14 +65,24 @@ class RecipeContext:
             profile_steps=hp.profile_steps,
             max_bad_steps=self.settings.finetune.max_bad_steps,
             optimizer=hp.optimizer or "adamw",
+            dataloader_workers=dataloader_workers(self.settings.finetune.dataloader_workers, self.device),
         )
 
-    def trainer(self, model: torch.nn.Module, train: list, validation: list, loss_sum: LossFn, count: CountFn):
+    def trainer(
+        self,
+        model: torch.nn.Module,
+        data: DataPipeline,
+        split: Split,
+        loss_sum: LossFn,
+        count: CountFn,
+        groups: list[int] | None = None,
+    ) -> Trainer:
         """The training loop for a recipe's model and records, configured from the job."""
         return Trainer(
             model,
-            train,
-            validation,
+            data,
+            split.train,
+            split.validation,
             loss_sum,
             count,
             self.loop_config(),
@@ -79,6 +90,8 @@ class RecipeContext:
             self.hooks,
             self.device,
             attempt=self.attempt,
+            test_records=split.test,
+            train_groups=groups,
         )
 
     @property
@@ -114,8 +127,22 @@ def load_recipe(kind: str) -> type[Recipe]:
     return getattr(importlib.import_module(module), name)
 
 
-def split_records(records: list, validation_fraction: float, seed: int) -> tuple[list, list]:
-    """A seeded split: the same job always validates on the same records."""
+@dataclass(frozen=True)
+class Split:
+    """A job's records: those it trains on, those early stopping watches, and those only the end sees."""
+
+    train: list
+    validation: list
+    test: list = field(default_factory=list)
+
+
+def split_records(records: list, validation_fraction: float, seed: int, test_fraction: float = 0.0) -> Split:
+    """A seeded split: the same job always validates (and tests) on the same records, disjoint from training."""
     order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
     n_val = int(len(records) * validation_fraction)
-    return [records[i] for i in order[n_val:]], [records[i] for i in order[:n_val]]
+    n_test = int(len(records) * test_fraction)
+    return Split(
+        train=[records[i] for i in order[n_val + n_test :]],
+        validation=[records[i] for i in order[:n_val]],
+        test=[records[i] for i in order[n_val : n_val + n_test]],
+    )
