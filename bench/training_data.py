@@ -4,13 +4,14 @@ before the DataLoader), side by side in one run.
 
 The dataset is photo-sized: 32 JPEGs of 1024×768 (noise, so decoding costs what a photo's does), trained
 at 64 pixels on tiny-sd and tiny-sdxl, where the images, not the model, bound a step; and the bundled
-64×64 sample, where the model does. `finetune.dataloader_workers` is 2 by default.
+64×64 sample, where the model does. (By default a CPU job uses no workers and a GPU rank up to 4.)
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 import time
 import zipfile
 from pathlib import Path
@@ -62,6 +63,7 @@ def _steps_per_second(settings, model: str, dataset: Path, records: int, workers
         update={"finetune": settings.finetune.model_copy(update={"dataloader_workers": workers})}
     )
     entry = next(m for m in tuned.models if m.name == model)
+    shutil.rmtree(job_dir, ignore_errors=True)  # a checkpoint left there would resume the run
     spec = TrainingSpec("bench", "diffusion", entry, dataset, hp, total, job_dir)
     recipe = load_recipe("diffusion")(spec.context(tuned, None, torch.device("cpu")))
     recipe.setup()
@@ -92,7 +94,7 @@ def run(workdir: Path) -> list[Row]:
             _steps_per_second(settings, model, path, records, 2, workdir / "warm-up")  # imports, first kernels
             pairs = []
             for round_ in range(ROUNDS):
-                job = workdir / f"data-path-{model}-{round_}"
+                job = workdir / f"data-path-{path.stem}-{model}-{round_}"
                 workers = _steps_per_second(settings, model, path, records, 2, job / "w2")
                 inline = _steps_per_second(settings, model, path, records, 0, job / "w0")
                 pairs.append((workers, inline))

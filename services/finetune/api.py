@@ -88,7 +88,9 @@ def _diffusion_profile(folder, entry: ModelEntry | None = None) -> dict:
         architecture="unet" if family.name in ("sd", "sdxl") else "transformer",
         native_resolution=native,
         family=family.name,
-        targets=hyperparams.UNET_TARGETS if family.name in ("sd", "sdxl") else hyperparams.TRANSFORMER_TARGETS,
+        targets=hyperparams.DIFFUSION_TARGETS[family.name],
+        # pixels a latent patch side: Flux packs 2x2 latents, SD3 has its patch size
+        size_multiple=max(8, scale * (2 if family.name == "flux" else int(denoiser.get("patch_size") or 1))),
         guidance_embeds=bool(denoiser.get("guidance_embeds", False)),
     )
 

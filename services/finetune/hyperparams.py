@@ -39,14 +39,19 @@ UNET_TARGETS = (
     ["to_q", "to_k", "to_v", "to_out.0"],
     ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"],
 )
-# SD3's and Flux's transformers: joint attention (image and text streams) and the feed-forwards beside it.
-TRANSFORMER_TARGETS = (
-    ["to_q", "to_k", "to_v", "to_out.0"],
-    [
-        *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
-        *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"),
-    ],
+# SD3's and Flux's transformers: joint attention (image and text streams) and the feed-forwards beside it;
+# Flux's single blocks add their MLP input and output projections.
+_JOINT = (
+    *("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"),
+    *("ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"),
 )
+TRANSFORMER_TARGETS = (["to_q", "to_k", "to_v", "to_out.0"], [*_JOINT, "proj_mlp", "proj_out"])
+DIFFUSION_TARGETS = {
+    "sd": UNET_TARGETS,
+    "sdxl": UNET_TARGETS,
+    "sd3": (["to_q", "to_k", "to_v", "to_out.0"], list(_JOINT)),
+    "flux": TRANSFORMER_TARGETS,
+}
 # Output heads and embeddings: a LoRA there is vocabulary-sized (llm.allow_embedding_lora_targets).
 EMBEDDING_MODULES = ("lm_head", "embed_tokens", "wte", "wpe", "embed_out", "word_embeddings")
 MAX_LORA_RANK = 1024  # any job; LLM jobs are bounded by llm.max_lora_rank too
@@ -137,6 +142,7 @@ class TrainingData:
     native_resolution: int = 0  # diffusion
     family: str = ""  # diffusion: sd, sdxl, sd3 or flux
     guidance_embeds: bool = False  # diffusion: a Flux transformer that takes the guidance as an input
+    size_multiple: int = 8  # diffusion: pixels a side of one latent patch (16 for real SD3 and Flux)
     has_chat_template: bool = False
     record_type: str = ""
     validation_records: int = 0  # a validation dataset's records; 0: none (validation_fraction splits the data)
@@ -329,8 +335,12 @@ def _input_size(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[i
     """(max_seq_length, 0) for an LLM job, (0, resolution) for a diffusion job."""
     if data.kind != "llm":
         resolution = hp.resolution or data.native_resolution
-        if resolution % 8 or not 8 <= resolution <= 2048:
-            raise InvalidArgument(f"hyperparameters.resolution must be a multiple of 8 in [8, 2048], got {resolution}")
+        step = data.size_multiple
+        if resolution % step or not step <= resolution <= 2048:
+            raise InvalidArgument(
+                f"hyperparameters.resolution must be a multiple of {step} (this model's latent patch) in "
+                f"[{step}, 2048], got {resolution}"
+            )
         if hp.max_seq_length:
             raise InvalidArgument("hyperparameters.max_seq_length applies to LLM jobs only")
         return 0, resolution
@@ -352,14 +362,18 @@ def _input_size(hp: Hyperparameters, method: str, data: TrainingData) -> tuple[i
 def _validation_split(hp: Hyperparameters, data: TrainingData) -> tuple[float, int]:
     """The validation fraction (by default a tenth, with enough records) and the records left to train on.
 
-    With a validation dataset nothing is held out: the fraction is 0 and every record trains."""
+    With a validation dataset nothing is held out for validation: the fraction is 0 and every record but
+    the test split's trains."""
     if data.validation_records:
         if hp.validation_fraction is not None:
             raise InvalidArgument(
                 "set hyperparameters.validation_fraction or a validation dataset, not both; leave "
                 "validation_fraction unset to validate on validation_dataset_id"
             )
-        return 0.0, data.num_records
+        train_records = data.num_records - _test_records(hp, data)
+        if train_records < 1:
+            raise InvalidArgument("the dataset leaves no training record after the test split")
+        return 0.0, train_records
     fraction = hp.validation_fraction
     if fraction is None:
         fraction = DEFAULTS["validation_fraction"] if data.num_records >= DEFAULTS["validation_min_records"] else 0.0

@@ -63,6 +63,7 @@ class JobCreate(OpenAIBody):
     lr_scheduler: str | None = None
     warmup_ratio: float | None = None
     validation_fraction: float | None = None
+    test_fraction: float | None = None
     max_seq_length: int | None = Field(None, ge=1)
     resolution: int | None = Field(None, ge=1)
     gradient_accumulation_steps: int | None = Field(None, ge=1)
@@ -100,6 +101,7 @@ _PASSED_ON = (
     "lr_scheduler",
     "warmup_ratio",
     "validation_fraction",
+    "test_fraction",
     "max_seq_length",
     "resolution",
     "gradient_accumulation_steps",

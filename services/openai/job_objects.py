@@ -103,6 +103,8 @@ def checkpoint_object(job: pb.Job) -> dict:
     metrics = {"step": float(job.step), "train_loss": job.train_loss}
     if job.val_loss:
         metrics |= {"valid_loss": job.val_loss, "full_valid_loss": job.val_loss}
+    if job.test_loss:
+        metrics["test_loss"] = job.test_loss
     return {
         "id": f"ftckpt-{job.id.removeprefix('ftjob-')}",
         "object": "fine_tuning.job.checkpoint",

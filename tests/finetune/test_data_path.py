@@ -20,7 +20,7 @@ from services.finetune.training.launch import TrainingSpec, train_here
 from services.finetune.training.loop import StopReason, TrainingStopped
 from services.finetune.training.recipe import load_recipe
 from shared.settings import Settings
-from tests.finetune.test_training import Recorder, _context
+from tests.finetune.test_training import Recorder
 from tests.finetune.test_training import spec_for as llm_spec
 
 pytestmark = pytest.mark.timeout(900)
@@ -87,7 +87,7 @@ def diffusion_spec(settings, family: str, dataset: Path, job_dir: Path, num_reco
 
 
 def set_up(spec: TrainingSpec, settings: Settings):
-    recipe = load_recipe(spec.kind)(_context(spec, settings, None))
+    recipe = load_recipe(spec.kind)(spec.context(settings, None, CPU))
     recipe.setup()
     return recipe
 
@@ -272,3 +272,39 @@ def test_ddp_trains_a_bucketed_sdxl_job_on_two_gloo_ranks(family_settings, tmp_p
     result = train_distributed(spec, family_settings, None, tmp_path / "adapter", 2)
     assert len(result.losses) == 4 and all(loss == loss for loss in result.losses)
     assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").exists()
+
+
+WIDE_TARGETS = {
+    "sd": ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"],
+    "sdxl": ["to_q", "to_v", "proj_out", "ff.net.0.proj"],
+    "sd3": ["to_q", "to_k", "add_q_proj", "to_add_out", "ff.net.2", "ff_context.net.2"],
+    "flux": ["to_q", "to_out.0", "add_k_proj", "proj_mlp", "proj_out", "ff.net.0.proj"],
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_every_trained_layer_loads_where_the_adapter_is_served(family_settings, shapes, tmp_path, family):
+    """Serving loads the file through the family's pipeline (`load_lora_weights`): each layer the job trained
+    gets its LoRA, whatever the targets (attention alone, or with projections and feed-forwards)."""
+    from peft.tuners.lora import LoraLayer
+
+    from shared.loaders import load_diffusion_pipeline
+
+    spec = diffusion_spec(
+        family_settings, family, shapes, tmp_path / "job", max_steps=1, target_modules=WIDE_TARGETS[family]
+    )
+    recipe = set_up(spec, family_settings)
+    recipe.train()
+    recipe.save(tmp_path / "adapter")
+    trained = sorted(name for name, m in recipe.denoiser.named_modules() if isinstance(m, LoraLayer))
+    entry = next(m for m in family_settings.models if m.name == FAMILIES[family])
+    pipe = load_diffusion_pipeline(entry, family_settings).pipeline
+    pipe.load_lora_weights(tmp_path / "adapter", adapter_name="trained")
+    denoiser = pipe.unet if family in ("sd", "sdxl") else pipe.transformer
+    served = sorted(name for name, m in denoiser.named_modules() if isinstance(m, LoraLayer))
+    assert served == trained and len(trained) > 8
+    name = trained[0]
+    torch.testing.assert_close(
+        denoiser.get_submodule(name).lora_B["trained"].weight,
+        recipe.denoiser.get_submodule(name).lora_B["default"].weight,
+    )

@@ -16,6 +16,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from services.finetune.datasets import metadata_member, read_imagefolder_zip
 from services.finetune.recipes.denoisers import FlowMatching, NoisePrediction, encode_captions
@@ -47,6 +48,8 @@ class DiffusionRecipe:
         else:
             self.objective = FlowMatching(pipe, self.family.name, hp.guidance_scale)
         self.vae = pipe.vae
+        if self.vae.config.get("force_upcast"):  # SDXL's VAE overflows in float16: it encodes in float32
+            self.vae.to(torch.float32)
         self.denoiser = pipe.unet if self.family.name in ("sd", "sdxl") else pipe.transformer
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -126,8 +129,11 @@ class DiffusionRecipe:
             if reason is not None:
                 raise TrainingStopped(reason, 0)
 
-        if not images.complete():
+        distributed = dist.is_available() and dist.is_initialized()
+        if (not distributed or dist.get_rank() == 0) and not images.complete():  # rank 0 draws, for every rank
             images.generate(pipe, hp.resolution, self.family, CLASS_IMAGE_SEED + hp.seed, stop)
+        if distributed:
+            dist.barrier()
         return images
 
     def pipeline(self) -> DataPipeline:
@@ -144,7 +150,8 @@ class DiffusionRecipe:
         losses = self._losses(denoiser, batch["pixels"], batch["texts"], batch["time_ids"], generator)
         total = losses.sum()
         if "class_pixels" in batch and denoiser.training:
-            prior = self._losses(denoiser, batch["class_pixels"], batch["class_texts"], batch["time_ids"], generator)
+            class_inputs = batch["class_pixels"], batch["class_texts"], batch["class_time_ids"]
+            prior = self._losses(denoiser, *class_inputs, generator)
             total = total + self.hp.prior_loss_weight * prior.sum()
         return total, len(batch["texts"])
 
@@ -164,10 +171,11 @@ class DiffusionRecipe:
         return self.trainer.run()
 
     def save(self, out_dir: Path) -> None:
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(self.denoiser))
+        # peft's own key format, as diffusers' DreamBooth scripts save it: the old format's conversion covers
+        # only the attention projections, and diffusers reads a file's format from its first key
+        layers = get_peft_model_state_dict(self.denoiser)
         metadata = self.denoiser.peft_config["default"].to_dict()  # alpha, DoRA, rsLoRA
         if self.family.name in ("sd", "sdxl"):
             self.pipe_class.save_lora_weights(

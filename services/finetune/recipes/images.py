@@ -88,7 +88,10 @@ class ImageBatches:
         pixels, original, corner = self._fit(self.archive.read(record["file_name"]), record["bucket"], generator)
         item = {"pixels": pixels, "text": record["text"], "original": original, "corner": corner}
         if self.class_images is not None and "class_file" in record:  # training records only
-            item["class_pixels"], _, _ = self._fit(self.class_images.read(record["class_file"]), record["bucket"])
+            class_image = self.class_images.read(record["class_file"])
+            item["class_pixels"], item["class_original"], item["class_corner"] = self._fit(
+                class_image, record["bucket"]
+            )
             item["class_text"] = self.class_images.prompt
         return item
 
@@ -122,27 +125,25 @@ class ImageBatches:
     def collate(self, items: list[dict]) -> dict:
         height = min(item["pixels"].shape[1] for item in items)  # one bucket, except a step's leftovers
         width = min(item["pixels"].shape[2] for item in items)
-        crops, time_ids = [], []
-        for item in items:
-            pixels = item["pixels"]
-            top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
-            crops.append(pixels[:, top : top + height, left : left + width])
-            (original_width, original_height), (crop_top, crop_left) = item["original"], item["corner"]
-            time_ids.append([original_height, original_width, crop_top + top, crop_left + left, height, width])
-        batch = {
-            "pixels": _to_unit_range(crops),
-            "texts": [item["text"] for item in items],
-            "time_ids": torch.tensor(time_ids, dtype=torch.float32),
-        }
+        pixels, time_ids = _common_crop(items, "", height, width)
+        batch = {"pixels": pixels, "texts": [item["text"] for item in items], "time_ids": time_ids}
         if all("class_pixels" in item for item in items):
-            batch["class_pixels"] = _to_unit_range([_center(item["class_pixels"], height, width) for item in items])
+            batch["class_pixels"], batch["class_time_ids"] = _common_crop(items, "class_", height, width)
             batch["class_texts"] = [item["class_text"] for item in items]
         return batch
 
 
-def _center(pixels: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
-    return pixels[:, top : top + height, left : left + width]
+def _common_crop(items: list[dict], prefix: str, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The items' images (`prefix`: "" or "class_") center-cropped to one size, in [-1, 1], and each one's SDXL
+    time ids: original size, where the crop began (in the resized image), target size."""
+    crops, time_ids = [], []
+    for item in items:
+        pixels = item[prefix + "pixels"]
+        top, left = (pixels.shape[1] - height) // 2, (pixels.shape[2] - width) // 2
+        crops.append(pixels[:, top : top + height, left : left + width])
+        (original_width, original_height), (crop_top, crop_left) = item[prefix + "original"], item[prefix + "corner"]
+        time_ids.append([original_height, original_width, crop_top + top, crop_left + left, height, width])
+    return _to_unit_range(crops), torch.tensor(time_ids, dtype=torch.float32)
 
 
 def _to_unit_range(images: list[torch.Tensor]) -> torch.Tensor:

@@ -8,7 +8,7 @@ resumed at step `s` goes on with exactly the data it would have seen. Accumulati
 step's records are split, never which records a step has. Under DDP, rank `r` of `W` takes
 `micro_batch[r::W]`: the ranks' micro-batches together are exactly the single-process one.
 
-With `groups` (an image's aspect bucket), every micro-batch holds records of one group: each epoch's
+With `groups` (an image's aspect bucket), micro-batches hold records of one group: each epoch's
 permutation is cut group by group into micro-batches, the groups' leftovers pooled into mixed ones, and
 the micro-batches shuffled (seeded) before they are dealt out to steps. An epoch still has the same
 number of steps, and one group is exactly the ungrouped order.

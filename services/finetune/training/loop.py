@@ -310,8 +310,7 @@ class Trainer:
     def _optimizer_step(self) -> tuple[float | None, float]:
         """One optimizer step over `accumulation` micro-batches; returns (mean loss or None if skipped, items)."""
         self.model.train()
-        micro = [next(self._train_batches) for _ in range(self.batches.micro_batches_per_step)]
-        micro = [_to_device(batch, self.device) for batch in micro]
+        micro = [next(self._train_batches) for _ in range(self.batches.micro_batches_per_step)]  # on the CPU
         losses = []
         self.optimizer.zero_grad(set_to_none=True)
         with torch.no_grad():  # the global item count first: it normalizes every micro-batch's loss
@@ -324,7 +323,7 @@ class Trainer:
             sync = contextlib.nullcontext() if last or self.world_size == 1 else self.ddp_model.no_sync()
             with sync:
                 with _autocast(self.device, self.config.mixed_precision):
-                    loss_sum, _ = self.loss_sum(self.ddp_model, batch)
+                    loss_sum, _ = self.loss_sum(self.ddp_model, _to_device(batch, self.device))
                 loss = loss_sum.float() / global_items * self.world_size  # DDP averages over ranks
                 bad = bad or not bool(torch.isfinite(loss))
                 # backward even when bad: every rank must join DDP's gradient all-reduce; the step is dropped
